@@ -1,0 +1,25 @@
+"""diffsim: optimize control policies in differentiable physics with JAX.
+
+PPO, analytic policy gradients and evolution strategies over one vmapped rollout core.
+"""
+
+from . import _config, envs as envs
+from ._types import LearningCurve as LearningCurve, Metrics as Metrics, Trajectory as Trajectory
+from .envs import make_env as make_env
+from .policies import (
+    MLP as MLP,
+    DeterministicPolicy as DeterministicPolicy,
+    GaussianPolicy as GaussianPolicy,
+    RunningNorm as RunningNorm,
+    ValueFunction as ValueFunction,
+    trainable as trainable,
+    update_normalizers as update_normalizers,
+)
+from .results import Run as Run, load_run as load_run
+from .rollout import evaluate as evaluate, reset as reset, rollout as rollout
+from .strategies.base import AbstractStrategy as AbstractStrategy
+from .strategies.ppo import PPO as PPO, PPOState as PPOState
+from .train import train as train, train_seeds as train_seeds
+
+_config.enable_compilation_cache()
+__version__ = "0.1.0"

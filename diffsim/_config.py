@@ -1,0 +1,30 @@
+"""Process-wide JAX settings diffsim turns on at import: the persistent compilation cache."""
+
+import os
+from pathlib import Path
+
+import jax
+
+
+def cache_dir() -> Path | None:
+    """Where compiled programs are cached across processes.
+
+    `$DIFFSIM_CACHE_DIR` if set (empty or `0` turns the cache off), else JAX's own
+    `$JAX_COMPILATION_CACHE_DIR`, else `$XDG_CACHE_HOME/diffsim/jax` (`~/.cache/...`).
+    """
+    value = os.environ.get("DIFFSIM_CACHE_DIR")
+    if value is not None:
+        return Path(value).expanduser() if value not in ("", "0") else None
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "diffsim" / "jax"
+
+
+def enable_compilation_cache() -> None:
+    path = cache_dir()
+    if path is None:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    # Cache everything that takes noticeable time to compile on a CPU.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

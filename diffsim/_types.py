@@ -1,0 +1,62 @@
+"""Shared array aliases and the named pytrees that flow between modules."""
+
+from typing import Any, TypeAlias
+
+import equinox as eqx
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+Metrics: TypeAlias = dict[str, Float[Array, ""]]
+"""Scalar training diagnostics of one strategy step, by name."""
+
+Key: TypeAlias = PRNGKeyArray
+
+
+class Trajectory(eqx.Module):
+    """A batch of transitions, time-major: leading axes `T` (time) and `B` (env batch).
+
+    **Fields:**
+
+    - `obs`: `Float[Array, "T B obs"]`, the observation the action was chosen from.
+    - `action`: `Float[Array, "T B act"]`, the env action in [-1, 1].
+    - `reward`: `Float[Array, "T B"]`, the reward of the transition.
+    - `done`: `Float[Array, "T B"]`, 1.0 where the episode ended at this step (terminated
+      or truncated); the env auto-reset after it.
+    - `truncation`: `Float[Array, "T B"]`, 1.0 where it ended only by the time limit.
+    - `next_obs`: `Float[Array, "T B obs"]`, the observation after the action, taken before
+      any auto-reset (what a critic bootstraps from at a time limit).
+    - `log_prob`: `Float[Array, "T B"]`, the log-density of `action` under the acting
+      policy (zero for deterministic rollouts or policies without `log_prob`).
+    - `extras`: dict of further `Float[Array, "T B ..."]`; `"episode_return"` holds the
+      return of the episode so far (the whole episode's return where `done`).
+    """
+
+    # `*tb` is `T B` for a rollout; a single transition, built inside the scan, has none.
+    obs: Float[Array, "*tb obs"]
+    action: Float[Array, "*tb act"]
+    reward: Float[Array, "*tb"]
+    done: Float[Array, "*tb"]
+    truncation: Float[Array, "*tb"]
+    next_obs: Float[Array, "*tb obs"]
+    log_prob: Float[Array, "*tb"]
+    extras: dict[str, Array]
+
+
+class LearningCurve(eqx.Module):
+    """Evaluation results of one run at `E` fixed env-step points.
+
+    **Fields:**
+
+    - `env_steps`: `Int[Array, "E"]`, env steps consumed by training when evaluated.
+    - `wall_time`: `Float[Array, "E"]`, seconds since training started, compile excluded.
+    - `eval_return`: `Float[Array, "E episodes"]`, undiscounted return of each evaluation
+      episode (deterministic policy, the same evaluation keys at every point).
+
+    From `train_seeds` every field has a leading seed axis.
+    """
+
+    env_steps: Int[Array, "*seeds E"]
+    wall_time: Float[Array, "*seeds E"]
+    eval_return: Float[Array, "*seeds E episodes"]
+
+
+__all__ = ["Any", "Array", "Bool", "Float", "Int", "Key", "LearningCurve", "Metrics", "Trajectory"]

@@ -1,0 +1,55 @@
+"""`AbstractStrategy`: what `train` needs from an optimiser of policies."""
+
+import abc
+from typing import Generic, TypeVar
+
+import equinox as eqx
+from brax.envs.base import Env
+from jaxtyping import PRNGKeyArray
+
+from .._types import Metrics
+
+StrategyState = TypeVar("StrategyState")
+
+
+class AbstractStrategy(eqx.Module, Generic[StrategyState]):
+    """An optimiser of policies: hyperparameters as frozen fields, everything that changes
+    in an explicit state.
+
+    `train` only ever calls the methods below, and each call is pure and jittable:
+
+    ```python
+    state = strategy.init(env, policy, key=k0)
+    for k in keys:                                  # a lax.scan inside train
+        state, metrics = strategy.step(env, state, key=k)
+    policy = strategy.policy(state)
+    ```
+
+    A new strategy is a final subclass: hyperparameters as typed fields (validated in
+    `__check_init__`, raising `ValueError` that names the bad value), a state `eqx.Module`,
+    and the four members below. It steps the env only through `diffsim.rollout`.
+    """
+
+    @abc.abstractmethod
+    def init(self, env: Env, policy: eqx.Module, *, key: PRNGKeyArray) -> StrategyState:
+        """Initial state: the policy (and any critic, optimiser state, env batch)."""
+
+    @abc.abstractmethod
+    def step(self, env: Env, state: StrategyState, *, key: PRNGKeyArray) -> tuple[StrategyState, Metrics]:
+        """One iteration: collect `steps_per_iteration` env steps and update once."""
+
+    @abc.abstractmethod
+    def policy(self, state: StrategyState) -> eqx.Module:
+        """The policy to evaluate or deploy, a plain `eqx.Module` on one observation."""
+
+    @property
+    @abc.abstractmethod
+    def steps_per_iteration(self) -> int:
+        """Env steps one `step` consumes (the x-axis of every learning curve)."""
+
+    def check(self, env: Env, policy: eqx.Module) -> None:
+        """Raise `ValueError` if this strategy cannot train `policy` on `env`.
+
+        Called by `train` before compiling. The default accepts everything.
+        """
+        del env, policy

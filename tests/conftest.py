@@ -1,0 +1,39 @@
+import os
+
+# Tests share one compilation cache folder so a second run of the suite compiles little.
+os.environ.setdefault("DIFFSIM_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".venv", "jax-cache"))
+
+import jax  # noqa: E402
+import jax.random as jr  # noqa: E402
+import pytest  # noqa: E402
+
+import diffsim  # noqa: E402
+
+
+@pytest.fixture
+def key():
+    return jr.key(0)
+
+
+@pytest.fixture(scope="session")
+def envs():
+    """One env object per name for the whole session, so compiled programs are reused."""
+    cache = {}
+
+    def get(name: str, **kwargs):
+        k = (name, tuple(sorted(kwargs.items())))
+        if k not in cache:
+            cache[k] = diffsim.make_env(name, **kwargs)
+        return cache[k]
+
+    return get
+
+
+def gaussian(env, key=jr.key(1), **kwargs):
+    return diffsim.GaussianPolicy(env.observation_size, env.action_size, key=key, **kwargs)
+
+
+def deterministic(env, key=jr.key(1), **kwargs):
+    return diffsim.DeterministicPolicy(env.observation_size, env.action_size, key=key, **kwargs)
+
+

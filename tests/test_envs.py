@@ -1,0 +1,94 @@
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import diffsim
+from diffsim import envs
+
+
+def test_names_cover_toys_and_brax():
+    assert envs.toy_names() == ["ball", "pendulum", "reach"]
+    assert {"inverted_pendulum", "fast", "ant"} <= set(envs.brax_names())
+    assert envs.names() == envs.toy_names() + envs.brax_names()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"name": "cartpole"}, r"unknown environment 'cartpole'; valid names: \['ball'"),
+        ({"name": "inverted_pendulum", "backend": "bullet"}, r"unknown backend 'bullet'.*'spring'"),
+        ({"name": "pendulum", "backend": "spring"}, r"takes no backend, got backend='spring'"),
+        ({"name": "pendulum", "episode_length": 0}, r"episode_length must be a positive int, got 0"),
+        ({"name": "reach", "episode_length": -3}, r"positive int, got -3"),
+        ({"name": "swimmer", "backend": "spring"}, r"brax could not build 'swimmer'"),
+    ],
+)
+def test_bad_arguments_name_the_value(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        diffsim.make_env(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["reach", "pendulum", "ball"])
+def test_toy_env_shapes_and_defaults(name, key):
+    env = diffsim.make_env(name)
+    cls = {"reach": envs.Reach, "pendulum": envs.Pendulum, "ball": envs.Ball}[name]
+    assert env.episode_length == cls.default_episode_length
+    state = env.reset(key)
+    assert state.obs.shape == (env.observation_size,) == (cls.obs_size,)
+    state = env.step(state, jnp.zeros(env.action_size))
+    assert state.reward.shape == () and jnp.isfinite(state.reward)
+
+
+def test_brax_env_defaults(envs):
+    env = envs("inverted_pendulum")
+    assert (env.backend, env.episode_length) == ("spring", 1000)
+    assert (env.observation_size, env.action_size) == (4, 1)
+
+
+def _run_zero_actions(env, state, steps):
+    def body(state, _):
+        state = env.step(state, jnp.zeros(env.action_size))
+        return state, (state.done, state.info["truncation"], state.info["episode_return"], state.reward, state.obs, state.info["final_obs"])
+
+    return jax.lax.scan(body, state, length=steps)[1]
+
+
+def test_time_limit_is_truncation_and_returns_are_tracked(key):
+    env = diffsim.make_env("reach", episode_length=5)
+    done, trunc, ep_ret, reward, obs, final_obs = jax.jit(_run_zero_actions, static_argnums=(0, 2))(env, env.reset(key), 12)
+    np.testing.assert_array_equal(done, [0, 0, 0, 0, 1] * 2 + [0, 0])
+    np.testing.assert_array_equal(trunc, done)  # reach never terminates: every end is a time limit
+    np.testing.assert_allclose(ep_ret[4], reward[:5].sum(), rtol=1e-6)
+    np.testing.assert_allclose(ep_ret[9], reward[5:10].sum(), rtol=1e-6)
+    # After the reset the obs is a fresh start; final_obs keeps the episode's last one.
+    assert not np.allclose(obs[4], final_obs[4])
+    np.testing.assert_array_equal(obs[3], final_obs[3])
+
+
+def test_termination_is_not_truncation(envs, key):
+    env = envs("inverted_pendulum")
+    state = env.reset(key)
+    push = jnp.ones(env.action_size)  # full force topples the pole quickly
+
+    def body(state, _):
+        state = env.step(state, push)
+        return state, (state.done, state.info["truncation"])
+
+    done, trunc = jax.jit(lambda s: jax.lax.scan(body, s, length=200)[1])(state)
+    assert done.sum() >= 1 and trunc.sum() == 0
+
+
+def test_every_episode_starts_from_a_fresh_draw(key):
+    env = diffsim.make_env("pendulum", episode_length=3)
+    _, _, _, _, obs, _ = jax.jit(_run_zero_actions, static_argnums=(0, 2))(env, env.reset(key), 9)
+    starts = np.asarray(obs[2::3])  # the obs right after each reset
+    assert len({tuple(np.round(s, 5)) for s in starts}) == 3
+
+
+def test_reset_gives_batch(key):
+    env = diffsim.make_env("reach")
+    state = diffsim.reset(env, key=key, num_envs=7)
+    assert state.obs.shape == (7, 6) and state.done.shape == (7,)
+    assert len(np.unique(np.asarray(state.obs[:, 4]))) == 7  # distinct targets
