@@ -3,7 +3,7 @@
 PPO, analytic policy gradients and evolution strategies over one vmapped rollout core.
 """
 
-from . import _config, envs as envs
+from . import _config, diagnostics as diagnostics, envs as envs
 from ._types import LearningCurve as LearningCurve, Metrics as Metrics, Trajectory as Trajectory
 from .envs import make_env as make_env
 from .policies import (
@@ -17,7 +17,9 @@ from .policies import (
 )
 from .results import Run as Run, load_run as load_run
 from .rollout import evaluate as evaluate, reset as reset, rollout as rollout
+from .strategies.apg import APG as APG, SHAC as SHAC, APGState as APGState, SHACState as SHACState
 from .strategies.base import AbstractStrategy as AbstractStrategy
+from .strategies.es import ES as ES, ESState as ESState
 from .strategies.ppo import PPO as PPO, PPOState as PPOState
 from .train import train as train, train_seeds as train_seeds
 

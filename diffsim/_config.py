@@ -1,5 +1,7 @@
 """Process-wide JAX settings diffsim turns on at import: the persistent compilation cache."""
 
+import contextlib
+import io
 import os
 from pathlib import Path
 
@@ -28,3 +30,10 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_compilation_cache_dir", str(path))
     # Cache everything that takes noticeable time to compile on a CPU.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+# Import Brax once with stdout muted: MuJoCo's MJX prints "Failed to import warp" (an
+# optional GPU backend) on import. Real errors still raise. `diffsim/__init__.py` imports
+# this module first.
+with contextlib.redirect_stdout(io.StringIO()):
+    import brax.envs  # noqa: F401

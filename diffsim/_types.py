@@ -3,12 +3,14 @@
 from typing import Any, TypeAlias
 
 import equinox as eqx
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, Key as KeyArray, PRNGKeyArray, UInt32
 
 Metrics: TypeAlias = dict[str, Float[Array, ""]]
 """Scalar training diagnostics of one strategy step, by name."""
 
 Key: TypeAlias = PRNGKeyArray
+Keys: TypeAlias = KeyArray[Array, " seeds"] | UInt32[Array, "seeds 2"]
+"""A batch of PRNG keys (new-style or raw uint32 pairs), one per seed."""
 
 
 class Trajectory(eqx.Module):
@@ -28,6 +30,14 @@ class Trajectory(eqx.Module):
       policy (zero for deterministic rollouts or policies without `log_prob`).
     - `extras`: dict of further `Float[Array, "T B ..."]`; `"episode_return"` holds the
       return of the episode so far (the whole episode's return where `done`).
+
+    **Example:**
+
+    ```python
+    _, traj = diffsim.rollout(env, policy, state, key=key, length=100)
+    traj.reward.shape            # (100, num_envs)
+    traj.reward.sum(0).mean()    # summed reward per env, averaged
+    ```
     """
 
     # `*tb` is `T B` for a rollout; a single transition, built inside the scan, has none.
@@ -52,6 +62,13 @@ class LearningCurve(eqx.Module):
       episode (deterministic policy, the same evaluation keys at every point).
 
     From `train_seeds` every field has a leading seed axis.
+
+    **Example:**
+
+    ```python
+    curve = run.curve
+    curve.eval_return.mean(-1)   # mean return at each evaluation point, shape (E,)
+    ```
     """
 
     env_steps: Int[Array, "*seeds E"]
@@ -59,4 +76,15 @@ class LearningCurve(eqx.Module):
     eval_return: Float[Array, "*seeds E episodes"]
 
 
-__all__ = ["Any", "Array", "Bool", "Float", "Int", "Key", "LearningCurve", "Metrics", "Trajectory"]
+__all__ = [
+    "Any",
+    "Array",
+    "Bool",
+    "Float",
+    "Int",
+    "Key",
+    "Keys",
+    "LearningCurve",
+    "Metrics",
+    "Trajectory",
+]

@@ -75,7 +75,14 @@ def _is_norm(x) -> bool:
 
 
 def update_normalizers(module, obs: Float[Array, "... obs"]):
-    """Return `module` with every `RunningNorm` inside it updated with `obs`."""
+    """Return `module` with every `RunningNorm` inside it updated with `obs`.
+
+    **Example:**
+
+    ```python
+    policy = update_normalizers(policy, traj.obs)   # traj.obs: Float[Array, "T B obs"]
+    ```
+    """
     return jax.tree.map(lambda x: x.update(obs) if _is_norm(x) else x, module, is_leaf=_is_norm)
 
 
@@ -130,9 +137,15 @@ class MLP(eqx.Module):
     ):
         sizes = (in_size, *hidden, out_size)
         keys = jr.split(key, len(sizes) - 1)
-        layers = [eqx.nn.Linear(a, b, key=k) for a, b, k in zip(sizes[:-1], sizes[1:], keys)]
+        layers = [
+            eqx.nn.Linear(a, b, key=k) for a, b, k in zip(sizes[:-1], sizes[1:], keys, strict=True)
+        ]
         last = layers[-1]
-        layers[-1] = eqx.tree_at(lambda l: (l.weight, l.bias), last, (last.weight * final_scale, jnp.zeros_like(last.bias)))
+        layers[-1] = eqx.tree_at(
+            lambda lin: (lin.weight, lin.bias),
+            last,
+            (last.weight * final_scale, jnp.zeros_like(last.bias)),
+        )
         self.layers = tuple(layers)
         self.activation = activation
 
@@ -194,10 +207,12 @@ class GaussianPolicy(eqx.Module):
             self.net = eqx.tree_at(lambda n: n.layers[-1].bias, self.net, bias)
             self.log_std = None
         else:
-            self.log_std = jnp.full(action_size, math.log(init_std))
+            self.log_std = jnp.full(action_size, math.log(init_std), dtype=float)  # not weak-typed
         self.action_size = action_size
 
-    def distribution(self, obs: Float[Array, " obs"]) -> tuple[Float[Array, " act"], Float[Array, " act"]]:
+    def distribution(
+        self, obs: Float[Array, " obs"]
+    ) -> tuple[Float[Array, " act"], Float[Array, " act"]]:
         """Mean and log-std of the pre-squash Gaussian."""
         out = self.net(self.norm(obs))
         if self.log_std is None:
@@ -206,7 +221,9 @@ class GaussianPolicy(eqx.Module):
             mean, log_std = out, self.log_std
         return mean, jnp.clip(log_std, -5.0, 2.0)
 
-    def __call__(self, obs: Float[Array, " obs"], *, key: PRNGKeyArray | None = None) -> Float[Array, " act"]:
+    def __call__(
+        self, obs: Float[Array, " obs"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, " act"]:
         mean, log_std = self.distribution(obs)
         if key is None:
             return jnp.tanh(mean)
@@ -242,11 +259,20 @@ class DeterministicPolicy(eqx.Module):
     norm: RunningNorm
     net: MLP
 
-    def __init__(self, obs_size: int, action_size: int, *, hidden: Sequence[int] = (64, 64), key: PRNGKeyArray):
+    def __init__(
+        self,
+        obs_size: int,
+        action_size: int,
+        *,
+        hidden: Sequence[int] = (64, 64),
+        key: PRNGKeyArray,
+    ):
         self.norm = RunningNorm(obs_size)
         self.net = MLP(obs_size, action_size, hidden=hidden, final_scale=0.01, key=key)
 
-    def __call__(self, obs: Float[Array, " obs"], *, key: PRNGKeyArray | None = None) -> Float[Array, " act"]:
+    def __call__(
+        self, obs: Float[Array, " obs"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, " act"]:
         del key
         return jnp.tanh(self.net(self.norm(obs)))
 

@@ -1,5 +1,6 @@
 """`Run`: the result of `train` / `train_seeds`, and its round trip to a folder."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -46,7 +47,8 @@ class Run(eqx.Module):
     def save(self, path: str | os.PathLike) -> Path:
         """Write the run to the folder `path` (created if needed); returns the path.
 
-        Files, each written atomically (temp file + rename):
+        Files, each written atomically (temp file + rename), `config.json` last so that
+        its presence marks a complete run:
 
         - `config.json`: `config`.
         - `curve.csv`: one row per (seed, evaluation point): `seed, env_steps, wall_time,
@@ -57,18 +59,18 @@ class Run(eqx.Module):
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path / "config.json", json.dumps(self.config, indent=2).encode())
         _atomic_write(path / "curve.csv", _curve_csv(self.curve).encode())
         _atomic_write(path / "metrics.csv", _metrics_csv(self.metrics).encode())
         skeleton = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if eqx.is_array(x) else x, self.policy
         )
-        try:
+        # An unpicklable user module is fine: load_run(path, like=policy) still works.
+        with contextlib.suppress(pickle.PicklingError, AttributeError, TypeError):
             _atomic_write(path / "policy.pkl", pickle.dumps(skeleton))
-        except (pickle.PicklingError, AttributeError, TypeError):
-            pass  # an unpicklable user module: load_run(path, like=policy) still works
         with _atomic_file(path / "policy.eqx") as f:
             eqx.tree_serialise_leaves(f, self.policy)
+        # Last, so a folder with config.json holds a complete run (what study resumes on).
+        _atomic_write(path / "config.json", json.dumps(self.config, indent=2).encode())
         return path
 
 
@@ -95,7 +97,9 @@ def load_run(path: str | os.PathLike, *, like: eqx.Module | None = None) -> Run:
     seeded = config.get("num_seeds") is not None
     if like is None:
         if not (path / "policy.pkl").exists():
-            raise ValueError(f"{path}/policy.pkl is missing: pass like=<a policy of the same structure>")
+            raise ValueError(
+                f"{path}/policy.pkl is missing: pass like=<a policy of the same structure>"
+            )
         like = pickle.loads((path / "policy.pkl").read_bytes())
     like = jax.tree.map(
         lambda x: jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x, like
@@ -106,7 +110,9 @@ def load_run(path: str | os.PathLike, *, like: eqx.Module | None = None) -> Run:
     return Run(policy=policy, curve=curve, metrics=metrics, config=config)
 
 
-def run_config(strategy, env, plan, *, num_eval_episodes, num_seeds, compile_seconds, train_seconds) -> dict:
+def run_config(
+    strategy, env, plan, *, num_eval_episodes, num_seeds, compile_seconds, train_seconds
+) -> dict:
     """The JSON-able record of a run: what ran, on what, how long it took."""
     hyper = {f.name: _jsonable(getattr(strategy, f.name)) for f in dataclasses.fields(strategy)}
     return {
@@ -180,14 +186,19 @@ def _seed_rows(array: np.ndarray, seeded: bool) -> np.ndarray:
 
 def _curve_csv(curve: LearningCurve) -> str:
     seeded = curve.eval_return.ndim == 3
-    steps, times, returns = (_seed_rows(np.asarray(x), seeded) for x in (curve.env_steps, curve.wall_time, curve.eval_return))
+    steps, times, returns = (
+        _seed_rows(np.asarray(x), seeded)
+        for x in (curve.env_steps, curve.wall_time, curve.eval_return)
+    )
     n = returns.shape[-1]
     lines = ["seed,env_steps,wall_time,return_mean," + ",".join(f"return_{i}" for i in range(n))]
     for s in range(returns.shape[0]):
         for e in range(returns.shape[1]):
             values = [repr(float(v)) for v in returns[s, e]]
             mean = repr(float(returns[s, e].mean()))
-            lines.append(f"{s},{int(steps[s, e])},{float(times[s, e])!r},{mean}," + ",".join(values))
+            lines.append(
+                f"{s},{int(steps[s, e])},{float(times[s, e])!r},{mean}," + ",".join(values)
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -218,7 +229,9 @@ def _by_seed(column: np.ndarray, seeds: np.ndarray, seeded: bool) -> np.ndarray:
 def _read_curve(path: Path, seeded: bool) -> LearningCurve:
     cols = _read_columns(path)
     seeds = cols["seed"]
-    episodes = np.stack([cols[k] for k in cols if k.startswith("return_") and k != "return_mean"], -1)
+    episodes = np.stack(
+        [cols[k] for k in cols if k.startswith("return_") and k != "return_mean"], -1
+    )
     return LearningCurve(
         env_steps=jnp.asarray(_by_seed(cols["env_steps"].astype(np.int32), seeds, seeded)),
         wall_time=jnp.asarray(_by_seed(cols["wall_time"].astype(np.float32), seeds, seeded)),

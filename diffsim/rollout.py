@@ -91,7 +91,9 @@ def rollout(
                 truncation=info.get("truncation", jnp.zeros_like(next_state.done)),
                 next_obs=info.get("final_obs", next_state.obs),
                 log_prob=log_prob,
-                extras={"episode_return": info.get("episode_return", jnp.zeros_like(next_state.reward))},
+                extras={
+                    "episode_return": info.get("episode_return", jnp.zeros_like(next_state.reward))
+                },
             )
             return next_state, transition
 

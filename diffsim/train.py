@@ -20,7 +20,7 @@ import numpy as np
 from brax.envs.base import Env
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._types import LearningCurve, Metrics
+from ._types import Keys, LearningCurve
 from .results import Run, run_config
 from .rollout import evaluate
 from .strategies.base import AbstractStrategy
@@ -36,7 +36,7 @@ class _Carry(eqx.Module):
 
 class _Segment(eqx.Module):
     eval_return: Float[Array, "*seeds episodes"]
-    metrics: Metrics  # each Float[Array, "*seeds iterations"]
+    metrics: dict[str, Float[Array, "*seeds iterations"]]
 
 
 class Plan(eqx.Module):
@@ -75,7 +75,9 @@ def make_plan(strategy: AbstractStrategy, total_steps: int, num_evals: int) -> P
 def _check_inputs(strategy, env, policy, num_eval_episodes: int) -> None:
     """Everything that can be checked before compiling, with messages naming the value."""
     if not isinstance(strategy, AbstractStrategy):
-        raise TypeError(f"strategy must be a diffsim strategy (PPO, APG, ES, ...), got {strategy!r}")
+        raise TypeError(
+            f"strategy must be a diffsim strategy (PPO, APG, ES, ...), got {strategy!r}"
+        )
     if not hasattr(env, "episode_length"):
         raise TypeError(f"env must come from diffsim.make_env, got {type(env).__name__}")
     if not isinstance(num_eval_episodes, int) or num_eval_episodes < 1:
@@ -103,15 +105,48 @@ class _Program(eqx.Module):
 
     start: Callable
     segment: Callable
-    compile_seconds: float
 
 
-def _compile(strategy, env, policy, keys, plan: Plan, num_eval_episodes: int, seeds: bool) -> tuple[_Program, Any]:
+_PROGRAMS: dict[Any, _Program] = {}
+
+
+def _compile(
+    strategy, env, policy, keys, plan: Plan, num_eval_episodes: int, seeds: bool
+) -> tuple[_Program, Any]:
+    """Compile (or reuse) the run's two programs; returns them and the policy's arrays."""
+    params, static = (
+        eqx.partition(policy, eqx.is_array) if isinstance(policy, eqx.Module) else (None, policy)
+    )
+    signature = jax.tree.map(lambda x: (x.shape, x.dtype), (params, keys))
+    memo = (
+        strategy,
+        env,
+        static,
+        jax.tree.structure(params),
+        str(signature),
+        plan,
+        num_eval_episodes,
+        seeds,
+    )
+    try:
+        program = _PROGRAMS.get(memo)
+    except TypeError:  # something unhashable in a user module: compile every time
+        memo = program = None
+    if program is None:
+        program = _build(strategy, env, policy, params, keys, plan, num_eval_episodes, seeds)
+        if memo is not None:
+            _PROGRAMS[memo] = program
+    return program, params
+
+
+def _build(
+    strategy, env, policy, params, keys, plan: Plan, num_eval_episodes: int, seeds: bool
+) -> _Program:
     if isinstance(policy, eqx.Module):
-        params, static = eqx.partition(policy, eqx.is_array)
+        static = eqx.partition(policy, eqx.is_array)[1]
         make_policy = lambda params, key: eqx.combine(params, static)
     else:
-        params, make_policy = None, lambda params, key: policy(key)
+        make_policy = lambda params, key: policy(key)
     eval_key = jr.key(EVAL_SEED)
 
     def evaluate_state(state) -> Float[Array, " episodes"]:
@@ -125,52 +160,68 @@ def _compile(strategy, env, policy, keys, plan: Plan, num_eval_episodes: int, se
     def segment(carry: _Carry) -> tuple[_Carry, _Segment]:
         key, seg_key = jr.split(carry.key)
         step = lambda state, key: strategy.step(env, state, key=key)
-        state, metrics = jax.lax.scan(step, carry.state, jr.split(seg_key, plan.iterations_per_eval))
+        state, metrics = jax.lax.scan(
+            step, carry.state, jr.split(seg_key, plan.iterations_per_eval)
+        )
         return _Carry(state, key), _Segment(evaluate_state(state), metrics)
 
     if seeds:
         start, segment = jax.vmap(start, in_axes=(None, 0)), jax.vmap(segment)
-    tic = time.perf_counter()
     start_c = jax.jit(start).lower(params, keys).compile()
     carry_shape = jax.eval_shape(start, params, keys)[0]
     segment_c = jax.jit(segment, donate_argnums=0).lower(carry_shape).compile()
-    return _Program(start_c, segment_c, time.perf_counter() - tic), params
+    return _Program(start_c, segment_c)
 
 
-def _execute(strategy, env, policy, keys, *, total_steps, num_evals, num_eval_episodes, progress, seeds) -> Run:
+def _execute(
+    strategy, env, policy, keys, *, total_steps, num_evals, num_eval_episodes, progress, seeds
+) -> Run:
     _check_inputs(strategy, env, policy, num_eval_episodes)
     plan = make_plan(strategy, total_steps, num_evals)
+    tic = time.perf_counter()
     program, params = _compile(strategy, env, policy, keys, plan, num_eval_episodes, seeds)
+    compile_seconds = time.perf_counter() - tic  # tracing + XLA (or cache loading); 0 if reused
 
-    bar = _progress_bar(plan, strategy, env, enabled=progress)
+    bar = _Progress(plan, strategy, env, enabled=progress)
     tic = time.perf_counter()
     carry, first = program.start(params, keys)
     returns, times, metrics = [np.asarray(first)], [time.perf_counter() - tic], []
-    bar.update(np.mean(returns[-1]), 0)
+    bar.update(float(np.mean(returns[-1])), 0)
     for i in range(1, plan.num_evals):
         carry, out = program.segment(carry)
         returns.append(np.asarray(out.eval_return))  # blocks until the segment is done
         times.append(time.perf_counter() - tic)
         metrics.append(jax.tree.map(np.asarray, out.metrics))
-        bar.update(np.mean(returns[-1]), int(plan.env_steps[i]))
+        bar.update(float(np.mean(returns[-1])), int(plan.env_steps[i]))
     bar.close()
 
     axis = 1 if seeds else 0  # the evaluation / iteration axis
     num = len(keys) if seeds else None
     curve = LearningCurve(
         env_steps=jnp.asarray(plan.env_steps if num is None else np.tile(plan.env_steps, (num, 1))),
-        wall_time=jnp.asarray(np.array(times, np.float32) if num is None else np.tile(np.array(times, np.float32), (num, 1))),
+        wall_time=jnp.asarray(
+            np.array(times, np.float32)
+            if num is None
+            else np.tile(np.array(times, np.float32), (num, 1))
+        ),
         eval_return=jnp.asarray(np.stack(returns, axis=axis)),
     )
-    metrics = {k: jnp.asarray(np.concatenate([m[k] for m in metrics], axis=axis)) for k in metrics[0]}
+    metrics = {
+        k: jnp.asarray(np.concatenate([m[k] for m in metrics], axis=axis)) for k in metrics[0]
+    }
     config = run_config(
-        strategy, env, plan, num_eval_episodes=num_eval_episodes, num_seeds=num,
-        compile_seconds=program.compile_seconds, train_seconds=times[-1],
+        strategy,
+        env,
+        plan,
+        num_eval_episodes=num_eval_episodes,
+        num_seeds=num,
+        compile_seconds=compile_seconds,
+        train_seconds=times[-1],
     )
     return Run(policy=strategy.policy(carry.state), curve=curve, metrics=metrics, config=config)
 
 
-class _progress_bar:
+class _Progress:
     """A tqdm bar over env steps showing steps/s and the latest mean eval return."""
 
     def __init__(self, plan: Plan, strategy, env, *, enabled: bool):
@@ -178,8 +229,13 @@ class _progress_bar:
         if enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=plan.total_steps, unit="step", unit_scale=True, dynamic_ncols=True,
-                            desc=f"{type(strategy).__name__} {env.name}")
+            self.bar = tqdm(
+                total=plan.total_steps,
+                unit="step",
+                unit_scale=True,
+                dynamic_ncols=True,
+                desc=f"{type(strategy).__name__} {env.name}",
+            )
         self.done = 0
 
     def update(self, eval_return: float, env_steps: int) -> None:
@@ -237,8 +293,17 @@ def train(
     run.curve.eval_return.mean(-1)   # mean return at each evaluation point
     ```
     """
-    return _execute(strategy, env, policy, key, total_steps=total_steps, num_evals=num_evals,
-                    num_eval_episodes=num_eval_episodes, progress=progress, seeds=False)
+    return _execute(
+        strategy,
+        env,
+        policy,
+        key,
+        total_steps=total_steps,
+        num_evals=num_evals,
+        num_eval_episodes=num_eval_episodes,
+        progress=progress,
+        seeds=False,
+    )
 
 
 def train_seeds(
@@ -246,7 +311,7 @@ def train_seeds(
     env: Env,
     policy: PolicyOrFactory,
     *,
-    keys: PRNGKeyArray,
+    keys: Keys,
     total_steps: int,
     num_evals: int = 20,
     num_eval_episodes: int = 16,
@@ -271,5 +336,14 @@ def train_seeds(
     """
     if not hasattr(keys, "shape") or len(keys) < 1:
         raise ValueError(f"keys must be a non-empty batch of PRNG keys, got {keys!r}")
-    return _execute(strategy, env, policy, keys, total_steps=total_steps, num_evals=num_evals,
-                    num_eval_episodes=num_eval_episodes, progress=progress, seeds=True)
+    return _execute(
+        strategy,
+        env,
+        policy,
+        keys,
+        total_steps=total_steps,
+        num_evals=num_evals,
+        num_eval_episodes=num_eval_episodes,
+        progress=progress,
+        seeds=True,
+    )

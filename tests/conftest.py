@@ -1,9 +1,10 @@
 import os
 
 # Tests share one compilation cache folder so a second run of the suite compiles little.
-os.environ.setdefault("DIFFSIM_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".venv", "jax-cache"))
+os.environ.setdefault(
+    "DIFFSIM_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".venv", "jax-cache")
+)
 
-import jax  # noqa: E402
 import jax.random as jr  # noqa: E402
 import pytest  # noqa: E402
 
@@ -29,11 +30,11 @@ def envs():
     return get
 
 
-def gaussian(env, key=jr.key(1), **kwargs):
+def gaussian(env, key=None, **kwargs):
+    key = jr.key(1) if key is None else key
     return diffsim.GaussianPolicy(env.observation_size, env.action_size, key=key, **kwargs)
 
 
-def deterministic(env, key=jr.key(1), **kwargs):
+def deterministic(env, key=None, **kwargs):
+    key = jr.key(1) if key is None else key
     return diffsim.DeterministicPolicy(env.observation_size, env.action_size, key=key, **kwargs)
-
-

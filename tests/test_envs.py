@@ -1,6 +1,5 @@
 import jax
 import jax.numpy as jnp
-import jax.random as jr
 import numpy as np
 import pytest
 
@@ -20,7 +19,10 @@ def test_names_cover_toys_and_brax():
         ({"name": "cartpole"}, r"unknown environment 'cartpole'; valid names: \['ball'"),
         ({"name": "inverted_pendulum", "backend": "bullet"}, r"unknown backend 'bullet'.*'spring'"),
         ({"name": "pendulum", "backend": "spring"}, r"takes no backend, got backend='spring'"),
-        ({"name": "pendulum", "episode_length": 0}, r"episode_length must be a positive int, got 0"),
+        (
+            {"name": "pendulum", "episode_length": 0},
+            r"episode_length must be a positive int, got 0",
+        ),
         ({"name": "reach", "episode_length": -3}, r"positive int, got -3"),
         ({"name": "swimmer", "backend": "spring"}, r"brax could not build 'swimmer'"),
     ],
@@ -50,14 +52,23 @@ def test_brax_env_defaults(envs):
 def _run_zero_actions(env, state, steps):
     def body(state, _):
         state = env.step(state, jnp.zeros(env.action_size))
-        return state, (state.done, state.info["truncation"], state.info["episode_return"], state.reward, state.obs, state.info["final_obs"])
+        return state, (
+            state.done,
+            state.info["truncation"],
+            state.info["episode_return"],
+            state.reward,
+            state.obs,
+            state.info["final_obs"],
+        )
 
     return jax.lax.scan(body, state, length=steps)[1]
 
 
 def test_time_limit_is_truncation_and_returns_are_tracked(key):
     env = diffsim.make_env("reach", episode_length=5)
-    done, trunc, ep_ret, reward, obs, final_obs = jax.jit(_run_zero_actions, static_argnums=(0, 2))(env, env.reset(key), 12)
+    done, trunc, ep_ret, reward, obs, final_obs = jax.jit(_run_zero_actions, static_argnums=(0, 2))(
+        env, env.reset(key), 12
+    )
     np.testing.assert_array_equal(done, [0, 0, 0, 0, 1] * 2 + [0, 0])
     np.testing.assert_array_equal(trunc, done)  # reach never terminates: every end is a time limit
     np.testing.assert_allclose(ep_ret[4], reward[:5].sum(), rtol=1e-6)

@@ -31,7 +31,9 @@ def test_normalisation_is_gradient_stopped_and_not_trainable(key):
 
 @pytest.mark.parametrize("state_dependent_std", [False, True])
 def test_gaussian_log_prob_is_the_squashed_density(key, state_dependent_std):
-    policy = diffsim.GaussianPolicy(4, 2, key=key, init_std=0.7, state_dependent_std=state_dependent_std)
+    policy = diffsim.GaussianPolicy(
+        4, 2, key=key, init_std=0.7, state_dependent_std=state_dependent_std
+    )
     obs = jnp.arange(4.0)
     mean, log_std = policy.distribution(obs)
     np.testing.assert_allclose(jnp.exp(log_std), 0.7, rtol=1e-2 if state_dependent_std else 1e-6)
@@ -39,14 +41,23 @@ def test_gaussian_log_prob_is_the_squashed_density(key, state_dependent_std):
     # Change of variables by hand: N(u; mean, std) / |d tanh(u) / du|.
     u = jnp.arctanh(action)
     std = jnp.exp(log_std)
-    expected = jnp.sum(-0.5 * ((u - mean) / std) ** 2 - jnp.log(std * jnp.sqrt(2 * jnp.pi)) - jnp.log(1 - jnp.tanh(u) ** 2))
+    expected = jnp.sum(
+        -0.5 * ((u - mean) / std) ** 2
+        - jnp.log(std * jnp.sqrt(2 * jnp.pi))
+        - jnp.log(1 - jnp.tanh(u) ** 2)
+    )
     np.testing.assert_allclose(policy.log_prob(obs, action), expected, rtol=1e-4)
-    np.testing.assert_allclose(policy.entropy(obs), jnp.sum(log_std + 0.5 * jnp.log(2 * jnp.pi * jnp.e)), rtol=1e-6)
+    np.testing.assert_allclose(
+        policy.entropy(obs), jnp.sum(log_std + 0.5 * jnp.log(2 * jnp.pi * jnp.e)), rtol=1e-6
+    )
     np.testing.assert_allclose(policy(obs), jnp.tanh(mean))
 
 
 def test_policies_act_on_one_observation_and_vmap(key):
-    for policy in (diffsim.GaussianPolicy(5, 3, key=key), diffsim.DeterministicPolicy(5, 3, key=key)):
+    for policy in (
+        diffsim.GaussianPolicy(5, 3, key=key),
+        diffsim.DeterministicPolicy(5, 3, key=key),
+    ):
         assert policy(jnp.ones(5)).shape == (3,)
         assert jax.vmap(policy)(jnp.ones((8, 5))).shape == (8, 3)
     value = diffsim.ValueFunction(5, key=key)

@@ -16,7 +16,13 @@ def test_shapes_and_log_probs(key):
     state, traj = jax.jit(lambda s: diffsim.rollout(env, policy, s, key=key, length=11))(state)
     assert traj.obs.shape == traj.next_obs.shape == (11, 5, 6)
     assert traj.action.shape == (11, 5, 2)
-    for x in (traj.reward, traj.done, traj.truncation, traj.log_prob, traj.extras["episode_return"]):
+    for x in (
+        traj.reward,
+        traj.done,
+        traj.truncation,
+        traj.log_prob,
+        traj.extras["episode_return"],
+    ):
         assert x.shape == (11, 5)
     assert state.obs.shape == (5, 6)
     # log_prob is the policy's density of the recorded action.
@@ -58,12 +64,18 @@ def test_gradient_matches_central_finite_differences_float64(key):
     with jax.enable_x64(True):
         env = diffsim.make_env("pendulum")
         policy = deterministic(env, key=jr.key(2), hidden=(16,))
-        policy = jax.tree.map(lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x, policy)
+        policy = jax.tree.map(
+            lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x, policy
+        )
         state = diffsim.reset(env, key=key, num_envs=2)
-        state = jax.tree.map(lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x, state)
+        state = jax.tree.map(
+            lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x, state
+        )
         params, static = eqx.partition(policy, diffsim.trainable(policy))
         flat, unflatten = jax.flatten_util.ravel_pytree(params)
-        loss = jax.jit(lambda f: _summed_reward(env, eqx.combine(unflatten(f), static), state, key, 40))
+        loss = jax.jit(
+            lambda f: _summed_reward(env, eqx.combine(unflatten(f), static), state, key, 40)
+        )
         grad = jax.grad(loss)(flat)
         directions = jr.normal(jr.key(5), (4, flat.size), jnp.float64)
         eps = 1e-6
@@ -80,7 +92,9 @@ def test_gradient_stops_at_auto_reset(key):
     state = diffsim.reset(env, key=key, num_envs=2)
 
     def later_reward(pos_shift):
-        shifted = state.replace(pipeline_state={**state.pipeline_state, "pos": state.pipeline_state["pos"] + pos_shift})
+        shifted = state.replace(
+            pipeline_state={**state.pipeline_state, "pos": state.pipeline_state["pos"] + pos_shift}
+        )
         _, traj = diffsim.rollout(env, policy, shifted, key=key, length=15, deterministic=True)
         return jnp.sum(traj.reward[10:]), jnp.sum(traj.reward[:10])
 

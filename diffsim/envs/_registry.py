@@ -56,7 +56,9 @@ def make_env(
     ```
     """
     if episode_length is not None and (
-        not isinstance(episode_length, int) or isinstance(episode_length, bool) or episode_length < 1
+        not isinstance(episode_length, int)
+        or isinstance(episode_length, bool)
+        or episode_length < 1
     ):
         raise ValueError(f"episode_length must be a positive int, got {episode_length!r}")
     if name in TOY_ENVS:
@@ -75,7 +77,9 @@ def make_env(
         try:
             env = brax.envs.get_environment(name, backend=backend, **kwargs)
         except (ValueError, TypeError, NotImplementedError) as error:
-            raise ValueError(f"brax could not build {name!r} with backend {backend!r}: {error}") from error
+            raise ValueError(
+                f"brax could not build {name!r} with backend {backend!r}: {error}"
+            ) from error
         length = episode_length or DEFAULT_EPISODE_LENGTH
     else:
         raise ValueError(f"unknown environment {name!r}; valid names: {names()}")

@@ -75,6 +75,12 @@ class Reach(AbstractToyEnv):
     obs = (position, velocity, target - position), 6 numbers; action = force, 2 numbers.
     reward = -|position - target| - 0.01 |action|^2 per step, dt = 0.05 s.
     A good policy returns about -10 over the default 100 steps; a still one about -100.
+
+    **Example:**
+
+    ```python
+    env = diffsim.make_env("reach")   # with time limit and auto-reset
+    ```
     """
 
     default_episode_length = 100
@@ -108,6 +114,12 @@ class Pendulum(AbstractToyEnv):
     velocity); action = torque / 2. reward = cos(angle) - 0.01 omega^2 - 0.001 torque^2,
     at most 1 per step; dt = 0.05 s, 200 steps. Swinging up and balancing returns about
     150; hanging still about -200.
+
+    **Example:**
+
+    ```python
+    env = diffsim.make_env("pendulum")   # with time limit and auto-reset
+    ```
     """
 
     default_episode_length = 200
@@ -125,7 +137,9 @@ class Pendulum(AbstractToyEnv):
     def dynamics(self, s: PhysState, action: jax.Array) -> PhysState:
         torque = self.max_torque * action[0]
         g, m, l_ = self.gravity, self.mass, self.length
-        omega = s["omega"] + self.dt * (3 * g / (2 * l_) * jnp.sin(s["theta"]) + 3 * torque / (m * l_**2))
+        omega = s["omega"] + self.dt * (
+            3 * g / (2 * l_) * jnp.sin(s["theta"]) + 3 * torque / (m * l_**2)
+        )
         return {"theta": s["theta"] + self.dt * omega, "omega": omega}
 
     def observe(self, s: PhysState) -> jax.Array:
@@ -145,6 +159,12 @@ class Ball(AbstractToyEnv):
     off only tens of steps later. The target hangs 2-4 m away at 0.5-1.5 m height.
     obs = (position, velocity, target - position, held, time fraction), 8 numbers; dt =
     0.05 s, 60 steps. A good throw returns about -25; dropping the ball about -200.
+
+    **Example:**
+
+    ```python
+    env = diffsim.make_env("ball")   # with time limit and auto-reset
+    ```
     """
 
     default_episode_length = 60
@@ -157,8 +177,12 @@ class Ball(AbstractToyEnv):
         return {
             "pos": jnp.array([0.0, 1.0]) + jr.uniform(k_pos, (2,), minval=-0.1, maxval=0.1),
             "vel": jnp.zeros(2),
-            "target": jnp.stack([jr.uniform(k_tx, (), minval=2.0, maxval=4.0),
-                                 jr.uniform(k_ty, (), minval=0.5, maxval=1.5)]),
+            "target": jnp.stack(
+                [
+                    jr.uniform(k_tx, (), minval=2.0, maxval=4.0),
+                    jr.uniform(k_ty, (), minval=0.5, maxval=1.5),
+                ]
+            ),
             "t": jnp.zeros(()),
         }
 
@@ -173,7 +197,9 @@ class Ball(AbstractToyEnv):
     def observe(self, s: PhysState) -> jax.Array:
         held = jnp.asarray(self._held(s), dtype=float)
         phase = s["t"] / self.default_episode_length
-        return jnp.concatenate([s["pos"], s["vel"], s["target"] - s["pos"], jnp.stack([held, phase])])
+        return jnp.concatenate(
+            [s["pos"], s["vel"], s["target"] - s["pos"], jnp.stack([held, phase])]
+        )
 
     def reward(self, s: PhysState, action: jax.Array, next_s: PhysState) -> jax.Array:
         flying = ~self._held(next_s)

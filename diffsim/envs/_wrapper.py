@@ -29,6 +29,13 @@ class AutoResetEnv(Wrapper):
     - `env`: any Brax `Env` (a Brax system or a diffsim toy env).
     - `episode_length`: the time limit in env steps.
     - `name`: the registry name, for messages and saved configs.
+
+    **Example:**
+
+    ```python
+    env = AutoResetEnv(brax.envs.get_environment("hopper", backend="spring"), 1000, "hopper")
+    state = jax.vmap(env.step)(state, actions)   # ended episodes restart by themselves
+    ```
     """
 
     def __init__(self, env: Env, episode_length: int, name: str = ""):

@@ -35,7 +35,9 @@ class AbstractStrategy(eqx.Module, Generic[StrategyState]):
         """Initial state: the policy (and any critic, optimiser state, env batch)."""
 
     @abc.abstractmethod
-    def step(self, env: Env, state: StrategyState, *, key: PRNGKeyArray) -> tuple[StrategyState, Metrics]:
+    def step(
+        self, env: Env, state: StrategyState, *, key: PRNGKeyArray
+    ) -> tuple[StrategyState, Metrics]:
         """One iteration: collect `steps_per_iteration` env steps and update once."""
 
     @abc.abstractmethod

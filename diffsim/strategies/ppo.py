@@ -168,13 +168,21 @@ class PPO(AbstractStrategy[PPOState]):
         values = jax.vmap(jax.vmap(value))(traj.obs)
         next_values = jax.vmap(jax.vmap(value))(traj.next_obs)
         targets = gae(
-            traj.reward * self.reward_scale, values, next_values, traj.done, traj.truncation,
-            discount=self.discount, lam=self.gae_lambda,
+            traj.reward * self.reward_scale,
+            values,
+            next_values,
+            traj.done,
+            traj.truncation,
+            discount=self.discount,
+            lam=self.gae_lambda,
         )
         flat = lambda x: x.reshape(-1, *x.shape[2:])
         return _Batch(
-            obs=flat(traj.obs), action=flat(traj.action), log_prob=flat(traj.log_prob),
-            advantage=flat(targets.advantage), value_target=flat(targets.value_target),
+            obs=flat(traj.obs),
+            action=flat(traj.action),
+            log_prob=flat(traj.log_prob),
+            advantage=flat(targets.advantage),
+            value_target=flat(targets.value_target),
             value=flat(values),
         )
 
@@ -194,11 +202,12 @@ class PPO(AbstractStrategy[PPOState]):
             metrics["grad_norm"] = optax.global_norm(eqx.filter(g_pi, eqx.is_inexact_array))
             new = eqx.tree_at(
                 lambda s: (s.policy, s.value, s.policy_opt, s.value_opt),
-                state, (policy, value, policy_opt, value_opt),
+                state,
+                (policy, value, policy_opt, value_opt),
             )
             return new, metrics
 
-        def epoch(state: PPOState, key: PRNGKeyArray) -> tuple[PPOState, Metrics]:
+        def epoch(state: PPOState, key: PRNGKeyArray) -> tuple[PPOState, dict[str, Array]]:
             order = jr.permutation(key, self.steps_per_iteration)
             shuffled = jax.tree.map(
                 lambda x: x[order].reshape(self.num_minibatches, -1, *x.shape[1:]), batch
@@ -209,10 +218,16 @@ class PPO(AbstractStrategy[PPOState]):
         metrics = jax.tree.map(jnp.mean, metrics)
         episodes = jnp.sum(traj.done)
         metrics["episodes"] = episodes
-        metrics["train_return"] = jnp.sum(traj.extras["episode_return"] * traj.done) / jnp.maximum(episodes, 1)
+        metrics["train_return"] = jnp.sum(traj.extras["episode_return"] * traj.done) / jnp.maximum(
+            episodes, 1
+        )
         state = eqx.tree_at(
             lambda s: (s.policy, s.value, s.env_state),
             state,
-            (update_normalizers(state.policy, traj.obs), update_normalizers(state.value, traj.obs), env_state),
+            (
+                update_normalizers(state.policy, traj.obs),
+                update_normalizers(state.value, traj.obs),
+                env_state,
+            ),
         )
         return state, metrics

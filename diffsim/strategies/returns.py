@@ -8,18 +8,18 @@ from jaxtyping import Array, Float
 
 class Targets(eqx.Module):
     """`advantage`: GAE(lambda) advantages; `value_target`: TD(lambda) returns
-    (`advantage + value`). Both `Float[Array, "T *B"]`."""
+    (`advantage + value`). Both `Float[Array, "T ..."]`."""
 
-    advantage: Float[Array, "T *B"]
-    value_target: Float[Array, "T *B"]
+    advantage: Float[Array, "T ..."]
+    value_target: Float[Array, "T ..."]
 
 
 def gae(
-    reward: Float[Array, "T *B"],
-    value: Float[Array, "T *B"],
-    next_value: Float[Array, "T *B"],
-    done: Float[Array, "T *B"],
-    truncation: Float[Array, "T *B"],
+    reward: Float[Array, "T ..."],
+    value: Float[Array, "T ..."],
+    next_value: Float[Array, "T ..."],
+    done: Float[Array, "T ..."],
+    truncation: Float[Array, "T ..."],
     *,
     discount: float,
     lam: float,

@@ -1,0 +1,219 @@
+"""The `diffsim` command: `train`, `study`, `plot`, `envs`. Run `diffsim --help`."""
+
+import argparse
+import dataclasses
+import runpy
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+import diffsim
+
+from .stats import iqm_ci
+
+
+def strategies() -> dict[str, type]:
+    """Strategy classes by command-line name: `ppo`, and `apg`, `shac`, `es` where present."""
+    names = ("PPO", "APG", "SHAC", "ES")
+    return {n.lower(): getattr(diffsim, n) for n in names if hasattr(diffsim, n)}
+
+
+def _add_hyperparameters(parser: argparse.ArgumentParser, cls: type) -> list[str]:
+    """One option per frozen field with a plain default (numbers, flags, int tuples, strings)."""
+    added = []
+    for field in dataclasses.fields(cls):
+        default = field.default
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif isinstance(default, (int, float, str)):
+            parser.add_argument(
+                flag,
+                type=type(default),
+                default=default,
+                metavar=type(default).__name__.upper(),
+                help=f"default {default}",
+            )
+        elif isinstance(default, tuple) and all(isinstance(v, int) for v in default):
+            parser.add_argument(
+                flag,
+                type=lambda s: tuple(int(v) for v in s.split(",")),
+                default=default,
+                metavar="N,N,...",
+                help=f"default {','.join(map(str, default))}",
+            )
+        else:
+            continue
+        added.append(field.name)
+    return added
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffsim", description="Optimize control policies in differentiable physics."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train",
+        help="train one strategy on one env (seeds vmapped)",
+        description="Train one strategy on one env; seeds run in one compiled program.",
+    )
+    kinds = train.add_subparsers(dest="strategy", required=True, metavar="STRATEGY")
+    for name, cls in strategies().items():
+        sub = kinds.add_parser(
+            name,
+            help=f"{cls.__name__}; hyperparameters as options",
+            description=(cls.__doc__ or "").split("\n\n")[0],
+        )
+        sub.set_defaults(hyperparameters=_add_hyperparameters(sub, cls), cls=cls)
+        sub.add_argument(
+            "--env", default="pendulum", help="env name (see `diffsim envs`); default pendulum"
+        )
+        sub.add_argument("--backend", default=None, help="Brax backend (default spring)")
+        sub.add_argument("--episode-length", type=int, default=None)
+        sub.add_argument(
+            "--steps", type=int, default=200_000, help="env-step budget; default 200000"
+        )
+        sub.add_argument(
+            "--seeds", type=int, default=1, help="number of seeds, trained at once; default 1"
+        )
+        sub.add_argument("--seed", type=int, default=0, help="base seed; default 0")
+        sub.add_argument("--num-evals", type=int, default=20)
+        sub.add_argument("--eval-episodes", type=int, default=16)
+        sub.add_argument(
+            "--policy",
+            choices=["gaussian", "deterministic"],
+            default=None,
+            help="default: gaussian for PPO, deterministic otherwise",
+        )
+        sub.add_argument(
+            "--hidden",
+            type=lambda s: tuple(int(v) for v in s.split(",")),
+            default=(64, 64),
+            metavar="N,N,...",
+            help="policy hidden widths; default 64,64",
+        )
+        sub.add_argument("--out", default=None, help="save the run to this folder")
+
+    study = commands.add_parser("study", help="run a study script (a path, or a name in ./studies)")
+    study.add_argument("script", help="e.g. compare, or studies/compare.py")
+    study.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script")
+
+    plot = commands.add_parser("plot", help="plot a study folder's learning curves")
+    plot.add_argument("results", help="a study folder, e.g. results/compare")
+    plot.add_argument("-o", "--output", required=True, help="figure file (.png, .pdf, ...)")
+    plot.add_argument("--x", choices=["env_steps", "wall_time", "final"], default="env_steps")
+
+    commands.add_parser("envs", help="list environments with observation and action sizes")
+    return parser
+
+
+def _train(args) -> None:
+    env = diffsim.make_env(args.env, backend=args.backend, episode_length=args.episode_length)
+    strategy = args.cls(**{name: getattr(args, name) for name in args.hyperparameters})
+    kind = args.policy or ("gaussian" if args.cls.__name__ == "PPO" else "deterministic")
+    cls = diffsim.GaussianPolicy if kind == "gaussian" else diffsim.DeterministicPolicy
+    make = lambda key: cls(env.observation_size, env.action_size, hidden=args.hidden, key=key)
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    keys = jax.random.split(jax.random.key(args.seed), args.seeds)
+    run = diffsim.train_seeds(
+        strategy,
+        env,
+        make,
+        keys=keys,
+        total_steps=args.steps,
+        num_evals=args.num_evals,
+        num_eval_episodes=args.eval_episodes,
+    )
+    final = np.asarray(run.curve.eval_return)[:, -1].mean(-1)
+    mid, low, high = iqm_ci(final[:, None])
+    print(
+        f"{args.cls.__name__} on {env.name}: {run.config['total_steps']:,} env steps x {args.seeds} seeds, "
+        f"final eval return IQM {mid[0]:.1f} [{low[0]:.1f}, {high[0]:.1f}], "
+        f"train {run.config['train_seconds']:.1f} s, compile {run.config['compile_seconds']:.1f} s"
+    )
+    if args.out:
+        print(f"saved to {run.save(args.out)}")
+
+
+def _study(args) -> None:
+    script = Path(args.script)
+    if not script.suffix:
+        script = Path("studies") / f"{args.script}.py"
+    if not script.exists():
+        found = (
+            sorted(p.stem for p in Path("studies").glob("*.py")) if Path("studies").is_dir() else []
+        )
+        raise FileNotFoundError(
+            f"no study script {script}; studies here: {found or 'none (run from the repo root)'}"
+        )
+    sys.argv = [str(script), *args.args]
+    runpy.run_path(str(script), run_name="__main__")
+
+
+def _plot(args) -> None:
+    from . import plotting
+    from .study import load_study
+
+    runs = load_study(args.results)
+    fig = (
+        plotting.final_scores(runs) if args.x == "final" else plotting.study_figure(runs, x=args.x)
+    )
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.output, dpi=120)
+    print(f"wrote {args.output} ({len(runs)} runs)")
+
+
+def _envs() -> None:
+    print(f"{'name':<26}{'kind':<8}{'obs':>5}{'act':>5}{'episode':>9}")
+    for name in diffsim.envs.names():
+        kind = "toy" if name in diffsim.envs.toy_names() else "brax"
+        try:
+            env = (
+                diffsim.make_env(name)
+                if kind == "toy"
+                else diffsim.make_env(
+                    name, backend="spring" if name != "swimmer" else "generalized"
+                )
+            )
+            sizes = f"{env.observation_size:>5}{env.action_size:>5}{env.episode_length:>9}"
+        except Exception as error:  # an env Brax cannot build here: say so, keep listing
+            sizes = f"  ({type(error).__name__})"
+        print(f"{name:<26}{kind:<8}{sizes}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `diffsim` command.
+
+    **Example:**
+
+    ```bash
+    diffsim train ppo --env pendulum --steps 200000 --seeds 4 --learning-rate 3e-4
+    diffsim plot results/compare -o figures/compare.png
+    ```
+    """
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            _train(args)
+        elif args.command == "study":
+            _study(args)
+        elif args.command == "plot":
+            _plot(args)
+        else:
+            _envs()
+    except (ValueError, TypeError, FileNotFoundError, OSError) as error:
+        print(f"diffsim: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diffsim: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Learning curves with IQM lines and 95% bootstrap bands across seeds (matplotlib only)."""
+
+from collections.abc import Mapping
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from .results import Run
+from .stats import iqm_ci
+
+_X_LABELS = {"env_steps": "env steps", "wall_time": "wall-clock time (s, compile excluded)"}
+STRATEGY_COLORS = {"PPO": "tab:blue", "APG": "tab:orange", "SHAC": "tab:green", "ES": "tab:red"}
+
+
+def color_for(label: str, index: int) -> str:
+    """A stable color per strategy name (the first word of the label), else the cycle.
+
+    **Example:**
+
+    ```python
+    color_for("PPO (gamma 0.97)", 0)   # "tab:blue", as for every PPO curve
+    ```
+    """
+    return STRATEGY_COLORS.get(label.split()[0], f"C{(index + 4) % 10}")
+
+
+def learning_curves(
+    runs_by_label: Mapping[str, Run],
+    *,
+    x: str = "env_steps",
+    ax: plt.Axes | None = None,
+    title: str | None = None,
+    confidence: float = 0.95,
+) -> plt.Figure:
+    """Plot each run's IQM evaluation return across seeds with a bootstrap band.
+
+    **Arguments:**
+
+    - `runs_by_label`: label -> `Run` (from `train_seeds`: leading seed axis; a single
+      `train` run is one seed, drawn without a band).
+    - `x`: `"env_steps"` or `"wall_time"`.
+    - `ax`: draw into this axes (else a new figure).
+    - `title`: axes title; default names the env, the number of seeds and the budget.
+
+    **Returns:** the figure.
+
+    **Example:**
+
+    ```python
+    fig = diffsim.plotting.learning_curves({"PPO": ppo_runs, "ES": es_runs}, x="wall_time")
+    fig.savefig("figures/curves.png", dpi=150)
+    ```
+    """
+    if x not in _X_LABELS:
+        raise ValueError(f"x must be one of {list(_X_LABELS)}, got {x!r}")
+    if not runs_by_label:
+        raise ValueError("runs_by_label is empty: nothing to plot")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    seeds, budget, env = set(), 0, set()
+    for i, (label, run) in enumerate(runs_by_label.items()):
+        scores = np.asarray(run.curve.eval_return).mean(-1)  # (seeds, E) or (E,)
+        xs = np.asarray(getattr(run.curve, x), dtype=float)
+        if scores.ndim == 1:
+            scores, xs = scores[None], xs[None]
+        mid, low, high = iqm_ci(scores, confidence=confidence)
+        xs = np.median(xs, axis=0)
+        color = color_for(label, i)
+        ax.plot(xs, mid, label=label, color=color, lw=2)
+        if scores.shape[0] > 1:
+            ax.fill_between(xs, low, high, color=color, alpha=0.2, lw=0)
+        seeds.add(scores.shape[0])
+        budget = max(budget, int(np.asarray(run.curve.env_steps).max()))
+        env.add(run.config.get("env", "?"))
+    ax.set_xlabel(_X_LABELS[x])
+    ax.set_ylabel("evaluation return (IQM)")
+    if title is None:
+        n = "/".join(str(s) for s in sorted(seeds))
+        title = f"{', '.join(sorted(env))}: IQM of {n} seeds, {int(confidence * 100)}% CI, {budget:,} steps"
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False)
+    return ax.figure
+
+
+def study_figure(runs: Mapping[tuple[str, str], Run], *, x: str = "env_steps") -> plt.Figure:
+    """One learning-curve panel per env, one line per strategy label.
+
+    **Arguments:** `runs`: `{(env name, label): Run}`, as `run_study` or `load_study`
+    return; `x`: `"env_steps"` or `"wall_time"`.
+
+    **Example:**
+
+    ```python
+    fig = study_figure(diffsim.study.load_study("results/compare"), x="wall_time")
+    fig.savefig("figures/compare_wall_time.png")
+    ```
+    """
+    envs = list(dict.fromkeys(env for env, _ in runs))
+    if not envs:
+        raise ValueError("no runs to plot")
+    fig, axes = plt.subplots(
+        1, len(envs), figsize=(4.6 * len(envs), 3.8), constrained_layout=True, squeeze=False
+    )
+    for ax, env in zip(axes[0], envs, strict=True):
+        learning_curves({label: run for (e, label), run in runs.items() if e == env}, x=x, ax=ax)
+    return fig
+
+
+def final_scores(runs: Mapping[tuple[str, str], Run], *, confidence: float = 0.95) -> plt.Figure:
+    """Final evaluation return per env and strategy: IQM across seeds with its interval.
+
+    **Example:**
+
+    ```python
+    final_scores(runs).savefig("figures/compare_final.png")
+    ```
+    """
+    envs = list(dict.fromkeys(env for env, _ in runs))
+    fig, axes = plt.subplots(
+        1, len(envs), figsize=(3.6 * len(envs), 3.2), constrained_layout=True, squeeze=False
+    )
+    for ax, env in zip(axes[0], envs, strict=True):
+        labels = [label for (e, label) in runs if e == env]
+        for i, label in enumerate(labels):
+            scores = (
+                np.asarray(runs[env, label].curve.eval_return)[..., -1, :].mean(-1).reshape(-1, 1)
+            )
+            mid, low, high = iqm_ci(scores, confidence=confidence)
+            ax.errorbar(
+                [mid[0]],
+                [i],
+                xerr=[[mid[0] - low[0]], [high[0] - mid[0]]],
+                fmt="o",
+                color=color_for(label, i),
+                capsize=4,
+            )
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_ylim(-0.5, len(labels) - 0.5)
+        ax.set_xlabel("final evaluation return (IQM)")
+        ax.set_title(env, fontsize=10)
+        ax.grid(alpha=0.3, axis="x")
+    return fig

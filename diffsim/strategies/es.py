@@ -1,0 +1,325 @@
+"""Evolution strategies: any distribution-based evosax 0.3 algorithm over the rollout core."""
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+from brax.envs.base import Env
+from evosax.algorithms import distribution_based_algorithms
+from evosax.algorithms.distribution_based.base import DistributionBasedAlgorithm
+from evosax.core import fitness_shaping as shaping
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from .._types import Metrics
+from ..policies import trainable, update_normalizers
+from ..rollout import episode_returns, reset, rollout
+from . import _checks as check
+from .base import AbstractStrategy
+
+# Algorithms whose ask/tell does not fit "sample a population around one mean, rank it":
+# several means (SV_*), a surrogate gradient to supply (GuidedES), or unrolled partial
+# evaluations (NoiseReuseES, PersistentES).
+_UNSUPPORTED = {"GuidedES", "NoiseReuseES", "PersistentES", "SV_CMA_ES", "SV_Open_ES"}
+ALGORITHMS: dict[str, type] = {
+    name: cls for name, cls in distribution_based_algorithms.items() if name not in _UNSUPPORTED
+}
+"""The evosax algorithms `ES` accepts by name (also accepted: the classes themselves)."""
+
+_SHAPING = {
+    "centered_rank": shaping.centered_rank_fitness_shaping_fn,
+    "standardize": shaping.standardize_fitness_shaping_fn,
+    "normalize": shaping.normalize_fitness_shaping_fn,
+    "raw": shaping.identity_fitness_shaping_fn,
+}
+
+
+def _slim_metrics(key, population, fitness, state, params) -> dict:
+    """Replaces evosax's default metrics (three parameter-sized vectors per generation)."""
+    del key, population, fitness, state, params
+    return {}
+
+
+def _signature(cls: type) -> dict[str, inspect.Parameter]:
+    return dict(inspect.signature(cls.__init__).parameters)
+
+
+def _uses_rank_weights(cls: type) -> bool:
+    """True for algorithms (SNES, xNES, CMA-ES family...) whose update is defined on their
+    own rank-based recombination weights rather than on an arbitrary shaped fitness."""
+    default = _signature(cls).get("fitness_shaping_fn")
+    return default is not None and default.default is shaping.weights_fitness_shaping_fn
+
+
+class ESState(eqx.Module):
+    """State of `ES`.
+
+    **Fields:**
+
+    - `policy`: the distribution mean as a policy, with the current observation
+      normaliser (what `ES.policy` returns; the mean is also held flat in `evosax.mean`).
+    - `best`: the best population member seen so far, with the normaliser it was
+      evaluated under (what `ES.best_policy` returns).
+    - `best_return`: its mean return over the episodes of its generation (`-inf` before
+      the first step). One generation's keys only, so optimistically biased.
+    - `evosax`: the evosax algorithm's state (flat mean, std, optimiser state, ...).
+    """
+
+    policy: eqx.Module
+    best: eqx.Module
+    best_return: Float[Array, ""]
+    evosax: Any
+
+
+class ES(AbstractStrategy[ESState]):
+    """Evolution strategies: an evosax search distribution over the policy's parameters.
+
+    The trainable parameters `theta = eqx.partition(policy, diffsim.trainable(policy))[0]`
+    (observation-normaliser statistics excluded) are flattened to `d` numbers. One
+    `step` (one generation):
+
+    1. `ask`: sample `P = population_size` members `theta_i = m + sigma * z_i` (antithetic
+       pairs `z, -z` where the algorithm supports it); a pytree with leaves `[P, ...]`.
+    2. Evaluate every member with the deterministic policy on the same
+       `E = episodes_per_member` episodes (reset keys shared across members): one
+       `jax.vmap` over `diffsim.rollout`, `P x E` envs for `T = rollout_length` steps.
+       `F_i` = the mean over its episodes of the return up to the first episode end.
+    3. `tell` evosax the fitness `-F` (evosax minimises), shaped by centred ranks
+       (`u_i in [-0.5, 0.5]`). For Open-ES the update is
+
+           g = 1 / (P sigma) * sum_i u_i z_i,     m <- m + Adam(g)     (u_i = rank(-F_i))
+
+       PGPE, SNES, ARS and the other algorithms use their own update on the same
+       evaluation; their std adaptation, if any, is theirs.
+    4. Update the observation normaliser (shared by all members) with every
+       observation the population saw (unmasked: after an episode ends the env
+       auto-resets, so later observations are valid states of fresh episodes).
+
+    `steps_per_iteration = population_size * episodes_per_member * rollout_length`.
+    `rollout_length` may be shorter than the env's episodes (cheaper generations;
+    `diffsim.train` always evaluates full episodes) but not longer.
+
+    **Arguments** (all keyword, all with defaults):
+
+    - `algorithm`: an evosax distribution-based algorithm, by name (`"Open_ES"`,
+      `"PGPE"`, `"SNES"`, `"ARS"`, `"Sep_CMA_ES"`, ... see `diffsim.strategies.es.ALGORITHMS`)
+      or as the class.
+    - `population_size`: `P`; even when sampling is antithetic.
+    - `episodes_per_member`: `E`, episodes averaged into each member's fitness.
+    - `rollout_length`: `T`, steps per evaluation episode (<= `env.episode_length`).
+    - `std`: initial standard deviation of the search distribution (evosax's default of
+      1.0 is far too large for network weights).
+    - `learning_rate`: Adam's step size on the mean (float or optax schedule), for
+      algorithms that take an optax optimiser; CMA-ES-like ones have their own update.
+    - `weight_decay`: decoupled weight decay on the mean (AdamW); needs an algorithm that
+      takes an optimiser.
+    - `antithetic`: mirrored sampling, where the algorithm has the option (Open-ES).
+      PGPE and ARS are always antithetic; SNES and CMA-ES never.
+    - `fitness_shaping`: `"centered_rank"`, `"standardize"`, `"normalize"` or `"raw"`.
+      Algorithms whose update is defined on their own rank-based recombination weights
+      (SNES, xNES, Sep_CMA_ES, CMA_ES, ...) always use those, and accept only the
+      default, rank-based `"centered_rank"`.
+
+    **Example:**
+
+    ```python
+    env = diffsim.make_env("pendulum")
+    policy = diffsim.DeterministicPolicy(env.observation_size, env.action_size, key=k1)
+    es = diffsim.ES(population_size=32, rollout_length=env.episode_length)
+    run = diffsim.train(es, env, policy, key=k2, total_steps=2_000_000)
+    best = es.best_policy(state)          # from a state of es.init / es.step
+    ```
+    """
+
+    algorithm: str | type = eqx.field(default="Open_ES", static=True)
+    population_size: int = eqx.field(default=64, static=True)
+    episodes_per_member: int = eqx.field(default=1, static=True)
+    rollout_length: int = eqx.field(default=1000, static=True)
+    std: float = 0.05
+    learning_rate: float | Callable[[Array], Array] = 0.03
+    weight_decay: float = 0.0
+    antithetic: bool = eqx.field(default=True, static=True)
+    fitness_shaping: str = eqx.field(default="centered_rank", static=True)
+
+    def __check_init__(self):
+        for name in ("population_size", "episodes_per_member", "rollout_length"):
+            check.positive_int(name, getattr(self, name))
+        check.positive("std", self.std)
+        check.learning_rate("learning_rate", self.learning_rate)
+        check.in_range("weight_decay", self.weight_decay, 0.0, float("inf"))
+        if not isinstance(self.antithetic, bool):
+            raise ValueError(f"antithetic must be a bool, got {self.antithetic!r}")
+        cls = self._algorithm_class()
+        sig = _signature(cls)
+        if self.fitness_shaping not in _SHAPING:
+            raise ValueError(
+                f"fitness_shaping must be one of {sorted(_SHAPING)}, got {self.fitness_shaping!r}"
+            )
+        if _uses_rank_weights(cls) and self.fitness_shaping != "centered_rank":
+            raise ValueError(
+                f"{cls.__name__} ranks the population with its own recombination weights;"
+                f" fitness_shaping={self.fitness_shaping!r} is not available for it"
+            )
+        if "optimizer" not in sig and self.weight_decay != 0:
+            raise ValueError(
+                f"weight_decay={self.weight_decay!r} needs an algorithm with an optax"
+                f" optimizer; {cls.__name__} has its own mean update"
+            )
+        if self.antithetic and "use_antithetic_sampling" in sig and self.population_size % 2:
+            raise ValueError(
+                f"population_size={self.population_size} must be even with antithetic"
+                f" sampling (pass antithetic=False or an even population)"
+            )
+        try:  # the algorithm's own checks (e.g. PGPE and ARS need an even population)
+            self._evosax(np.zeros(2, np.float32))
+        except AssertionError as error:
+            raise ValueError(
+                f"{cls.__name__} rejects population_size={self.population_size}: {error}"
+            ) from None
+
+    def _algorithm_class(self) -> type:
+        algorithm = self.algorithm
+        if isinstance(algorithm, str):
+            if algorithm not in ALGORITHMS:
+                raise ValueError(
+                    f"algorithm {algorithm!r} is not a supported evosax distribution-based"
+                    f" algorithm; valid names: {', '.join(sorted(ALGORITHMS))}"
+                )
+            return ALGORITHMS[algorithm]
+        if not (isinstance(algorithm, type) and issubclass(algorithm, DistributionBasedAlgorithm)):
+            raise ValueError(
+                f"algorithm must be a name or an evosax distribution-based algorithm class,"
+                f" got {algorithm!r}; valid names: {', '.join(sorted(ALGORITHMS))}"
+            )
+        if algorithm.__name__ in _UNSUPPORTED:
+            raise ValueError(f"algorithm {algorithm.__name__} does not fit ES's ask/evaluate/tell loop")
+        return algorithm
+
+    @property
+    def steps_per_iteration(self) -> int:
+        return self.population_size * self.episodes_per_member * self.rollout_length
+
+    def check(self, env: Env, policy: eqx.Module) -> None:
+        if self.rollout_length > env.episode_length:
+            raise ValueError(
+                f"rollout_length={self.rollout_length} exceeds the episode_length"
+                f" {env.episode_length} of env {getattr(env, 'name', '')!r}; pass"
+                f" ES(rollout_length={env.episode_length}) or less"
+            )
+
+    def _optimizer(self) -> optax.GradientTransformation:
+        if self.weight_decay:
+            return optax.adamw(self.learning_rate, weight_decay=self.weight_decay)
+        return optax.adam(self.learning_rate)
+
+    def _evosax(self, params) -> DistributionBasedAlgorithm:
+        """The evosax algorithm for parameters shaped like `params` (may be traced)."""
+        cls = self._algorithm_class()
+        sig = _signature(cls)
+        kwargs: dict[str, Any] = {"metrics_fn": _slim_metrics}
+        if "optimizer" in sig:
+            kwargs["optimizer"] = self._optimizer()
+        if "std_schedule" in sig:
+            kwargs["std_schedule"] = optax.constant_schedule(self.std)
+        if "use_antithetic_sampling" in sig:
+            kwargs["use_antithetic_sampling"] = self.antithetic
+        if "fitness_shaping_fn" in sig and not _uses_rank_weights(cls):
+            kwargs["fitness_shaping_fn"] = _SHAPING[self.fitness_shaping]
+        # Only shapes matter: build from concrete zeros, evaluated eagerly even under jit.
+        solution = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), params)
+        with jax.ensure_compile_time_eval():
+            return cls(population_size=self.population_size, solution=solution, **kwargs)
+
+    def _hyperparams(self, es: DistributionBasedAlgorithm):
+        with jax.ensure_compile_time_eval():
+            hp = es.default_params
+        if hasattr(hp, "std_init"):
+            hp = hp.replace(std_init=jnp.asarray(self.std, jnp.result_type(float)))
+        return hp
+
+    def init(self, env: Env, policy: eqx.Module, *, key: PRNGKeyArray) -> ESState:
+        self.check(env, policy)
+        params = eqx.filter(policy, trainable(policy))
+        es = self._evosax(params)
+        return ESState(
+            policy=policy,
+            best=policy,
+            best_return=jnp.array(-jnp.inf),
+            evosax=es.init(key, params, self._hyperparams(es)),
+        )
+
+    def policy(self, state: ESState) -> eqx.Module:
+        """The distribution mean with the current observation normaliser."""
+        return state.policy
+
+    def best_policy(self, state: ESState) -> eqx.Module:
+        """The best member seen so far, with the normaliser it was evaluated under."""
+        return state.best
+
+    def evaluate_population(
+        self, env: Env, state: ESState, population, *, key: PRNGKeyArray
+    ) -> Float[Array, " P"]:
+        """The returns `step` ranks: each member's mean over `episodes_per_member` episodes.
+
+        `population`: trainable parameters with a leading `P` axis (as evosax's `ask`
+        returns them), combined with the rest of `state.policy` (its normaliser). Every
+        member sees the same episodes. With `rollout_length == env.episode_length`, entry
+        `i` equals `diffsim.evaluate(env, member_i, key=key, num_episodes=E).mean()`.
+        """
+        return self._rollouts(env, state, population, key)[0]
+
+    def _rollouts(self, env: Env, state: ESState, population, key: PRNGKeyArray):
+        _, static = eqx.partition(state.policy, trainable(state.policy))
+        # Every member starts from the same E env states (`evaluate`'s key convention).
+        reset_key, act_key = jr.split(key)
+        env_state = reset(env, key=reset_key, num_envs=self.episodes_per_member)
+
+        def member_rollout(member) -> tuple[Float[Array, ""], Float[Array, "T E obs"]]:
+            policy = eqx.combine(member, static)
+            _, traj = rollout(
+                env, policy, env_state, key=act_key, length=self.rollout_length,
+                deterministic=True,
+            )
+            return jnp.mean(episode_returns(traj)), traj.obs
+
+        return jax.vmap(member_rollout)(population)  # [P], [P T E obs]: P x E envs at once
+
+    def step(self, env: Env, state: ESState, *, key: PRNGKeyArray) -> tuple[ESState, Metrics]:
+        ask_key, eval_key, tell_key = jr.split(key, 3)
+        params, static = eqx.partition(state.policy, trainable(state.policy))
+        es = self._evosax(params)
+        hp = self._hyperparams(es)
+        population, es_state = es.ask(ask_key, state.evosax, hp)  # leaves [P, ...]
+        returns, obs = self._rollouts(env, state, population, eval_key)
+        es_state, _ = es.tell(tell_key, population, -returns, es_state, hp)
+
+        # The best member, kept with the normaliser its return was measured under.
+        i = jnp.argmax(returns)
+        better = returns[i] > state.best_return
+        member = eqx.combine(jax.tree.map(lambda x: x[i], population), static)
+        arrays, rest = eqx.partition(state.best, eqx.is_array)
+        new_arrays = eqx.filter(member, eqx.is_array)
+        best = eqx.combine(
+            jax.tree.map(lambda new, old: jnp.where(better, new, old), new_arrays, arrays), rest
+        )
+
+        mean = eqx.combine(es.get_mean(es_state), static)
+        new_state = ESState(
+            policy=update_normalizers(mean, obs),
+            best=best,
+            best_return=jnp.where(better, returns[i], state.best_return),
+            evosax=es_state,
+        )
+        metrics = {
+            "train_return": jnp.mean(returns),
+            "max_return": jnp.max(returns),
+            "min_return": jnp.min(returns),
+            "std": jnp.mean(jnp.asarray(getattr(es_state, "std", jnp.nan))),
+            "mean_norm": jnp.linalg.norm(es_state.mean),
+        }
+        return new_state, metrics

@@ -1,0 +1,129 @@
+"""Studies: a grid of environments x strategies, each cell trained over vmapped seeds.
+
+Each finished cell is saved to `<out>/<study>/<env>/<label>/` (see `Run.save`) before the
+next starts; cells whose folder already holds a complete run are loaded, not retrained,
+so an interrupted study resumes where it stopped and loses nothing finished.
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import equinox as eqx
+import jax.random as jr
+from brax.envs.base import Env
+from jaxtyping import PRNGKeyArray
+
+from .results import Run, load_run
+from .strategies.base import AbstractStrategy
+from .train import train_seeds
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One entry of a study grid.
+
+    **Fields:** `env` (from `make_env`), `label` (e.g. `"PPO"`), `strategy`,
+    `make_policy` (`(env, key) -> policy`; each seed gets its own initialisation),
+    `total_steps`.
+
+    **Example:**
+
+    ```python
+    make = lambda env, k: diffsim.GaussianPolicy(env.observation_size, env.action_size, key=k)
+    cell = Cell(diffsim.make_env("reach"), "PPO", diffsim.PPO(), make, 200_000)
+    ```
+    """
+
+    env: Env
+    label: str
+    strategy: AbstractStrategy
+    make_policy: Callable[[Env, PRNGKeyArray], eqx.Module]
+    total_steps: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.env.name}/{self.label}"
+
+
+def run_study(
+    name: str,
+    cells: Sequence[Cell],
+    *,
+    num_seeds: int = 8,
+    seed: int = 0,
+    out: str | Path = "results",
+    num_evals: int = 20,
+    num_eval_episodes: int = 16,
+    progress: bool = True,
+) -> dict[tuple[str, str], Run]:
+    """Train every cell with `train_seeds` over `num_seeds` seeds; resume finished cells.
+
+    Seeds are `jax.random.split(key(seed), num_seeds)`, the same for every cell.
+
+    **Returns:** `{(env name, label): Run}` in the order of `cells`.
+
+    **Example:**
+
+    ```python
+    env = diffsim.make_env("pendulum")
+    make = lambda env, k: diffsim.GaussianPolicy(env.observation_size, env.action_size, key=k)
+    runs = run_study("demo", [Cell(env, "PPO", diffsim.PPO(), make, 200_000)], num_seeds=4)
+    ```
+    """
+    root = Path(out) / name
+    labels = [c.name for c in cells]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"cells must have distinct env/label pairs, got {labels}")
+    _check_writable(root)
+    keys = jr.split(jr.key(seed), num_seeds)
+    runs = {}
+    for cell in cells:
+        path = root / cell.name
+        if (path / "config.json").exists():
+            print(f"[{name}] {cell.name}: finished earlier, loaded from {path}")
+            runs[cell.env.name, cell.label] = load_run(path)
+            continue
+        run = train_seeds(
+            cell.strategy,
+            cell.env,
+            lambda k, c=cell: c.make_policy(c.env, k),
+            keys=keys,
+            total_steps=cell.total_steps,
+            num_evals=num_evals,
+            num_eval_episodes=num_eval_episodes,
+            progress=progress,
+        )
+        run.save(path)
+        runs[cell.env.name, cell.label] = run
+    return runs
+
+
+def load_study(path: str | Path) -> dict[tuple[str, str], Run]:
+    """Every finished cell below `path` (`<env>/<label>/config.json`), keyed `(env, label)`.
+
+    **Example:**
+
+    ```python
+    runs = load_study("results/compare")
+    runs["pendulum", "PPO"].curve.eval_return.shape   # (seeds, E, episodes)
+    ```
+    """
+    path = Path(path)
+    configs = sorted(path.glob("*/*/config.json"))
+    if not configs:
+        raise FileNotFoundError(
+            f"no finished study cells under {path} (expected <env>/<label>/config.json)"
+        )
+    return {(c.parent.parent.name, c.parent.name): load_run(c.parent) for c in configs}
+
+
+def _check_writable(root: Path) -> None:
+    """Fail before any training if results cannot be written."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as error:
+        raise OSError(f"cannot write study results to {root}: {error}") from error

@@ -1,0 +1,254 @@
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+from conftest import deterministic, gaussian
+
+import diffsim
+from diffsim.envs import AutoResetEnv, Reach
+
+
+class _NaNReach(Reach):
+    """Reach whose reward is NaN wherever the point is right of x = 0.5."""
+
+    def reward(self, s, action, next_s):
+        return jnp.where(next_s["pos"][0] > 0.5, jnp.nan, super().reward(s, action, next_s))
+
+
+class _TerminatingReach(Reach):
+    """Reach that terminates (not a time limit) when the point crosses x = 0.3."""
+
+    def step(self, state, action):
+        state = super().step(state, action)
+        return state.replace(done=jnp.asarray(state.pipeline_state["pos"][0] > 0.3, dtype=float))
+
+
+def _params(policy):
+    return eqx.partition(policy, diffsim.trainable(policy))
+
+
+def _unrolled_apg_loss(params, static, env, state, horizon):
+    """The APG window loss written out: vmap(env.step) in a Python loop."""
+    policy = eqx.combine(params, static)
+    total = 0.0
+    for _ in range(horizon):
+        state = jax.vmap(env.step)(state, jax.vmap(policy)(state.obs))
+        total = total + jnp.sum(state.reward)
+    return -total / (horizon * state.reward.shape[0])
+
+
+def _unrolled_shac_loss(params, static, critic, env, state, horizon, gamma):
+    """SHAC's actor loss as in Xu et al.'s reference code (rew_acc, gamma reset at done)."""
+    policy = eqx.combine(params, static)
+    num_envs = state.reward.shape[0]
+    rew_acc, disc, loss = jnp.zeros(num_envs), jnp.ones(num_envs), 0.0
+    for t in range(horizon):
+        state = jax.vmap(env.step)(state, jax.vmap(policy)(state.obs))
+        done, trunc = state.done, state.info["truncation"]
+        next_value = jax.vmap(critic)(state.info["final_obs"]) * (1.0 - done * (1.0 - trunc))
+        rew_acc = rew_acc + disc * state.reward
+        closes = jnp.ones(num_envs) if t == horizon - 1 else done
+        loss = loss - jnp.sum(closes * (rew_acc + gamma * disc * next_value))
+        disc = jnp.where(done > 0, 1.0, disc * gamma)
+        rew_acc = jnp.where(done > 0, 0.0, rew_acc)
+    return loss / (horizon * num_envs)
+
+
+def test_apg_gradient_equals_hand_unrolled_loss(key):
+    env = diffsim.make_env("pendulum", episode_length=15)  # the window crosses a reset
+    apg = diffsim.APG(num_envs=3, horizon=20)
+    policy = deterministic(env, hidden=(16,))
+    state = diffsim.reset(env, key=key, num_envs=3)
+    params, static = _params(policy)
+    loss_fn = lambda p: apg.loss(env, eqx.combine(p, static), state, key=key)[0]
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    ref_loss, ref_grads = jax.value_and_grad(_unrolled_apg_loss)(params, static, env, state, 20)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-7)
+    assert optax_norm(grads) > 0
+
+
+def optax_norm(tree):
+    return float(jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(tree))))
+
+
+def test_shac_loss_bootstraps_like_the_reference(key):
+    env = AutoResetEnv(_TerminatingReach(), 6, name="terminating_reach")
+    shac = diffsim.SHAC(num_envs=4, horizon=16, discount=0.9, critic_minibatches=1)
+    policy = deterministic(env, hidden=(16,))
+    critic = diffsim.ValueFunction(env.observation_size, hidden=(8,), key=jr.key(7))
+    state = diffsim.reset(env, key=key, num_envs=4)
+    params, static = _params(policy)
+    loss_fn = lambda p: shac.loss(env, eqx.combine(p, static), critic, state, key=key)
+    (loss, window), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    traj = window.traj
+    terminated = traj.done * (1 - traj.truncation)
+    assert terminated.sum() > 0 and traj.truncation.sum() > 0  # both kinds of episode end
+    ref_loss, ref_grads = jax.value_and_grad(_unrolled_shac_loss)(params, static, critic, env, state, 16, 0.9)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-7)
+
+
+def test_gradient_is_cut_at_the_window_boundary(key):
+    env = diffsim.make_env("reach")
+    policy = deterministic(env)
+    critic = diffsim.ValueFunction(env.observation_size, key=jr.key(3))
+    state = diffsim.reset(env, key=key, num_envs=4)
+    apg, shac = diffsim.APG(num_envs=4, horizon=10), diffsim.SHAC(num_envs=4, horizon=10)
+    to_state = {
+        "apg": lambda s: apg.loss(env, policy, s, key=key)[0],
+        "shac": lambda s: shac.loss(env, policy, critic, s, key=key)[0],
+        # Control: the same window without the cut does depend on its start state.
+        "uncut": lambda s: -jnp.mean(diffsim.rollout(env, policy, s, key=key, length=10, deterministic=True)[1].reward),
+    }
+    grads = {name: eqx.filter_grad(f)(state) for name, f in to_state.items()}
+    for name in ("apg", "shac"):
+        for leaf in jax.tree.leaves(eqx.filter(grads[name], eqx.is_inexact_array)):
+            np.testing.assert_array_equal(leaf, 0.0)
+    assert jnp.abs(grads["uncut"].pipeline_state["pos"]).sum() > 0
+    # Nor do SHAC's actor gradients reach the critic's parameters.
+    critic_grads = eqx.filter_grad(lambda c: shac.loss(env, policy, c, state, key=key)[0])(critic)
+    for leaf in jax.tree.leaves(critic_grads):
+        np.testing.assert_array_equal(leaf, 0.0)
+
+
+def test_staggered_starts_and_full_episode_windows(key, envs):
+    env = envs("reach", episode_length=20)
+    policy = deterministic(env)
+    staggered = diffsim.APG(num_envs=16, horizon=5).init(env, policy, key=key)
+    assert len(np.unique(staggered.env_state.info["steps"])) > 5
+    full = diffsim.APG(num_envs=4, horizon=20)
+    state = full.init(env, policy, key=key)
+    np.testing.assert_array_equal(state.env_state.info["steps"], 0)
+    _, window = full.loss(env, policy, state.env_state, key=key)
+    np.testing.assert_array_equal(window.traj.done[-1], 1.0)  # each window is one episode
+    np.testing.assert_array_equal(window.traj.done[:-1], 0.0)
+    assert full.steps_per_iteration == 80
+
+
+@pytest.mark.parametrize("strategy", [diffsim.APG(num_envs=8, horizon=10), diffsim.SHAC(num_envs=8, horizon=10)])
+def test_nan_guard_skips_updates(key, strategy):
+    env = AutoResetEnv(_NaNReach(), 100, name="nan_reach")
+    policy = deterministic(env)
+    state = strategy.init(env, policy, key=key)
+    step = jax.jit(lambda s, k: strategy.step(env, s, key=k))
+    for k in jr.split(key, 3):
+        state, metrics = step(state, k)
+    assert float(metrics["skipped_updates"]) == 3.0
+    assert not np.isfinite(float(metrics["loss"]))
+    before, after = _params(policy)[0], _params(strategy.policy(state))[0]
+    for b, a in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+        assert jnp.all(jnp.isfinite(a))
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(strategy.policy(state).norm.count, 0.0)  # stats untouched
+    if isinstance(strategy, diffsim.SHAC):
+        assert all(jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(eqx.filter(state.value, eqx.is_inexact_array)))
+
+
+# Budgets and thresholds from measurements (seed 0): reach, still policy ~ -100, good ~ -10;
+# pendulum, hanging ~ -200, swung up ~ 150.
+@pytest.mark.parametrize(
+    "name, strategy, make_policy, total_steps, threshold",
+    [
+        ("reach", diffsim.APG(), deterministic, 100_000, -40.0),
+        ("reach", diffsim.APG(stochastic=True), gaussian, 100_000, -40.0),
+        ("pendulum", diffsim.SHAC(), deterministic, 400_000, 100.0),
+    ],
+    ids=["reach-apg-deterministic", "reach-apg-gaussian", "pendulum-shac"],
+)
+def test_solves_toy_envs(key, envs, name, strategy, make_policy, total_steps, threshold):
+    env = envs(name)
+    run = diffsim.train(strategy, env, make_policy(env), key=key, total_steps=total_steps,
+                        num_evals=3, progress=False)
+    returns = run.curve.eval_return.mean(-1)
+    assert float(returns[-1]) > threshold, returns
+    assert float(returns[-1]) > float(returns[0]) + 30
+    assert float(run.metrics["skipped_updates"][-1]) == 0.0
+    assert np.all(np.isfinite(run.metrics["grad_norm"]))
+
+
+@pytest.mark.parametrize(
+    "make, bad",
+    [
+        (lambda: diffsim.APG(horizon=0), "0"),
+        (lambda: diffsim.APG(learning_rate=-1.0), "-1.0"),
+        (lambda: diffsim.APG(max_grad_norm=0.0), "0.0"),
+        (lambda: diffsim.APG(max_grad_value=-3.0), "-3.0"),
+        (lambda: diffsim.APG(adam_b1=1.5), "1.5"),
+        (lambda: diffsim.SHAC(discount=0.0), "0.0"),
+        (lambda: diffsim.SHAC(target_alpha=1.5), "1.5"),
+        (lambda: diffsim.SHAC(critic_minibatches=3), "3"),
+        (lambda: diffsim.SHAC(critic_learning_rate=0.0), "0.0"),
+    ],
+)
+def test_rejects_bad_hyperparameters(make, bad):
+    with pytest.raises(ValueError, match=bad):
+        make()
+
+
+def test_train_rejects_before_compiling(key, envs):
+    env = envs("reach")
+
+    class NoKey(eqx.Module):
+        inner: eqx.Module
+
+        def __call__(self, obs):
+            return self.inner(obs)
+
+    with pytest.raises(ValueError, match="float64"):
+        diffsim.train(diffsim.APG(float64=True), env, deterministic(env), key=key, total_steps=10**5)
+    with pytest.raises(ValueError, match="NoKey"):
+        diffsim.train(diffsim.SHAC(stochastic=True), env, NoKey(deterministic(env)), key=key,
+                      total_steps=10**5)
+
+
+def test_float64_window(key):
+    env = diffsim.make_env("pendulum")
+    policy = deterministic(env, hidden=(16,))
+    state = diffsim.reset(env, key=key, num_envs=2)  # float32, made before x64 is on
+    params, static = _params(policy)
+    with jax.enable_x64(True):
+        apg = diffsim.APG(num_envs=2, horizon=30, float64=True)
+        (loss, window), grads = jax.value_and_grad(
+            lambda p: apg.loss(env, eqx.combine(p, static), state, key=key), has_aux=True
+        )(params)
+        assert loss.dtype == jnp.float64 and window.traj.reward.dtype == jnp.float64
+        assert window.env_state.obs.dtype == jnp.float32  # the carried state keeps its dtype
+        assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+        to64 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x, t)
+        ref = _unrolled_apg_loss(to64(params), static, env, to64(state), 30)
+        np.testing.assert_allclose(loss, ref, rtol=1e-12)
+        new, metrics = jax.jit(lambda s: apg.step(env, s, key=key))(apg.init(env, policy, key=key))
+        assert np.isfinite(float(metrics["grad_norm"]))
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(eqx.filter(new.policy, eqx.is_inexact_array)))
+    with pytest.raises(ValueError, match="float64"):
+        apg.loss(env, policy, state, key=key)
+
+
+def test_gradient_diagnostics_agree_on_a_smooth_task(key):
+    env = diffsim.make_env("reach")
+    policy = deterministic(env, hidden=(8,))
+    stats = diffsim.diagnostics.gradient_stats(env, policy, key=key, horizons=[2, 10, 40],
+                                               num_samples=16, num_perturbations=64, sigma=0.01)
+    np.testing.assert_array_equal(stats.horizons, [2, 10, 40])
+    assert stats.first_order_mean.shape == stats.zeroth_order_mean.shape == (3, 74)
+    assert np.all(np.asarray(stats.cosine) > 0.8), stats.cosine
+    assert np.all(np.asarray(stats.first_order_var) < np.asarray(stats.zeroth_order_var))
+    # The first-order mean is the gradient of the mean H-step return.
+    params, static = _params(policy)
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    keys = jr.split(key, 16)
+
+    def mean_return(flat):
+        def one(k):
+            reset_key, act_key, _ = jr.split(k, 3)
+            s = diffsim.reset(env, key=reset_key, num_envs=1)
+            pol = eqx.combine(unravel(flat), static)
+            return jnp.sum(diffsim.rollout(env, pol, s, key=act_key, length=10, deterministic=True)[1].reward)
+        return jnp.mean(jax.vmap(one)(keys))
+
+    np.testing.assert_allclose(stats.first_order_mean[1], jax.grad(mean_return)(flat), rtol=1e-4, atol=1e-6)
