@@ -3,7 +3,14 @@
 PPO, analytic policy gradients and evolution strategies over one vmapped rollout core.
 """
 
-from . import _config, diagnostics as diagnostics, envs as envs
+from . import (
+    _config,
+    diagnostics as diagnostics,
+    envs as envs,
+    plotting as plotting,
+    stats as stats,
+    study as study,
+)
 from ._types import LearningCurve as LearningCurve, Metrics as Metrics, Trajectory as Trajectory
 from .envs import make_env as make_env
 from .policies import (

@@ -11,7 +11,7 @@ import numpy as np
 
 import diffsim
 
-from .stats import iqm_ci
+from .stats import iqm_ci, threshold_crossing
 
 
 def strategies() -> dict[str, type]:
@@ -97,6 +97,12 @@ def _parser() -> argparse.ArgumentParser:
             help="policy hidden widths; default 64,64",
         )
         sub.add_argument("--out", default=None, help="save the run to this folder")
+        sub.add_argument(
+            "--threshold",
+            type=float,
+            default=None,
+            help="report when the IQM first reaches this return",
+        )
 
     study = commands.add_parser("study", help="run a study script (a path, or a name in ./studies)")
     study.add_argument("script", help="e.g. compare, or studies/compare.py")
@@ -136,6 +142,14 @@ def _train(args) -> None:
         f"final eval return IQM {mid[0]:.1f} [{low[0]:.1f}, {high[0]:.1f}], "
         f"train {run.config['train_seconds']:.1f} s, compile {run.config['compile_seconds']:.1f} s"
     )
+    if args.threshold is not None:
+        hit = threshold_crossing(run, args.threshold)
+        if hit["env_steps"] is None:
+            print(f"IQM never reached {args.threshold}")
+        else:
+            print(
+                f"IQM first >= {args.threshold} at {hit['env_steps']:,} env steps, {hit['wall_time']:.1f} s"
+            )
     if args.out:
         print(f"saved to {run.save(args.out)}")
 

@@ -65,3 +65,26 @@ def probability_of_improvement(x: np.ndarray, y: np.ndarray) -> float:
     """
     x, y = np.asarray(x, float)[:, None], np.asarray(y, float)[None, :]
     return float(np.mean((x > y) + 0.5 * (x == y)))
+
+
+def threshold_crossing(run, threshold: float) -> dict[str, float | None]:
+    """First evaluation point at which the IQM across seeds reaches `threshold`.
+
+    **Returns:** `{"env_steps": ..., "wall_time": ...}` (median over seeds of the wall
+    time at that point), or `None` values if the run never gets there.
+
+    **Example:**
+
+    ```python
+    threshold_crossing(runs, 950.0)   # {"env_steps": 393216, "wall_time": 41.2}
+    ```
+    """
+    scores = np.asarray(run.curve.eval_return).mean(-1)
+    steps, times = np.asarray(run.curve.env_steps), np.asarray(run.curve.wall_time)
+    if scores.ndim == 1:
+        scores, steps, times = scores[None], steps[None], times[None]
+    reached = np.nonzero(iqm(scores) >= threshold)[0]
+    if len(reached) == 0:
+        return {"env_steps": None, "wall_time": None}
+    i = int(reached[0])
+    return {"env_steps": int(steps[0, i]), "wall_time": float(np.median(times[:, i]))}

@@ -14,6 +14,7 @@ import jax.random as jr
 from brax.envs.base import Env
 from jaxtyping import PRNGKeyArray
 
+from ._checkpoint import check_writable
 from .results import Run, load_run
 from .strategies.base import AbstractStrategy
 from .train import train_seeds
@@ -75,7 +76,10 @@ def run_study(
     labels = [c.name for c in cells]
     if len(set(labels)) != len(labels):
         raise ValueError(f"cells must have distinct env/label pairs, got {labels}")
-    _check_writable(root)
+    try:
+        check_writable(root)  # fail before any training
+    except OSError as error:
+        raise OSError(f"cannot write study results: {error}") from error
     keys = jr.split(jr.key(seed), num_seeds)
     runs = {}
     for cell in cells:
@@ -116,14 +120,3 @@ def load_study(path: str | Path) -> dict[tuple[str, str], Run]:
             f"no finished study cells under {path} (expected <env>/<label>/config.json)"
         )
     return {(c.parent.parent.name, c.parent.name): load_run(c.parent) for c in configs}
-
-
-def _check_writable(root: Path) -> None:
-    """Fail before any training if results cannot be written."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / ".write-test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as error:
-        raise OSError(f"cannot write study results to {root}: {error}") from error

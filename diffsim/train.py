@@ -8,8 +8,10 @@ executables that call back to the host), so a second run of the same configurati
 not recompile; it also means every finished segment is on the host if a run dies.
 """
 
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import equinox as eqx
@@ -18,8 +20,10 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 from brax.envs.base import Env
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from . import _checkpoint as checkpoint
 from ._types import Keys, LearningCurve
 from .results import Run, run_config
 from .rollout import evaluate
@@ -105,13 +109,14 @@ class _Program(eqx.Module):
 
     start: Callable
     segment: Callable
+    carry_shape: Any  # abstract `_Carry`, to restore checkpoints into
 
 
 _PROGRAMS: dict[Any, _Program] = {}
 
 
 def _compile(
-    strategy, env, policy, keys, plan: Plan, num_eval_episodes: int, seeds: bool
+    strategy, env, policy, keys, plan: Plan, num_eval_episodes: int, seeds: bool, mesh: Mesh | None
 ) -> tuple[_Program, Any]:
     """Compile (or reuse) the run's two programs; returns them and the policy's arrays."""
     params, static = (
@@ -127,20 +132,29 @@ def _compile(
         plan,
         num_eval_episodes,
         seeds,
+        mesh,
     )
     try:
         program = _PROGRAMS.get(memo)
     except TypeError:  # something unhashable in a user module: compile every time
         memo = program = None
     if program is None:
-        program = _build(strategy, env, policy, params, keys, plan, num_eval_episodes, seeds)
+        program = _build(strategy, env, policy, params, keys, plan, num_eval_episodes, seeds, mesh)
         if memo is not None:
             _PROGRAMS[memo] = program
     return program, params
 
 
 def _build(
-    strategy, env, policy, params, keys, plan: Plan, num_eval_episodes: int, seeds: bool
+    strategy,
+    env,
+    policy,
+    params,
+    keys,
+    plan: Plan,
+    num_eval_episodes: int,
+    seeds: bool,
+    mesh: Mesh | None,
 ) -> _Program:
     if isinstance(policy, eqx.Module):
         static = eqx.partition(policy, eqx.is_array)[1]
@@ -167,48 +181,93 @@ def _build(
 
     if seeds:
         start, segment = jax.vmap(start, in_axes=(None, 0)), jax.vmap(segment)
-    start_c = jax.jit(start).lower(params, keys).compile()
     carry_shape = jax.eval_shape(start, params, keys)[0]
-    segment_c = jax.jit(segment, donate_argnums=0).lower(carry_shape).compile()
-    return _Program(start_c, segment_c)
+    if mesh is None:
+        start_j, segment_j = jax.jit(start), jax.jit(segment, donate_argnums=0)
+    else:  # every input and output but the policy has the seed axis first: split it
+        by_seed, replicated = NamedSharding(mesh, P("seeds")), NamedSharding(mesh, P())
+        start_j = jax.jit(start, in_shardings=(replicated, by_seed), out_shardings=by_seed)
+        segment_j = jax.jit(segment, in_shardings=by_seed, out_shardings=by_seed, donate_argnums=0)
+    start_c = start_j.lower(params, keys).compile()
+    segment_c = segment_j.lower(carry_shape).compile()
+    return _Program(start_c, segment_c, carry_shape)
 
 
 def _execute(
-    strategy, env, policy, keys, *, total_steps, num_evals, num_eval_episodes, progress, seeds
+    strategy,
+    env,
+    policy,
+    keys,
+    *,
+    total_steps,
+    num_evals,
+    num_eval_episodes,
+    progress,
+    seeds,
+    checkpoint_dir=None,
+    checkpoint_every=1,
+    resume_from=None,
+    devices=None,
 ) -> Run:
     _check_inputs(strategy, env, policy, num_eval_episodes)
     plan = make_plan(strategy, total_steps, num_evals)
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+    if checkpoint_dir is not None:
+        checkpoint_dir = checkpoint.check_writable(checkpoint_dir)  # fail before compiling
+    if resume_from is not None and checkpoint.latest(Path(resume_from)) is None:
+        raise FileNotFoundError(f"resume_from={str(resume_from)!r} holds no complete checkpoint")
+    mesh = _seed_mesh(len(keys), devices) if seeds else None
+    if mesh is not None:
+        keys = jax.device_put(keys, NamedSharding(mesh, P("seeds")))
     tic = time.perf_counter()
-    program, params = _compile(strategy, env, policy, keys, plan, num_eval_episodes, seeds)
+    program, params = _compile(strategy, env, policy, keys, plan, num_eval_episodes, seeds, mesh)
     compile_seconds = time.perf_counter() - tic  # tracing + XLA (or cache loading); 0 if reused
+    meta = {
+        "strategy": repr(strategy),
+        "env": env.name,
+        "episode_length": env.episode_length,
+        "plan": [plan.num_evals, plan.iterations_per_eval, plan.steps_per_iteration],
+        "num_eval_episodes": num_eval_episodes,
+        "seeds": seeds,
+        "keys": np.asarray(
+            jr.key_data(keys) if jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key) else keys
+        ).tolist(),
+    }
 
     bar = _Progress(plan, strategy, env, enabled=progress)
-    tic = time.perf_counter()
-    carry, first = program.start(params, keys)
-    returns, times, metrics = [np.asarray(first)], [time.perf_counter() - tic], []
-    bar.update(float(np.mean(returns[-1])), 0)
-    for i in range(1, plan.num_evals):
+    if resume_from is None:
+        tic = time.perf_counter()
+        carry, first = program.start(params, keys)
+        history = {
+            "eval_return": np.asarray(first)[None],
+            "wall_time": np.array([time.perf_counter() - tic]),
+        }
+        done = 0
+    else:
+        carry, history, done = checkpoint.load(resume_from, program.carry_shape, meta)
+        tic = time.perf_counter() - float(history["wall_time"][-1])  # the clock continues
+    bar.update(float(np.mean(history["eval_return"][-1])), int(plan.env_steps[done]))
+    for i in range(done + 1, plan.num_evals):
         carry, out = program.segment(carry)
-        returns.append(np.asarray(out.eval_return))  # blocks until the segment is done
-        times.append(time.perf_counter() - tic)
-        metrics.append(jax.tree.map(np.asarray, out.metrics))
-        bar.update(float(np.mean(returns[-1])), int(plan.env_steps[i]))
+        returns = np.asarray(out.eval_return)  # blocks until the segment is done
+        history = _append(history, returns, time.perf_counter() - tic, out.metrics)
+        bar.update(float(np.mean(returns)), int(plan.env_steps[i]))
+        if checkpoint_dir is not None and (i % checkpoint_every == 0 or i == plan.num_evals - 1):
+            checkpoint.save(checkpoint_dir, i, carry, history, meta)
     bar.close()
 
-    axis = 1 if seeds else 0  # the evaluation / iteration axis
+    returns = np.moveaxis(history["eval_return"], 0, 1 if seeds else 0)
+    times = history["wall_time"]
+    metrics = {k[len("metric/") :]: v for k, v in history.items() if k.startswith("metric/")}
     num = len(keys) if seeds else None
+    tile = (lambda x: x) if num is None else (lambda x: np.tile(x, (num, 1)))
     curve = LearningCurve(
-        env_steps=jnp.asarray(plan.env_steps if num is None else np.tile(plan.env_steps, (num, 1))),
-        wall_time=jnp.asarray(
-            np.array(times, np.float32)
-            if num is None
-            else np.tile(np.array(times, np.float32), (num, 1))
-        ),
-        eval_return=jnp.asarray(np.stack(returns, axis=axis)),
+        env_steps=jnp.asarray(tile(plan.env_steps)),
+        wall_time=jnp.asarray(tile(times.astype(np.float32))),
+        eval_return=jnp.asarray(returns),
     )
-    metrics = {
-        k: jnp.asarray(np.concatenate([m[k] for m in metrics], axis=axis)) for k in metrics[0]
-    }
+    metrics = {k: jnp.asarray(v) for k, v in metrics.items()}
     config = run_config(
         strategy,
         env,
@@ -216,9 +275,35 @@ def _execute(
         num_eval_episodes=num_eval_episodes,
         num_seeds=num,
         compile_seconds=compile_seconds,
-        train_seconds=times[-1],
+        train_seconds=float(times[-1]),
     )
     return Run(policy=strategy.policy(carry.state), curve=curve, metrics=metrics, config=config)
+
+
+def _seed_mesh(num_seeds: int, devices) -> Mesh | None:
+    """A 1-D mesh over `devices` (default: all) with axis `"seeds"`; None on one device."""
+    devices = list(jax.devices() if devices is None else devices)
+    if len(devices) == 1:
+        return None
+    if num_seeds % len(devices):
+        raise ValueError(
+            f"{num_seeds} seeds cannot be split evenly over {len(devices)} devices: pass a"
+            f" multiple of {len(devices)} keys, or devices=jax.devices()[:k] with k dividing {num_seeds}"
+        )
+    return Mesh(np.array(devices), ("seeds",))
+
+
+def _append(history: dict, returns, seconds: float, metrics) -> dict:
+    """History with one more evaluation; metrics concatenate along the iteration axis."""
+    out = {
+        "eval_return": np.concatenate([history["eval_return"], returns[None]]),
+        "wall_time": np.append(history["wall_time"], seconds),
+    }
+    axis = returns.ndim - 1  # iterations follow the seed axis, if any
+    for name, value in metrics.items():
+        key, value = f"metric/{name}", np.asarray(value)
+        out[key] = np.concatenate([history[key], value], axis=axis) if key in history else value
+    return out
 
 
 class _Progress:
@@ -259,6 +344,9 @@ def train(
     num_evals: int = 20,
     num_eval_episodes: int = 16,
     progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 1,
+    resume_from: str | os.PathLike | None = None,
 ) -> Run:
     """Train `policy` on `env` with `strategy` for `total_steps` env steps.
 
@@ -280,6 +368,13 @@ def train(
     - `key`: the run's only source of randomness (keyword-only).
     - `total_steps`: env-step budget for training (evaluation steps not counted).
     - `progress`: show a progress bar (env steps, steps/s, latest eval return).
+    - `checkpoint_dir`: if given, the full training state (strategy state, env batch,
+      keys) and the curve so far are written there after every `checkpoint_every`
+      evaluations, atomically (a killed process leaves the previous checkpoint intact).
+      Checked for writability before anything compiles.
+    - `resume_from`: a `checkpoint_dir` of an earlier, interrupted call with the same
+      arguments: training continues from its newest checkpoint and returns what the
+      uninterrupted run would have (same final policy and curve; wall-clock continues).
 
     **Returns:** a `Run` with `policy`, `curve` (`LearningCurve`, `E = num_evals`),
     `metrics` (`Float[Array, "iterations"]` each) and `config`.
@@ -302,6 +397,9 @@ def train(
         num_evals=num_evals,
         num_eval_episodes=num_eval_episodes,
         progress=progress,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        resume_from=resume_from,
         seeds=False,
     )
 
@@ -316,11 +414,23 @@ def train_seeds(
     num_evals: int = 20,
     num_eval_episodes: int = 16,
     progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 1,
+    resume_from: str | os.PathLike | None = None,
+    devices: Sequence[jax.Device] | None = None,
 ) -> Run:
     """`train` `vmap`ped over a batch of keys: many seeds, one compile, one program.
 
     Each seed is exactly `train(..., key=keys[i])` (same arithmetic, batched). Pass a
     policy factory `key -> policy` to give each seed its own initial weights.
+
+    With several devices (`devices`, default `jax.devices()`: GPUs, TPUs, or CPU
+    devices from `XLA_FLAGS=--xla_force_host_platform_device_count=N`), the seed axis
+    is split over a 1-D `Mesh` with `NamedSharding`s, so each device trains
+    `len(keys) / len(devices)` seeds; the number of keys must be a multiple of the
+    number of devices. Across hosts, call `jax.distributed.initialize()` first, then use
+    the same call: `jax.devices()` then spans every host. Checkpoint and other
+    arguments are as in `train`.
 
     **Returns:** a `Run` whose `policy`, `curve` and `metrics` leaves have a leading seed
     axis `S = len(keys)`.
@@ -345,5 +455,9 @@ def train_seeds(
         num_evals=num_evals,
         num_eval_episodes=num_eval_episodes,
         progress=progress,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        resume_from=resume_from,
+        devices=devices,
         seeds=True,
     )

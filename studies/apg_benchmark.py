@@ -8,6 +8,12 @@ steps, deterministic policy) and one `diffsim.APG` step on the same window (forw
 backward through the simulator, clipped Adam update). Both are jit-compiled and warmed up
 first; compile time is reported apart. Prints a table with the cost ratio and writes
 results/apg_benchmark.json.
+
+Read the inverted_pendulum row with care: its reward is a constant +1 per step alive, so
+the window loss does not depend on the actions at all, XLA prunes the backward pass
+through the simulator, and the ratio (~1.3) measures only the forward pass plus the
+update. A smooth-reward Brax env shows the real reverse-mode cost: `--envs reacher`
+measured 9.2x (34 ms forward, 310 ms per APG step; APG compile 74 s) on 2 CPU cores.
 """
 
 import argparse

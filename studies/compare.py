@@ -21,15 +21,29 @@ def gaussian(env, key):
     return diffsim.GaussianPolicy(env.observation_size, env.action_size, key=key)
 
 
+def deterministic(env, key):
+    return diffsim.DeterministicPolicy(env.observation_size, env.action_size, key=key)
+
+
+# Every strategy gets the same env-step budget on an env: curves are comparable per step.
+BUDGETS = {"reach": 200_000, "pendulum": 400_000, "ball": 300_000, "inverted_pendulum": 600_000}
+
+
+def strategies(env):
+    """The contenders, each with its own policy kind, in plot order."""
+    return [
+        ("PPO", diffsim.PPO(), gaussian),
+        ("APG", diffsim.APG(), deterministic),
+        ("SHAC", diffsim.SHAC(), deterministic),
+    ]
+
+
 def cells(quick: bool):
-    scale = 0.25 if quick else 1.0
-    budget = lambda n: int(n * scale)
     grid = []
-    for name, steps in (("reach", 200_000), ("pendulum", 300_000), ("ball", 300_000)):
+    for name, steps in BUDGETS.items():
         env = diffsim.make_env(name)
-        grid.append(Cell(env, "PPO", diffsim.PPO(), gaussian, budget(steps)))
-    env = diffsim.make_env("inverted_pendulum")
-    grid.append(Cell(env, "PPO", diffsim.PPO(), gaussian, budget(600_000)))
+        for label, strategy, policy in strategies(env):
+            grid.append(Cell(env, label, strategy, policy, int(steps * (0.25 if quick else 1.0))))
     return grid
 
 

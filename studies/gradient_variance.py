@@ -77,7 +77,7 @@ def plot(tables: dict[str, dict[str, np.ndarray]], path: Path) -> None:
         ax.set(xscale="log", yscale="log", xlabel="horizon H (env steps)",
                ylabel="total gradient variance", title=name)
         if np.all(t["first_order_var"] <= FLOOR):
-            ax.text(0.05, 0.05, f"analytic gradient exactly 0 (drawn at {FLOOR:g})",
+            ax.text(0.05, 0.12, f"analytic gradient exactly 0 (drawn at {FLOOR:g})",
                     transform=ax.transAxes, fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)

@@ -5,10 +5,19 @@ os.environ.setdefault(
     "DIFFSIM_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".venv", "jax-cache")
 )
 
+import jax.numpy as jnp  # noqa: E402
 import jax.random as jr  # noqa: E402
 import pytest  # noqa: E402
 
 import diffsim  # noqa: E402
+from diffsim.envs import Reach  # noqa: E402
+
+
+class NaNReach(Reach):
+    """Reach whose reward is NaN wherever the point is right of x = 0.5."""
+
+    def reward(self, s, action, next_s):
+        return jnp.where(next_s["pos"][0] > 0.5, jnp.nan, super().reward(s, action, next_s))
 
 
 @pytest.fixture

@@ -4,17 +4,10 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
-from conftest import deterministic, gaussian
+from conftest import NaNReach, deterministic, gaussian
 
 import diffsim
 from diffsim.envs import AutoResetEnv, Reach
-
-
-class _NaNReach(Reach):
-    """Reach whose reward is NaN wherever the point is right of x = 0.5."""
-
-    def reward(self, s, action, next_s):
-        return jnp.where(next_s["pos"][0] > 0.5, jnp.nan, super().reward(s, action, next_s))
 
 
 class _TerminatingReach(Reach):
@@ -132,7 +125,7 @@ def test_staggered_starts_and_full_episode_windows(key, envs):
 
 @pytest.mark.parametrize("strategy", [diffsim.APG(num_envs=8, horizon=10), diffsim.SHAC(num_envs=8, horizon=10)])
 def test_nan_guard_skips_updates(key, strategy):
-    env = AutoResetEnv(_NaNReach(), 100, name="nan_reach")
+    env = AutoResetEnv(NaNReach(), 100, name="nan_reach")
     policy = deterministic(env)
     state = strategy.init(env, policy, key=key)
     step = jax.jit(lambda s, k: strategy.step(env, s, key=k))
@@ -154,11 +147,12 @@ def test_nan_guard_skips_updates(key, strategy):
 @pytest.mark.parametrize(
     "name, strategy, make_policy, total_steps, threshold",
     [
-        ("reach", diffsim.APG(), deterministic, 100_000, -40.0),
-        ("reach", diffsim.APG(stochastic=True), gaussian, 100_000, -40.0),
-        ("pendulum", diffsim.SHAC(), deterministic, 400_000, 100.0),
+        ("reach", diffsim.APG(), deterministic, 100_000, -30.0),  # measured -11.8
+        ("reach", diffsim.APG(stochastic=True), gaussian, 100_000, -30.0),  # -10.8
+        ("pendulum", diffsim.APG(), deterministic, 400_000, 100.0),  # 153.9
+        ("reach", diffsim.SHAC(), deterministic, 100_000, -50.0),  # -19.5
     ],
-    ids=["reach-apg-deterministic", "reach-apg-gaussian", "pendulum-shac"],
+    ids=["reach-apg-deterministic", "reach-apg-gaussian", "pendulum-apg", "reach-shac"],
 )
 def test_solves_toy_envs(key, envs, name, strategy, make_policy, total_steps, threshold):
     env = envs(name)

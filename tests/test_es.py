@@ -14,6 +14,10 @@ from diffsim.train import EVAL_SEED
 NAMED = ["Open_ES", "PGPE", "SNES", "ARS", "Sep_CMA_ES"]
 
 
+def _member(population, static, i: int):
+    return eqx.combine(jax.tree.map(lambda x: x[i], population), static)
+
+
 def _small(env, **kwargs):
     return diffsim.ES(**{"population_size": 8, "episodes_per_member": 2,
                          "rollout_length": env.episode_length, **kwargs})
@@ -48,8 +52,9 @@ def test_fitness_is_a_direct_evaluation_of_each_member(envs, key):
     eval_key = jr.key(4)
     returns = jax.jit(lambda p: es.evaluate_population(env, state, p, key=eval_key))(population)
     assert returns.shape == (8,)
-    members = [eqx.combine(jax.tree.map(lambda x: x[i], population), static) for i in range(8)]
-    direct = [diffsim.evaluate(env, m, key=eval_key, num_episodes=2).mean() for m in members]
+    members = [_member(population, static, i) for i in range(8)]
+    evaluate = jax.jit(lambda m: diffsim.evaluate(env, m, key=eval_key, num_episodes=2).mean())
+    direct = [evaluate(m) for m in members]
     np.testing.assert_allclose(returns, jnp.stack(direct), rtol=1e-5, atol=1e-4)
     assert len(set(np.round(np.asarray(returns), 3))) == 8  # members differ
 
@@ -73,13 +78,9 @@ def test_step_ranks_the_evaluated_population_and_updates_the_normaliser(envs, ke
     # One normaliser for all members, updated with all P x T x E observations.
     reset_key, _ = jr.split(eval_key)
     start = diffsim.reset(env, key=reset_key, num_envs=2)
-    obs = []
-    for i in range(8):
-        member = eqx.combine(jax.tree.map(lambda x: x[i], population), static)
-        _, traj = diffsim.rollout(env, member, start, key=key, length=env.episode_length,
-                                  deterministic=True)
-        obs.append(traj.obs)
-    obs = jnp.stack(obs)
+    run = jax.jit(lambda m: diffsim.rollout(env, m, start, key=key, length=env.episode_length,
+                                            deterministic=True)[1].obs)
+    obs = jnp.stack([run(_member(population, static, i)) for i in range(8)])
     norm = es.policy(new).norm
     assert float(norm.count) == 8 * env.episode_length * 2
     np.testing.assert_allclose(norm.mean, obs.reshape(-1, 3).mean(0), rtol=1e-4, atol=1e-5)
@@ -123,7 +124,7 @@ def test_every_named_algorithm_runs(envs, key, algorithm):
         ({"std": 0.0}, "std must be a number > 0, got 0.0"),
         ({"std": -0.1}, "std must be a number > 0, got -0.1"),
         ({"population_size": 0}, "population_size must be a positive int, got 0"),
-        ({"rollout_length": 1.5}, "rollout_length must be a positive int, got 1.5"),
+        ({"rollout_length": 0}, "rollout_length must be a positive int, got 0"),
         ({"learning_rate": -1.0}, "learning_rate must be a number > 0"),
         ({"weight_decay": -1.0}, "weight_decay must be a number in"),
         ({"fitness_shaping": "rank"}, "fitness_shaping must be one of"),

@@ -92,7 +92,7 @@ def test_ppo_learns_inverted_pendulum(key, envs):
     ("kwargs", "match"),
     [
         ({"num_envs": 0}, "num_envs must be a positive int, got 0"),
-        ({"num_minibatches": 7}, r"num_minibatches=7 must divide num_envs \* unroll_length = 2048"),
+        ({"num_minibatches": 7}, r"num_minibatches=7 must divide num_envs \* unroll_length = 4096"),
         ({"learning_rate": -1e-3}, "learning_rate must be a number > 0, got -0.001"),
         ({"discount": 1.5}, r"discount must be a number in \(0.0, 1.0\], got 1.5"),
         ({"gae_lambda": -0.1}, r"gae_lambda must be a number in \[0.0, 1.0\], got -0.1"),

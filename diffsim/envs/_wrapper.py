@@ -73,7 +73,8 @@ class AutoResetEnv(Wrapper):
         terminated = stepped.done > 0
         time_up = steps >= self.episode_length
         done = terminated | time_up
-        episode_return = jnp.where(state.done > 0, 0.0, info["episode_return"]) + stepped.reward
+        reward = jnp.asarray(stepped.reward, dtype=float)  # some Brax envs give a Python float
+        episode_return = jnp.where(state.done > 0, 0.0, info["episode_return"]) + reward
 
         reset_key, key = jr.split(info["reset_key"])
         fresh = self.env.reset(key)
@@ -93,5 +94,9 @@ class AutoResetEnv(Wrapper):
             "reset_key": reset_key,
         }
         return stepped.replace(
-            pipeline_state=pipeline_state, obs=obs, done=jnp.asarray(done, dtype=float), info=info
+            pipeline_state=pipeline_state,
+            obs=obs,
+            reward=reward,
+            done=jnp.asarray(done, dtype=float),
+            info=info,
         )

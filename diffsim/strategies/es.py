@@ -24,10 +24,26 @@ from .base import AbstractStrategy
 
 # Algorithms whose ask/tell does not fit "sample a population around one mean, rank it":
 # several means (SV_*), a surrogate gradient to supply (GuidedES), or unrolled partial
-# evaluations (NoiseReuseES, PersistentES).
+# evaluations (NoiseReuseES, PersistentES), or required arguments beyond the population
+# size and the solution (RandomSearch's sampling_fn).
 _UNSUPPORTED = {"GuidedES", "NoiseReuseES", "PersistentES", "SV_CMA_ES", "SV_Open_ES"}
+
+
+def _required_arguments(cls: type) -> list[str]:
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    return [
+        p.name
+        for p in params
+        if p.default is inspect.Parameter.empty
+        and p.name not in ("population_size", "solution")
+        and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    ]
+
+
 ALGORITHMS: dict[str, type] = {
-    name: cls for name, cls in distribution_based_algorithms.items() if name not in _UNSUPPORTED
+    name: cls
+    for name, cls in distribution_based_algorithms.items()
+    if name not in _UNSUPPORTED and not _required_arguments(cls)
 }
 """The evosax algorithms `ES` accepts by name (also accepted: the classes themselves)."""
 
@@ -43,6 +59,12 @@ def _slim_metrics(key, population, fitness, state, params) -> dict:
     """Replaces evosax's default metrics (three parameter-sized vectors per generation)."""
     del key, population, fitness, state, params
     return {}
+
+
+def _strong(tree):
+    """Drop weak types (evosax mixes Python scalars into its state), so the state's types
+    are the same after `init` and after every `step` and `step` compiles once."""
+    return jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.result_type(x)), tree)
 
 
 def _signature(cls: type) -> dict[str, inspect.Parameter]:
@@ -90,12 +112,15 @@ class ES(AbstractStrategy[ESState]):
        `jax.vmap` over `diffsim.rollout`, `P x E` envs for `T = rollout_length` steps.
        `F_i` = the mean over its episodes of the return up to the first episode end.
     3. `tell` evosax the fitness `-F` (evosax minimises), shaped by centred ranks
-       (`u_i in [-0.5, 0.5]`). For Open-ES the update is
+       `u_i = rank(-F_i) / (P - 1) - 1/2` in [-0.5, 0.5] (the best member gets -0.5). For
+       Open-ES the update of the mean `m` (`d` numbers) is
 
-           g = 1 / (P sigma) * sum_i u_i z_i,     m <- m + Adam(g)     (u_i = rank(-F_i))
+           g = 1 / (P sigma) * sum_i u_i z_i,      m <- m - Adam(g),
 
-       PGPE, SNES, ARS and the other algorithms use their own update on the same
-       evaluation; their std adaptation, if any, is theirs.
+       a descent step on a smoothed estimate of the gradient of `-F`. PGPE, SNES, ARS,
+       Sep-CMA-ES and the rest use their own update on the same evaluation; their std
+       adaptation, if any, is theirs. Full CMA-ES and xNES keep `d x d` matrices: use
+       Sep_CMA_ES or SNES for networks.
     4. Update the observation normaliser (shared by all members) with every
        observation the population saw (unmasked: after an episode ends the env
        auto-resets, so later observations are valid states of fresh episodes).
@@ -128,11 +153,15 @@ class ES(AbstractStrategy[ESState]):
     **Example:**
 
     ```python
-    env = diffsim.make_env("pendulum")
+    env = diffsim.make_env("pendulum")                    # 200-step episodes
     policy = diffsim.DeterministicPolicy(env.observation_size, env.action_size, key=k1)
-    es = diffsim.ES(population_size=32, rollout_length=env.episode_length)
+    es = diffsim.ES(population_size=32, rollout_length=200)
     run = diffsim.train(es, env, policy, key=k2, total_steps=2_000_000)
-    best = es.best_policy(state)          # from a state of es.init / es.step
+    run.policy                                            # the final mean, as a policy
+
+    state = es.init(env, policy, key=k3)                  # or drive it by hand
+    state, metrics = jax.jit(lambda s, k: es.step(env, s, key=k))(state, k4)
+    es.policy(state), es.best_policy(state)
     ```
     """
 
@@ -196,8 +225,11 @@ class ES(AbstractStrategy[ESState]):
                 f"algorithm must be a name or an evosax distribution-based algorithm class,"
                 f" got {algorithm!r}; valid names: {', '.join(sorted(ALGORITHMS))}"
             )
-        if algorithm.__name__ in _UNSUPPORTED:
-            raise ValueError(f"algorithm {algorithm.__name__} does not fit ES's ask/evaluate/tell loop")
+        if algorithm.__name__ in _UNSUPPORTED or _required_arguments(algorithm):
+            raise ValueError(
+                f"algorithm {algorithm.__name__} does not fit ES's ask/evaluate/tell loop;"
+                f" valid names: {', '.join(sorted(ALGORITHMS))}"
+            )
         return algorithm
 
     @property
@@ -250,7 +282,7 @@ class ES(AbstractStrategy[ESState]):
             policy=policy,
             best=policy,
             best_return=jnp.array(-jnp.inf),
-            evosax=es.init(key, params, self._hyperparams(es)),
+            evosax=_strong(es.init(key, params, self._hyperparams(es))),
         )
 
     def policy(self, state: ESState) -> eqx.Module:
@@ -282,7 +314,11 @@ class ES(AbstractStrategy[ESState]):
         def member_rollout(member) -> tuple[Float[Array, ""], Float[Array, "T E obs"]]:
             policy = eqx.combine(member, static)
             _, traj = rollout(
-                env, policy, env_state, key=act_key, length=self.rollout_length,
+                env,
+                policy,
+                env_state,
+                key=act_key,
+                length=self.rollout_length,
                 deterministic=True,
             )
             return jnp.mean(episode_returns(traj)), traj.obs
@@ -297,9 +333,10 @@ class ES(AbstractStrategy[ESState]):
         population, es_state = es.ask(ask_key, state.evosax, hp)  # leaves [P, ...]
         returns, obs = self._rollouts(env, state, population, eval_key)
         es_state, _ = es.tell(tell_key, population, -returns, es_state, hp)
+        es_state = _strong(es_state)
 
         # The best member, kept with the normaliser its return was measured under.
-        i = jnp.argmax(returns)
+        i = jnp.argmax(jnp.where(jnp.isnan(returns), -jnp.inf, returns))
         better = returns[i] > state.best_return
         member = eqx.combine(jax.tree.map(lambda x: x[i], population), static)
         arrays, rest = eqx.partition(state.best, eqx.is_array)
@@ -309,8 +346,15 @@ class ES(AbstractStrategy[ESState]):
         )
 
         mean = eqx.combine(es.get_mean(es_state), static)
+        # A diverged simulation must not poison the statistics every member shares.
+        normalized = update_normalizers(mean, obs)
+        finite = jnp.all(jnp.isfinite(obs))
+        normalized = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old) if eqx.is_array(new) else new,
+            normalized, mean,
+        )
         new_state = ESState(
-            policy=update_normalizers(mean, obs),
+            policy=normalized,
             best=best,
             best_return=jnp.where(better, returns[i], state.best_return),
             evosax=es_state,
@@ -319,7 +363,8 @@ class ES(AbstractStrategy[ESState]):
             "train_return": jnp.mean(returns),
             "max_return": jnp.max(returns),
             "min_return": jnp.min(returns),
-            "std": jnp.mean(jnp.asarray(getattr(es_state, "std", jnp.nan))),
             "mean_norm": jnp.linalg.norm(es_state.mean),
         }
+        if hasattr(es_state, "std"):  # a scalar or one per parameter (before CMA's scaling)
+            metrics["std"] = jnp.mean(es_state.std)
         return new_state, metrics

@@ -14,6 +14,7 @@ from .._types import Metrics, Trajectory
 from ..policies import ValueFunction, trainable, update_normalizers
 from ..rollout import reset, rollout
 from . import _checks as check
+from ._guard import all_finite, guarded_update
 from .base import AbstractStrategy
 from .returns import gae
 
@@ -41,12 +42,6 @@ def _optimizer(learning_rate, max_grad_norm: float, eps: float) -> optax.Gradien
     return optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adam(learning_rate, eps=eps))
 
 
-def _update(module, grads, opt_state, optimizer):
-    params = eqx.filter(module, trainable(module))
-    updates, opt_state = optimizer.update(eqx.filter(grads, trainable(module)), opt_state, params)
-    return eqx.apply_updates(module, updates), opt_state
-
-
 class PPO(AbstractStrategy[PPOState]):
     """Proximal policy optimisation with a clipped surrogate and a separate critic.
 
@@ -58,8 +53,10 @@ class PPO(AbstractStrategy[PPOState]):
             - entropy_coef * E[H],          r = pi(a|s) / pi_old(a|s),
 
     with advantages normalised per minibatch. Policy and critic have their own Adam with
-    global-norm clipping, so a large value loss cannot shrink the policy's step. The
-    observation statistics are updated after the update, from the batch just collected.
+    global-norm clipping, so a large value loss cannot shrink the policy's step. A
+    minibatch whose loss or gradient is not finite is skipped and counted
+    (`metrics["skipped_updates"]`). The observation statistics are updated after the
+    update, from the batch just collected.
 
     The policy needs `policy.log_prob(obs, action)` and `policy.entropy(obs)`, as
     `GaussianPolicy` has.
@@ -72,14 +69,16 @@ class PPO(AbstractStrategy[PPOState]):
     ```
     """
 
-    num_envs: int = 32
+    # Defaults measured to solve inverted_pendulum (IQM of 8 seeds >= 995 from ~420k
+    # steps) and the toy envs; see README "Results".
+    num_envs: int = 64
     unroll_length: int = 64
-    num_epochs: int = 10
+    num_epochs: int = 5
     num_minibatches: int = 32
     learning_rate: float | Callable[[Array], Array] = 3e-4
     max_grad_norm: float = 0.5
     adam_eps: float = 1e-5
-    discount: float = 0.99
+    discount: float = 0.97
     gae_lambda: float = 0.95
     clip_epsilon: float = 0.2
     value_coef: float = 0.5
@@ -196,10 +195,12 @@ class PPO(AbstractStrategy[PPOState]):
         grad_fn = eqx.filter_value_and_grad(self._loss, has_aux=True)
 
         def minibatch_step(state: PPOState, mb: _Batch) -> tuple[PPOState, Metrics]:
-            (_, metrics), (g_pi, g_v) = grad_fn((state.policy, state.value), mb)
-            policy, policy_opt = _update(state.policy, g_pi, state.policy_opt, opt)
-            value, value_opt = _update(state.value, g_v, state.value_opt, opt)
-            metrics["grad_norm"] = optax.global_norm(eqx.filter(g_pi, eqx.is_inexact_array))
+            (loss, metrics), (g_pi, g_v) = grad_fn((state.policy, state.value), mb)
+            ok = jnp.isfinite(loss) & all_finite((g_pi, g_v))  # else skip this minibatch
+            policy, policy_opt = guarded_update(state.policy, g_pi, state.policy_opt, opt, ok)
+            value, value_opt = guarded_update(state.value, g_v, state.value_opt, opt, ok)
+            metrics["grad_norm"] = optax.tree.norm(eqx.filter(g_pi, eqx.is_inexact_array))
+            metrics["skipped_updates"] = jnp.asarray(~ok, jnp.float32)
             new = eqx.tree_at(
                 lambda s: (s.policy, s.value, s.policy_opt, s.value_opt),
                 state,
@@ -215,7 +216,9 @@ class PPO(AbstractStrategy[PPOState]):
             return jax.lax.scan(minibatch_step, state, shuffled)
 
         state, metrics = jax.lax.scan(epoch, state, jr.split(shuffle_key, self.num_epochs))
-        metrics = jax.tree.map(jnp.mean, metrics)
+        skipped = jnp.sum(metrics.pop("skipped_updates"))
+        metrics = jax.tree.map(jnp.nanmean, metrics)
+        metrics["skipped_updates"] = skipped  # minibatch updates skipped this iteration
         episodes = jnp.sum(traj.done)
         metrics["episodes"] = episodes
         metrics["train_return"] = jnp.sum(traj.extras["episode_return"] * traj.done) / jnp.maximum(

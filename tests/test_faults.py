@@ -1,0 +1,124 @@
+"""Checkpoints, kills, determinism across processes, and results folders that cannot be written."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.random as jr
+import numpy as np
+import pytest
+from conftest import gaussian
+
+import diffsim
+
+TINY = diffsim.PPO(num_envs=8, unroll_length=16, num_epochs=2, num_minibatches=4)
+ARGS = dict(
+    total_steps=12 * TINY.steps_per_iteration, num_evals=13, num_eval_episodes=4, progress=False
+)
+
+# A child process that trains TINY on reach; every checkpoint file write pauses 0.3 s,
+# so the parent can kill it in the middle of writing a checkpoint.
+CHILD = textwrap.dedent(
+    """
+    import sys, time
+    import jax.random as jr
+    import numpy as np
+    import diffsim
+
+    out, mode = sys.argv[1], sys.argv[2]
+    if mode == "slow":
+        savez = np.savez
+        def slow_savez(*args, **kwargs):
+            savez(*args, **kwargs)
+            time.sleep(0.3)
+        np.savez = slow_savez
+    env = diffsim.make_env("reach")
+    policy = diffsim.GaussianPolicy(env.observation_size, env.action_size, key=jr.key(1))
+    ppo = diffsim.PPO(num_envs=8, unroll_length=16, num_epochs=2, num_minibatches=4)
+    kwargs = dict(total_steps=12 * ppo.steps_per_iteration, num_evals=13, num_eval_episodes=4, progress=False)
+    if mode == "slow":
+        diffsim.train(ppo, env, policy, key=jr.key(5), checkpoint_dir=out, **kwargs)
+    else:
+        diffsim.train(ppo, env, policy, key=jr.key(5), **kwargs).save(out)
+    """
+)
+
+
+def _child(tmp_path, out, mode):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    env = {**os.environ, "DIFFSIM_CACHE_DIR": os.environ["DIFFSIM_CACHE_DIR"]}
+    return subprocess.Popen([sys.executable, str(script), str(out), mode], env=env)
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    child = _child(tmp_path, ckpt, "slow")
+    deadline = time.time() + 300
+    while not (ckpt / "ckpt-000003").exists():
+        assert child.poll() is None, "the child finished or died before its third checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    time.sleep(0.35)  # now inside the write of checkpoint 4 (0.3 s per file)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    complete = sorted(p.name for p in ckpt.iterdir() if not p.name.endswith(".tmp"))
+    assert complete and complete[-1] < "ckpt-000012"  # killed mid-run: previous checkpoint kept
+    assert json.loads((ckpt / complete[-1] / "meta.json").read_text())["index"] >= 3
+
+    env = diffsim.make_env("reach")
+    policy = gaussian(env, key=jr.key(1))
+    resumed = diffsim.train(TINY, env, policy, key=jr.key(5), resume_from=ckpt, **ARGS)
+    straight = diffsim.train(TINY, env, policy, key=jr.key(5), **ARGS)
+    np.testing.assert_array_equal(resumed.curve.eval_return, straight.curve.eval_return)
+    np.testing.assert_array_equal(resumed.curve.env_steps, straight.curve.env_steps)
+    for name in straight.metrics:
+        np.testing.assert_array_equal(resumed.metrics[name], straight.metrics[name])
+    for a, b in zip(jax.tree.leaves(resumed.policy), jax.tree.leaves(straight.policy), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_same_key_bit_identical_across_processes(tmp_path):
+    children = [_child(tmp_path, tmp_path / f"run{i}", "plain") for i in range(2)]
+    assert [c.wait() for c in children] == [0, 0]
+    a, b = (diffsim.load_run(tmp_path / f"run{i}") for i in range(2))
+    np.testing.assert_array_equal(a.curve.eval_return, b.curve.eval_return)
+    assert a.curve.eval_return.std() > 0
+    for x, y in zip(jax.tree.leaves(a.policy), jax.tree.leaves(b.policy), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    env = diffsim.make_env("reach")
+    diffsim.train(TINY, env, gaussian(env), key=jr.key(5), checkpoint_dir=tmp_path, **ARGS)
+    with pytest.raises(ValueError, match="is from a different run"):
+        diffsim.train(TINY, env, gaussian(env), key=jr.key(6), resume_from=tmp_path, **ARGS)
+    with pytest.raises(FileNotFoundError, match="holds no complete checkpoint"):
+        diffsim.train(
+            TINY, env, gaussian(env), key=jr.key(5), resume_from=tmp_path / "nothing", **ARGS
+        )
+
+
+def test_unwritable_checkpoint_dir_fails_before_compiling(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    env = diffsim.make_env("reach")
+    tic = time.perf_counter()
+    with pytest.raises(OSError, match="cannot write to .*a_file/ckpt"):
+        diffsim.train(
+            TINY, env, gaussian(env), key=jr.key(5), checkpoint_dir=blocker / "ckpt", **ARGS
+        )
+    assert time.perf_counter() - tic < 2.0  # no compile happened
+
+
+def test_unwritable_study_folder_fails_before_training(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    cell = diffsim.study.Cell(diffsim.make_env("reach"), "PPO", TINY, gaussian, 10_000)
+    with pytest.raises(OSError, match="cannot write"):
+        diffsim.study.run_study("s", [cell], out=blocker, num_seeds=2, progress=False)
