@@ -1,7 +1,7 @@
 """Throughput of diffsim's PPO / APG / ES against Brax's own trainers, same hyperparameters.
 
-    .venv/bin/python studies/brax_comparison.py [--trainers ppo apg es] [--steps 409600]
-                                                [--es-generations 20]
+    .venv/bin/python studies/brax_comparison.py [--trainers ppo apg es] [--steps 819200]
+                                                [--es-generations 32] [--evals 9] [--skip 2]
 
 Env: Brax `inverted_pendulum`, spring backend, 1000-step episodes, on the CPU.
 
@@ -18,20 +18,24 @@ Matched per trainer (Brax name / diffsim name):
   one unroll per training step), 4 epochs (`num_updates_per_batch`) x 4 minibatches of 512
   samples, lr 3e-4, discount 0.97, GAE 0.95, clip 0.2, entropy 1e-3, reward scaling 10,
   grad-norm clip 0.5, observation normalisation, bootstrap on time-out; policy 64x64 tanh
-  with a state-independent log-std starting at 0.6, value 64x64 tanh.
+  with a state-dependent std (Brax's tanh-normal: softplus of a network output, ~0.69 at
+  the start; diffsim: `state_dependent_std=True, init_std=0.69`), value 64x64 tanh.
+  (Brax ignores `noise_std_type`/`init_noise_std` for its default tanh-normal policy.)
 - APG: 64 envs, horizon 32, lr 1e-3 (no decay), Adam (0.7, 0.95), elementwise clip 1 then
-  global-norm clip 1, stochastic (reparameterised) actions, obs normalisation, policy
-  64x64 tanh. inverted_pendulum's reward is a constant +1 while alive: the gradient is
+  global-norm clip 1, stochastic (reparameterised) actions with a state-dependent std
+  starting at ~0.069 (Brax APG's `var_scale` 0.1), obs normalisation, policy 64x64 tanh
+  (Brax's default layer norm off). inverted_pendulum's reward is a constant +1 while alive: the gradient is
   zero, XLA prunes the backward pass on both sides, so this measures rollout + update.
 - ES: 64 perturbations per generation (Brax `population_size` 32 antithetic pairs),
   std 0.05, Adam lr 0.01, centred-rank fitness shaping, full 1000-step episodes, obs
-  normalisation, policy 64x64 tanh. Brax samples actions from its tanh-Gaussian during
-  ES rollouts; diffsim's ES acts deterministically.
+  normalisation, policy 64x64 tanh. Brax samples actions from its tanh-Gaussian (std
+  ~0.69) during ES rollouts; diffsim's ES acts deterministically.
 
 Throughput is env steps simulated per second of training, compile and evaluation
 excluded, in steady state: both trainers run in `--evals - 1` chunks (Brax "epochs",
-diffsim segments) and the first chunk is left out (Brax compiles in it; it is dropped on
-the diffsim side too, for symmetry). Brax's times come from its `progress_fn`
+diffsim segments) and the first `--skip` (2) chunks are left out on both sides: Brax's
+training epoch compiles on its first call and, as measured here, takes as long again on
+the second (a second compile), then runs ~10x faster. diffsim compiles ahead of time. Brax's times come from its `progress_fn`
 (`training/walltime`, `training/sps`), diffsim's from `run.curve.wall_time` minus the
 separately timed evaluation. For ES, Brax counts only steps before each episode's end in
 its step budget but simulates all `2 x population x 1000`; the rate is that of simulated
@@ -77,9 +81,16 @@ PPO = dict(
     entropy_coef=1e-3,
     reward_scale=10.0,
     max_grad_norm=0.5,
-    init_std=0.6,
+    init_std=0.69,  # Brax's tanh-normal: std = softplus(net output) + 0.001, ~0.69 at 0
 )
-APG = dict(num_envs=64, horizon=32, learning_rate=1e-3, adam_b=(0.7, 0.95), grad_clip=1.0)
+APG = dict(
+    num_envs=64,
+    horizon=32,
+    learning_rate=1e-3,
+    adam_b=(0.7, 0.95),
+    grad_clip=1.0,
+    init_std=0.069,  # Brax APG's tanh-normal has var_scale 0.1
+)
 ES = dict(population_size=64, std=0.05, learning_rate=0.01)
 
 BRAX_HELPER = textwrap.dedent(
@@ -114,8 +125,7 @@ BRAX_HELPER = textwrap.dedent(
         from brax.training.agents.ppo import networks, train as ppo
         factory = functools.partial(
             networks.make_ppo_networks, policy_hidden_layer_sizes=hidden,
-            value_hidden_layer_sizes=hidden, activation=act, noise_std_type="log",
-            init_noise_std=p["init_std"])
+            value_hidden_layer_sizes=hidden, activation=act)
         ppo.train(num_timesteps=cfg["steps"], num_envs=p["num_envs"],
                   unroll_length=p["unroll_length"], batch_size=p["num_envs"] // p["num_minibatches"],
                   num_minibatches=p["num_minibatches"], num_updates_per_batch=p["num_epochs"],
@@ -124,7 +134,6 @@ BRAX_HELPER = textwrap.dedent(
                   entropy_cost=p["entropy_coef"], reward_scaling=p["reward_scale"],
                   max_grad_norm=p["max_grad_norm"], bootstrap_on_timeout=True,
                   network_factory=factory, **common)
-        per_chunk = None  # env steps come from progress_fn
     elif cfg["trainer"] == "apg":
         from brax.training.agents.apg import networks, train as apg
         factory = functools.partial(networks.make_apg_networks, hidden_layer_sizes=hidden,
@@ -171,7 +180,22 @@ def ensure_brax_venv() -> Path:
     return python
 
 
-def run_brax(trainer: str, steps: int, evals: int, seed: int) -> dict:
+def steady_state(steps, seconds, skip: int) -> tuple[float, float, list[float]]:
+    """(steps/s over chunks `skip:`, compile estimate, per-chunk steps/s) of training chunks.
+
+    The compile estimate is the time of the first `skip` chunks beyond what they would
+    have taken at the steady rate.
+    """
+    steps, seconds = np.asarray(steps, float), np.asarray(seconds, float)
+    rate = steps[skip:].sum() / seconds[skip:].sum()
+    return (
+        float(rate),
+        float(seconds[:skip].sum() - steps[:skip].sum() / rate),
+        list(steps / seconds),
+    )
+
+
+def run_brax(trainer: str, steps: int, evals: int, seed: int, skip: int) -> dict:
     params = {"ppo": PPO, "apg": APG, "es": ES}[trainer]
     cfg = dict(
         trainer=trainer,
@@ -201,19 +225,23 @@ def run_brax(trainer: str, steps: int, evals: int, seed: int) -> dict:
     log = out["log"]
     # log[0]: initial eval (before any training); log[i>=1]: after training chunk i.
     trained = log[1:]
-    first, last = trained[0], trained[-1]
+    last = trained[-1]
     if trainer == "es":
-        # Brax ES counts only steps before episode ends; simulated steps/s is its sps.
-        steady_sps = float(np.median([r["sps"] for r in trained[1:]] or [first["sps"]]))
-        compile_s = float("nan")
+        # Brax ES counts only steps before episode ends and runs a varying number of
+        # generations per chunk; its `training/sps` (simulated steps/s of the generation
+        # before each evaluation) is the rate. No compile estimate.
+        per_chunk = [r["sps"] for r in trained]
+        steady_sps, compile_s = float(np.median(per_chunk[skip:])), float("nan")
     else:
-        steady_sps = (last["step"] - first["step"]) / (last["walltime"] - first["walltime"])
-        compile_s = first["walltime"] - first["step"] / steady_sps
+        steps_done = np.diff([0] + [r["step"] for r in trained])
+        seconds = np.diff([0.0] + [r["walltime"] for r in trained])
+        steady_sps, compile_s, per_chunk = steady_state(steps_done, seconds, skip)
     return dict(
         side="brax",
         trainer=trainer,
         env_steps=last["step"],
         steady_steps_per_s=steady_sps,
+        chunk_steps_per_s=per_chunk,
         compile_s_estimate=compile_s,
         train_walltime_s=last["walltime"],
         end_to_end_s=wall,
@@ -243,7 +271,7 @@ def diffsim_strategy(trainer: str, env):
             value_hidden=HIDDEN,
         )
         make = lambda k: diffsim.GaussianPolicy(
-            obs, act, hidden=HIDDEN, init_std=p["init_std"], key=k
+            obs, act, hidden=HIDDEN, init_std=p["init_std"], state_dependent_std=True, key=k
         )
     elif trainer == "apg":
         p = APG
@@ -257,7 +285,9 @@ def diffsim_strategy(trainer: str, env):
             max_grad_norm=p["grad_clip"],
             stochastic=True,
         )
-        make = lambda k: diffsim.GaussianPolicy(obs, act, hidden=HIDDEN, key=k)
+        make = lambda k: diffsim.GaussianPolicy(
+            obs, act, hidden=HIDDEN, init_std=p["init_std"], state_dependent_std=True, key=k
+        )
     else:
         p = ES
         strategy = diffsim.ES(
@@ -271,7 +301,7 @@ def diffsim_strategy(trainer: str, env):
     return strategy, make
 
 
-def run_diffsim(trainer: str, steps: int, evals: int, seed: int) -> dict:
+def run_diffsim(trainer: str, steps: int, evals: int, seed: int, skip: int) -> dict:
     tic = time.perf_counter()
     env = diffsim.make_env(ENV, backend=BACKEND, episode_length=EPISODE_LENGTH)
     strategy, make = diffsim_strategy(trainer, env)
@@ -303,12 +333,13 @@ def run_diffsim(trainer: str, steps: int, evals: int, seed: int) -> dict:
     env_steps = np.asarray(run.curve.env_steps)
     returns = np.asarray(run.curve.eval_return).mean(-1)
     chunk = np.diff(wall_time) - eval_s  # training time of each segment
-    steady_sps = float((env_steps[-1] - env_steps[1]) / chunk[1:].sum())
+    steady_sps, _, per_chunk = steady_state(np.diff(env_steps), chunk, skip)
     return dict(
         side="diffsim",
         trainer=trainer,
         env_steps=int(env_steps[-1]),
         steady_steps_per_s=steady_sps,
+        chunk_steps_per_s=per_chunk,
         compile_s_estimate=float(run.config["compile_seconds"]),
         train_walltime_s=float(chunk.sum()),
         eval_s_each=eval_s,
@@ -319,12 +350,16 @@ def run_diffsim(trainer: str, steps: int, evals: int, seed: int) -> dict:
     )
 
 
+def _num(x: float) -> str:
+    return "n/a" if np.isnan(x) else f"{x:.1f}"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trainers", nargs="+", default=["ppo", "apg", "es"])
-    parser.add_argument("--steps", type=int, default=409_600, help="PPO/APG env-step budget")
+    parser.add_argument("--steps", type=int, default=819_200, help="PPO/APG env-step budget")
     parser.add_argument(
-        "--es-generations", type=int, default=20, help="diffsim ES budget in generations"
+        "--es-generations", type=int, default=32, help="diffsim ES budget in generations"
     )
     parser.add_argument(
         "--es-brax-steps",
@@ -332,7 +367,10 @@ def main():
         default=100_000,
         help="Brax ES budget (it counts only steps before episode ends)",
     )
-    parser.add_argument("--evals", type=int, default=5)
+    parser.add_argument("--evals", type=int, default=9, help="evaluations: evals-1 chunks")
+    parser.add_argument(
+        "--skip", type=int, default=2, help="chunks left out of the steady-state rate"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/brax_comparison.json")
     args = parser.parse_args()
@@ -347,7 +385,7 @@ def main():
         for side, fn, steps in (("brax", run_brax, brax), ("diffsim", run_diffsim, ours)):
             print(f"--- {side} {trainer}: {steps:,} env steps", flush=True)
             try:
-                row = fn(trainer, steps, args.evals, args.seed)
+                row = fn(trainer, steps, args.evals, args.seed, args.skip)
             except Exception as error:  # report and go on with the other trainers
                 row = dict(side=side, trainer=trainer, error=f"{type(error).__name__}: {error}")
                 print(row["error"][-2000:], flush=True)
@@ -356,7 +394,7 @@ def main():
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(dict(rows=rows), indent=2, default=str))
 
-    print(f"\n{ENV} ({BACKEND}), steady-state env steps/s (compile and evaluation excluded)")
+    print(f"\n{ENV} ({BACKEND}): steady-state env steps/s, compile and evaluation excluded")
     header = (
         f"{'trainer':<8}{'side':<9}{'env steps':>11}{'steps/s':>11}{'compile s':>11}"
         f"{'train s':>9}{'end-to-end s':>14}{'final return':>14}"
@@ -368,9 +406,22 @@ def main():
             continue
         print(
             f"{r['trainer']:<8}{r['side']:<9}{r['env_steps']:>11,}{r['steady_steps_per_s']:>11,.0f}"
-            f"{r['compile_s_estimate']:>11.1f}{r['train_walltime_s']:>9.1f}"
+            f"{_num(r['compile_s_estimate']):>11}{r['train_walltime_s']:>9.1f}"
             f"{r['end_to_end_s']:>14.1f}{r['final_return']:>14.1f}"
         )
+    print(
+        "compile s: diffsim's ahead-of-time compile of its two programs (training and"
+        " evaluation);\n  Brax's, estimated as the time its first --skip training chunks took"
+        " beyond the steady rate\n  (Brax's evaluation compiles are not in it; n/a for ES)."
+        "\ntrain s: training time, evaluation excluded; Brax's includes its compiles."
+        "\nend-to-end s: the whole train() call (subprocess for Brax), compile and evaluation"
+        " included.\nES budgets differ: Brax counts only steps before each episode's end."
+    )
+    print("\nper-chunk env steps/s (the first --skip chunks are left out of steps/s above):")
+    for r in rows:
+        if "error" not in r:
+            chunks = " ".join(f"{x / 1e3:.1f}k" for x in r["chunk_steps_per_s"])
+            print(f"  {r['trainer']:<5}{r['side']:<9}{chunks}")
     ratios = {}
     for trainer in args.trainers:
         pair = {r["side"]: r for r in rows if r["trainer"] == trainer and "error" not in r}

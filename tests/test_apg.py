@@ -129,9 +129,11 @@ def test_nan_guard_skips_updates(key, strategy):
     policy = deterministic(env)
     state = strategy.init(env, policy, key=key)
     step = jax.jit(lambda s, k: strategy.step(env, s, key=k))
+    skipped = 0.0
     for k in jr.split(key, 3):
         state, metrics = step(state, k)
-    assert float(metrics["skipped_updates"]) == 3.0
+        skipped += float(metrics["skipped_updates"])
+    assert skipped == 3.0
     assert not np.isfinite(float(metrics["loss"]))
     before, after = _params(policy)[0], _params(strategy.policy(state))[0]
     for b, a in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
@@ -143,7 +145,7 @@ def test_nan_guard_skips_updates(key, strategy):
 
 
 # Budgets and thresholds from measurements (seed 0): reach, still policy ~ -100, good ~ -10;
-# pendulum, hanging ~ -200, swung up ~ 150.
+# pendulum, untrained ~ -120, swung up ~ 150.
 @pytest.mark.parametrize(
     "name, strategy, make_policy, total_steps, threshold",
     [

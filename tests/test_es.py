@@ -102,7 +102,9 @@ def test_every_named_algorithm_runs(envs, key, algorithm):
     env = envs("reach")
     es = _small(env, algorithm=algorithm)
     state = es.init(env, deterministic(env, hidden=(16,)), key=key)
-    step = jax.jit(lambda s, k: es.step(env, s, key=k))
+    # The state keeps its types from init on: one trace for every generation.
+    step = eqx.filter_jit(eqx.debug.assert_max_traces(lambda s, k: es.step(env, s, key=k),
+                                                      max_traces=1))
     for k in jr.split(key, 3):
         state, metrics = step(state, k)
     for name, value in metrics.items():

@@ -68,7 +68,7 @@ def test_ppo_solves_pendulum_swing_up(key, envs):
         diffsim.PPO(), env, gaussian(env), key=key, total_steps=200_000, num_evals=5, progress=False
     )
     first, last = run.curve.eval_return.mean(-1)[jnp.array([0, -1])]
-    assert float(first) < 0 and float(last) > 100  # hanging ~ -150, swung up and balanced ~ 150
+    assert float(first) < 0 and float(last) > 100  # untrained ~ -120, swung up and balanced ~ 150
 
 
 @pytest.mark.slow

@@ -74,7 +74,8 @@ class Reach(AbstractToyEnv):
 
     obs = (position, velocity, target - position), 6 numbers; action = force, 2 numbers.
     reward = -|position - target| - 0.01 |action|^2 per step, dt = 0.05 s.
-    A good policy returns about -10 over the default 100 steps; a still one about -100.
+    Measured (IQM of 8 seeds): a still policy returns about -100 over the default 100
+    steps; APG and PPO reach about -11 to -12 within 150k steps.
 
     **Example:**
 
@@ -112,8 +113,8 @@ class Pendulum(AbstractToyEnv):
 
     The angle is 0 upright; it starts anywhere with a small spin. obs = (cos, sin, angular
     velocity); action = torque / 2. reward = cos(angle) - 0.01 omega^2 - 0.001 torque^2,
-    at most 1 per step; dt = 0.05 s, 200 steps. Swinging up and balancing returns about
-    150; hanging still about -200.
+    at most 1 per step; dt = 0.05 s, 200 steps. Measured (IQM of 8 seeds): an untrained
+    policy returns about -120, PPO after 200k steps about 150.
 
     **Example:**
 
@@ -158,7 +159,8 @@ class Ball(AbstractToyEnv):
     nothing. From the release on, reward = -|ball - target| per step, so an action pays
     off only tens of steps later. The target hangs 2-4 m away at 0.5-1.5 m height.
     obs = (position, velocity, target - position, held, time fraction), 8 numbers; dt =
-    0.05 s, 60 steps. A good throw returns about -25; dropping the ball about -200.
+    0.05 s, 60 steps. Measured (IQM of 8 seeds): letting the ball drop returns about
+    -960; PPO after 200k steps about -320, APG about -350.
 
     **Example:**
 

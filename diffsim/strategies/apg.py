@@ -172,13 +172,11 @@ def _check_common(strategy) -> None:
 
 
 class APGState(eqx.Module):
-    """`policy`, its optimiser state, the env batch carried across windows, and the
-    cumulative number of updates skipped because the loss or gradient was not finite."""
+    """`policy`, its optimiser state, and the env batch carried across windows."""
 
     policy: eqx.Module
     opt_state: optax.OptState
     env_state: State
-    skipped_updates: Float[Array, ""]
 
 
 class APG(AbstractStrategy[APGState]):
@@ -201,7 +199,7 @@ class APG(AbstractStrategy[APGState]):
     (swing-up, 154 after 400k steps); Brax's 1e-3 was still at -88 on pendulum at 200k.
 
     If the loss or the gradient is not finite the update is skipped (policy and optimiser
-    state unchanged); `metrics["skipped_updates"]` is the cumulative count so far.
+    state unchanged) and counted: `metrics["skipped_updates"]` is 1.0 for that iteration.
     `metrics["grad_norm"]` is the global gradient norm before clipping.
 
     **Fields:**
@@ -270,7 +268,6 @@ class APG(AbstractStrategy[APGState]):
                 horizon=self.horizon,
                 stochastic=self.stochastic,
             ),
-            skipped_updates=jnp.zeros(()),
         )
 
     def policy(self, state: APGState) -> eqx.Module:
@@ -307,14 +304,11 @@ class APG(AbstractStrategy[APGState]):
         traj = _carried_dtype(jax.lax.stop_gradient(window.traj), state.env_state)
         obs_ok = ok & jnp.all(jnp.isfinite(traj.obs))
         policy = select(obs_ok, _like(update_normalizers(policy, traj.obs), policy), policy)
-        skipped = state.skipped_updates + (~ok).astype(jnp.float32)
-        new = APGState(
-            policy=policy, opt_state=opt_state, env_state=window.env_state, skipped_updates=skipped
-        )
+        new = APGState(policy=policy, opt_state=opt_state, env_state=window.env_state)
         metrics = {
             "loss": loss.astype(jnp.float32),
             "grad_norm": optax.tree.norm(grads).astype(jnp.float32),
-            "skipped_updates": skipped,
+            "skipped_updates": (~ok).astype(jnp.float32),
             **_episode_metrics(traj),
         }
         return new, metrics
@@ -325,7 +319,7 @@ class APG(AbstractStrategy[APGState]):
 
 class SHACState(eqx.Module):
     """`policy`, the critic `value` and its Polyak-averaged `target_value`, both optimiser
-    states, the carried env batch, and the cumulative count of skipped actor updates."""
+    states, and the carried env batch."""
 
     policy: eqx.Module
     value: ValueFunction
@@ -333,7 +327,6 @@ class SHACState(eqx.Module):
     policy_opt: optax.OptState
     value_opt: optax.OptState
     env_state: State
-    skipped_updates: Float[Array, ""]
 
 
 class _Segments(eqx.Module):
@@ -374,7 +367,7 @@ class SHAC(AbstractStrategy[SHACState]):
 
     Observation statistics (policy and critics) are frozen within the window and updated
     after the updates. Non-finite actor loss or gradient skips the whole iteration's
-    updates (`metrics["skipped_updates"]`, cumulative). Clipping, Adam constants,
+    updates (`metrics["skipped_updates"]`, 1.0 in an iteration that skipped). Clipping, Adam constants,
     `stochastic` and `float64` are as in `APG`.
 
     Defaults follow Xu et al. (h=32, 64 envs, lambda 0.95, target_alpha 0.2, 16 x 4 critic
@@ -464,7 +457,6 @@ class SHAC(AbstractStrategy[SHACState]):
                 horizon=self.horizon,
                 stochastic=self.stochastic,
             ),
-            skipped_updates=jnp.zeros(()),
         )
 
     def policy(self, state: SHACState) -> eqx.Module:
@@ -587,7 +579,6 @@ class SHAC(AbstractStrategy[SHACState]):
         models = (policy, value)
         policy, value = select(ok, _like(update_normalizers(models, traj.obs), models), models)
         target = eqx.tree_at(lambda v: v.norm, target, value.norm)
-        skipped = state.skipped_updates + (~ok).astype(jnp.float32)
         new = SHACState(
             policy=policy,
             value=value,
@@ -595,13 +586,12 @@ class SHAC(AbstractStrategy[SHACState]):
             policy_opt=policy_opt,
             value_opt=fit.opt_state,
             env_state=window.env_state,
-            skipped_updates=skipped,
         )
         metrics = {
             "loss": loss.astype(jnp.float32),
             "value_loss": value_loss,
             "grad_norm": optax.tree.norm(grads).astype(jnp.float32),
-            "skipped_updates": skipped,
+            "skipped_updates": (~ok).astype(jnp.float32),
             **_episode_metrics(traj),
         }
         return new, metrics

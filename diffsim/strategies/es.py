@@ -20,6 +20,7 @@ from .._types import Metrics
 from ..policies import trainable, update_normalizers
 from ..rollout import episode_returns, reset, rollout
 from . import _checks as check
+from ._guard import all_finite, select
 from .base import AbstractStrategy
 
 # Algorithms whose ask/tell does not fit "sample a population around one mean, rank it":
@@ -281,7 +282,7 @@ class ES(AbstractStrategy[ESState]):
         return ESState(
             policy=policy,
             best=policy,
-            best_return=jnp.array(-jnp.inf),
+            best_return=jnp.asarray(-jnp.inf, dtype=jnp.result_type(float)),
             evosax=_strong(es.init(key, params, self._hyperparams(es))),
         )
 
@@ -332,8 +333,14 @@ class ES(AbstractStrategy[ESState]):
         hp = self._hyperparams(es)
         population, es_state = es.ask(ask_key, state.evosax, hp)  # leaves [P, ...]
         returns, obs = self._rollouts(env, state, population, eval_key)
-        es_state, _ = es.tell(tell_key, population, -returns, es_state, hp)
-        es_state = _strong(es_state)
+        # A member whose rollout went non-finite ranks with the worst finite one; if the
+        # update itself is not finite (or no member was), the generation is skipped.
+        bad = ~jnp.isfinite(returns)
+        worst = jnp.min(jnp.where(bad, jnp.inf, returns))
+        fitness = -jnp.where(bad, worst, returns)
+        told, _ = es.tell(tell_key, population, fitness, es_state, hp)
+        ok = ~jnp.all(bad) & all_finite(es.get_mean(told))
+        es_state = _strong(select(ok, told, state.evosax))
 
         # The best member, kept with the normaliser its return was measured under.
         i = jnp.argmax(jnp.where(jnp.isnan(returns), -jnp.inf, returns))
@@ -347,12 +354,7 @@ class ES(AbstractStrategy[ESState]):
 
         mean = eqx.combine(es.get_mean(es_state), static)
         # A diverged simulation must not poison the statistics every member shares.
-        normalized = update_normalizers(mean, obs)
-        finite = jnp.all(jnp.isfinite(obs))
-        normalized = jax.tree.map(
-            lambda new, old: jnp.where(finite, new, old) if eqx.is_array(new) else new,
-            normalized, mean,
-        )
+        normalized = select(jnp.all(jnp.isfinite(obs)), update_normalizers(mean, obs), mean)
         new_state = ESState(
             policy=normalized,
             best=best,
@@ -363,6 +365,8 @@ class ES(AbstractStrategy[ESState]):
             "train_return": jnp.mean(returns),
             "max_return": jnp.max(returns),
             "min_return": jnp.min(returns),
+            "nonfinite_members": jnp.sum(bad).astype(jnp.float32),
+            "skipped_updates": (~ok).astype(jnp.float32),
             "mean_norm": jnp.linalg.norm(es_state.mean),
         }
         if hasattr(es_state, "std"):  # a scalar or one per parameter (before CMA's scaling)
