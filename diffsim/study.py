@@ -14,7 +14,7 @@ import jax.random as jr
 from brax.envs.base import Env
 from jaxtyping import PRNGKeyArray
 
-from ._checkpoint import check_writable
+from ._checkpoint import check_writable as _check_writable
 from .results import Run, load_run
 from .strategies.base import AbstractStrategy
 from .train import train_seeds
@@ -77,7 +77,7 @@ def run_study(
     if len(set(labels)) != len(labels):
         raise ValueError(f"cells must have distinct env/label pairs, got {labels}")
     try:
-        check_writable(root)  # fail before any training
+        _check_writable(root)  # fail before any training
     except OSError as error:
         raise OSError(f"cannot write study results: {error}") from error
     keys = jr.split(jr.key(seed), num_seeds)
