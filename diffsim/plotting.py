@@ -76,7 +76,8 @@ def learning_curves(
     ax.set_ylabel("evaluation return (IQM)")
     if title is None:
         n = "/".join(str(s) for s in sorted(seeds))
-        title = f"{', '.join(sorted(env))}: IQM of {n} seeds, {int(confidence * 100)}% CI, {budget:,} steps"
+        what = "1 seed" if seeds == {1} else f"IQM of {n} seeds, {int(confidence * 100)}% CI"
+        title = f"{', '.join(sorted(env))}: {what}, {budget:,} steps"
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(frameon=False)

@@ -50,7 +50,7 @@ def rollout(
 ) -> tuple[State, Trajectory]:
     """Run `policy` in a batch of envs for `length` steps.
 
-    One `lax.scan` over time of a step written for one env, `vmap`ped over the env batch.
+    One `lax.scan` over time of a step written for one env and `vmap`ped over the batch.
     Differentiable end to end: gradients flow from rewards back through the simulator to
     the policy's parameters and to `env_state` (they stop at auto-resets). Envs from
     `make_env` auto-reset, so a batch can be rolled out for any `length`.
@@ -79,28 +79,32 @@ def rollout(
     """
 
     def one_env(state: State, key: PRNGKeyArray) -> tuple[State, Trajectory]:
-        def step(state: State, key: PRNGKeyArray) -> tuple[State, Trajectory]:
-            action, log_prob = _act(policy, state.obs, key, deterministic)
-            next_state = env.step(state, action)
-            info = next_state.info
-            transition = Trajectory(
-                obs=state.obs,
-                action=action,
-                reward=next_state.reward,
-                done=next_state.done,
-                truncation=info.get("truncation", jnp.zeros_like(next_state.done)),
-                next_obs=info.get("final_obs", next_state.obs),
-                log_prob=log_prob,
-                extras={
-                    "episode_return": info.get("episode_return", jnp.zeros_like(next_state.reward))
-                },
-            )
-            return next_state, transition
-
-        return jax.lax.scan(step, state, jr.split(key, length))
+        """One step of one env: act, step, record the transition."""
+        action, log_prob = _act(policy, state.obs, key, deterministic)
+        next_state = env.step(state, action)
+        info = next_state.info
+        transition = Trajectory(
+            obs=state.obs,
+            action=action,
+            reward=next_state.reward,
+            done=next_state.done,
+            truncation=info.get("truncation", jnp.zeros_like(next_state.done)),
+            next_obs=info.get("final_obs", next_state.obs),
+            log_prob=log_prob,
+            extras={
+                "episode_return": info.get("episode_return", jnp.zeros_like(next_state.reward))
+            },
+        )
+        return next_state, transition
 
     num_envs = env_state.done.shape[0]
-    return jax.vmap(one_env, out_axes=(0, 1))(env_state, jr.split(key, num_envs))
+
+    def step(state: State, key: PRNGKeyArray) -> tuple[State, Trajectory]:
+        return jax.vmap(one_env)(state, jr.split(key, num_envs))
+
+    # scan(vmap(...)) writes the trajectory time-major directly (vmap(scan(...)) would
+    # need a transpose of all of it, which costs ~8% on a cheap env).
+    return jax.lax.scan(step, env_state, jr.split(key, length))
 
 
 def episode_returns(traj: Trajectory) -> Float[Array, " B"]:

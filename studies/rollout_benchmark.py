@@ -36,7 +36,17 @@ def hand_written(env, policy, state, key, *, length, deterministic):
             action = jax.vmap(lambda o, k: policy(o, key=k))(state.obs, keys)
             log_prob = jax.vmap(policy.log_prob)(state.obs, action)
         next_state = jax.vmap(env.step)(state, action)
-        return next_state, (state.obs, action, next_state.reward, next_state.done, log_prob)
+        info = next_state.info  # the same fields diffsim.rollout records
+        return next_state, (
+            state.obs,
+            action,
+            next_state.reward,
+            next_state.done,
+            log_prob,
+            info["truncation"],
+            info["final_obs"],
+            info["episode_return"],
+        )
 
     return jax.lax.scan(body, state, jr.split(key, length))
 
@@ -98,7 +108,7 @@ def main():
         rows.append(
             dict(
                 env=name,
-                what=f"PPO.step ({args.batch} envs x 16, 4x16 minibatches)",
+                what=f"PPO.step ({args.batch} envs x 16, {ppo.num_epochs}x{ppo.num_minibatches} minibatches)",
                 steps_per_s=ppo.steps_per_iteration / secs,
                 compile_s=compile_s,
             )
