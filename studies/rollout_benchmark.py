@@ -59,26 +59,33 @@ def ppo_step(ppo, env, state, key):
     return ppo.step(env, state, key=key)
 
 
-def measure(fn, *args, repeats):
-    """(compile seconds, median seconds per call) of a jitted fn."""
+def compile_timed(fn, *args):
+    """(compiled fn, compile seconds), warmed up once."""
     tic = time.perf_counter()
     compiled = eqx.filter_jit(fn).lower(*args).compile()
     compile_s = time.perf_counter() - tic
     jax.block_until_ready(compiled(*args))
-    times = []
+    return compiled, compile_s
+
+
+def interleaved(compiled_fns, args, repeats):
+    """Median seconds per call of each compiled fn, timed alternately so that machine
+    noise and drift hit all of them alike."""
+    times = [[] for _ in compiled_fns]
     for _ in range(repeats):
-        tic = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - tic)
-    return compile_s, float(np.median(times))
+        for i, fn in enumerate(compiled_fns):
+            tic = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[i].append(time.perf_counter() - tic)
+    return [float(np.median(t)) for t in times]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--envs", nargs="+", default=["inverted_pendulum", "reach"])
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--length", type=int, default=200)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--length", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--out", default="results/benchmarks/rollout.json")
     args = parser.parse_args()
 
@@ -90,9 +97,16 @@ def main():
         steps = args.batch * args.length
         for deterministic in (False, True):
             mode = "deterministic" if deterministic else "sampled"
-            for label, fn in (("hand-written", hand_written), ("diffsim.rollout", core)):
-                run = functools.partial(fn, env, length=args.length, deterministic=deterministic)
-                compile_s, secs = measure(run, policy, state, jr.key(2), repeats=args.repeats)
+            args_ = (policy, state, jr.key(2))
+            fns = [
+                functools.partial(f, env, length=args.length, deterministic=deterministic)
+                for f in (hand_written, core)
+            ]
+            compiled = [compile_timed(f, *args_) for f in fns]
+            seconds = interleaved([c for c, _ in compiled], args_, args.repeats)
+            for label, (_, compile_s), secs in zip(
+                ("hand-written", "diffsim.rollout"), compiled, seconds, strict=True
+            ):
                 rows.append(
                     dict(
                         env=name,
@@ -104,7 +118,8 @@ def main():
         ppo = diffsim.PPO(num_envs=args.batch, unroll_length=16, num_minibatches=16)
         ppo_state = ppo.init(env, policy, key=jr.key(3))
         step = functools.partial(ppo_step, ppo, env)
-        compile_s, secs = measure(step, ppo_state, jr.key(4), repeats=args.repeats)
+        compiled, compile_s = compile_timed(step, ppo_state, jr.key(4))
+        (secs,) = interleaved([compiled], (ppo_state, jr.key(4)), args.repeats)
         rows.append(
             dict(
                 env=name,
