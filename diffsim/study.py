@@ -5,6 +5,7 @@ next starts; cells whose folder already holds a complete run are loaded, not ret
 so an interrupted study resumes where it stopped and loses nothing finished.
 """
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,7 @@ def run_study(
         _check_writable(root)  # fail before any training
     except OSError as error:
         raise OSError(f"cannot write study results: {error}") from error
+    (root / "cells.json").write_text(json.dumps(labels))  # the grid's order, for load_study
     keys = jr.split(jr.key(seed), num_seeds)
     runs = {}
     for cell in cells:
@@ -104,7 +106,8 @@ def run_study(
 
 
 def load_study(path: str | Path) -> dict[tuple[str, str], Run]:
-    """Every finished cell below `path` (`<env>/<label>/config.json`), keyed `(env, label)`.
+    """Every finished cell below `path` (`<env>/<label>/config.json`), keyed `(env, label)`,
+    in the order the study ran them (alphabetical for cells it did not list).
 
     **Example:**
 
@@ -114,9 +117,12 @@ def load_study(path: str | Path) -> dict[tuple[str, str], Run]:
     ```
     """
     path = Path(path)
-    configs = sorted(path.glob("*/*/config.json"))
-    if not configs:
+    cells = sorted(f"{c.parent.parent.name}/{c.parent.name}" for c in path.glob("*/*/config.json"))
+    if not cells:
         raise FileNotFoundError(
             f"no finished study cells under {path} (expected <env>/<label>/config.json)"
         )
-    return {(c.parent.parent.name, c.parent.name): load_run(c.parent) for c in configs}
+    if (path / "cells.json").exists():  # the order the study ran them in
+        order = json.loads((path / "cells.json").read_text())
+        cells = [c for c in order if c in cells] + [c for c in cells if c not in order]
+    return {tuple(c.split("/")): load_run(path / c) for c in cells}
