@@ -135,7 +135,9 @@ def gradient_stats(
 
     def partial_returns(flat, env_state, act_key) -> Float[Array, " K"]:
         pol = eqx.combine(unravel(flat), static)
-        _, traj = rollout(env, pol, env_state, key=act_key, length=length, deterministic=deterministic)
+        _, traj = rollout(
+            env, pol, env_state, key=act_key, length=length, deterministic=deterministic
+        )
         reward, done = traj.reward[:, 0], traj.done[:, 0]
         in_episode = (jnp.cumsum(done) - done) == 0  # up to and including the first end
         return jnp.cumsum(reward * in_episode)[index]

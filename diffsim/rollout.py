@@ -116,6 +116,15 @@ def episode_returns(traj: Trajectory) -> Float[Array, " B"]:
     return jnp.sum(traj.reward * (before_end == 0), axis=0)
 
 
+def episode_stats(traj: Trajectory) -> dict[str, Float[Array, ""]]:
+    """`{"episodes": episodes finished in traj, "train_return": their mean return}`
+    (0 when none finished), as strategies log them. Not differentiated."""
+    traj = jax.lax.stop_gradient(traj)
+    episodes = jnp.sum(traj.done)
+    returns = jnp.sum(traj.extras["episode_return"] * traj.done) / jnp.maximum(episodes, 1)
+    return {"episodes": episodes.astype(jnp.float32), "train_return": returns.astype(jnp.float32)}
+
+
 def evaluate(
     env: Env,
     policy: eqx.Module,

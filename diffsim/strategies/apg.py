@@ -24,7 +24,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._types import Metrics, Trajectory
 from ..policies import ValueFunction, trainable, update_normalizers
-from ..rollout import reset, rollout
+from ..rollout import episode_stats, reset, rollout
 from . import _checks as check
 from ._guard import all_finite, guarded_update, select
 from .base import AbstractStrategy
@@ -122,34 +122,24 @@ def _stagger(env: Env, policy, env_state: State, *, key: PRNGKeyArray, stochasti
     return state
 
 
-def _initial_env_state(
-    env: Env, policy, *, key, num_envs: int, horizon: int, stochastic: bool
-) -> State:
+def _initial_env_state(strategy, env: Env, policy, *, key) -> State:
+    """`strategy.num_envs` fresh envs, staggered unless windows align with episodes."""
     reset_key, stagger_key = jr.split(key)
-    env_state = reset(env, key=reset_key, num_envs=num_envs)
-    if horizon % env.episode_length == 0:
+    env_state = reset(env, key=reset_key, num_envs=strategy.num_envs)
+    if strategy.horizon % env.episode_length == 0:
         return env_state  # windows aligned with episodes: full-episode BPTT
-    return _stagger(env, policy, env_state, key=stagger_key, stochastic=stochastic)
+    return _stagger(env, policy, env_state, key=stagger_key, stochastic=strategy.stochastic)
 
 
-def _episode_metrics(traj: Trajectory) -> Metrics:
-    traj = jax.lax.stop_gradient(traj)
-    episodes = jnp.sum(traj.done)
-    returns = jnp.sum(traj.extras["episode_return"] * traj.done) / jnp.maximum(episodes, 1)
-    return {"episodes": episodes.astype(jnp.float32), "train_return": returns.astype(jnp.float32)}
-
-
-def _check_policy(
-    name: str, env: Env, policy: eqx.Module, *, stochastic: bool, float64: bool
-) -> None:
-    _check_x64(float64)
-    if stochastic:
+def _check_policy(strategy, env: Env, policy: eqx.Module) -> None:
+    _check_x64(strategy.float64)
+    if strategy.stochastic:
         obs = jax.ShapeDtypeStruct((env.observation_size,), jnp.float32)
         try:
             jax.eval_shape(lambda p, o: p(o, key=jr.key(0)), policy, obs)  # policy may be abstract
         except Exception as error:
             raise ValueError(
-                f"{name}(stochastic=True) calls policy(obs, key=key) for reparameterised"
+                f"{type(strategy).__name__}(stochastic=True) calls policy(obs, key=key) for reparameterised"
                 f" samples; {type(policy).__name__} cannot: {error}"
             ) from error
 
@@ -244,7 +234,7 @@ class APG(AbstractStrategy[APGState]):
         return self.num_envs * self.horizon
 
     def check(self, env: Env, policy: eqx.Module) -> None:
-        _check_policy("APG", env, policy, stochastic=self.stochastic, float64=self.float64)
+        _check_policy(self, env, policy)
 
     def _optimizer(self) -> optax.GradientTransformation:
         return _optimizer(
@@ -260,14 +250,7 @@ class APG(AbstractStrategy[APGState]):
         return APGState(
             policy=policy,
             opt_state=self._optimizer().init(eqx.filter(policy, trainable(policy))),
-            env_state=_initial_env_state(
-                env,
-                policy,
-                key=key,
-                num_envs=self.num_envs,
-                horizon=self.horizon,
-                stochastic=self.stochastic,
-            ),
+            env_state=_initial_env_state(self, env, policy, key=key),
         )
 
     def policy(self, state: APGState) -> eqx.Module:
@@ -309,7 +292,7 @@ class APG(AbstractStrategy[APGState]):
             "loss": loss.astype(jnp.float32),
             "grad_norm": optax.tree.norm(grads).astype(jnp.float32),
             "skipped_updates": (~ok).astype(jnp.float32),
-            **_episode_metrics(traj),
+            **episode_stats(traj),
         }
         return new, metrics
 
@@ -424,7 +407,7 @@ class SHAC(AbstractStrategy[SHACState]):
         return self.num_envs * self.horizon
 
     def check(self, env: Env, policy: eqx.Module) -> None:
-        _check_policy("SHAC", env, policy, stochastic=self.stochastic, float64=self.float64)
+        _check_policy(self, env, policy)
 
     def _optimizer(self, learning_rate) -> optax.GradientTransformation:
         return _optimizer(
@@ -449,14 +432,7 @@ class SHAC(AbstractStrategy[SHACState]):
             value_opt=self._optimizer(self.critic_learning_rate).init(
                 eqx.filter(value, trainable(value))
             ),
-            env_state=_initial_env_state(
-                env,
-                policy,
-                key=env_key,
-                num_envs=self.num_envs,
-                horizon=self.horizon,
-                stochastic=self.stochastic,
-            ),
+            env_state=_initial_env_state(self, env, policy, key=env_key),
         )
 
     def policy(self, state: SHACState) -> eqx.Module:
@@ -592,6 +568,6 @@ class SHAC(AbstractStrategy[SHACState]):
             "value_loss": value_loss,
             "grad_norm": optax.tree.norm(grads).astype(jnp.float32),
             "skipped_updates": (~ok).astype(jnp.float32),
-            **_episode_metrics(traj),
+            **episode_stats(traj),
         }
         return new, metrics

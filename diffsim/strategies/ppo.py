@@ -12,7 +12,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._types import Metrics, Trajectory
 from ..policies import ValueFunction, trainable, update_normalizers
-from ..rollout import reset, rollout
+from ..rollout import episode_stats, reset, rollout
 from . import _checks as check
 from ._guard import all_finite, guarded_update
 from .base import AbstractStrategy
@@ -219,11 +219,8 @@ class PPO(AbstractStrategy[PPOState]):
         skipped = jnp.sum(metrics.pop("skipped_updates"))
         metrics = jax.tree.map(jnp.nanmean, metrics)
         metrics["skipped_updates"] = skipped  # minibatch updates skipped this iteration
-        episodes = jnp.sum(traj.done)
-        metrics["episodes"] = episodes
-        metrics["train_return"] = jnp.sum(traj.extras["episode_return"] * traj.done) / jnp.maximum(
-            episodes, 1
-        )
+        metrics.update(episode_stats(traj))
+
         state = eqx.tree_at(
             lambda s: (s.policy, s.value, s.env_state),
             state,
