@@ -19,16 +19,23 @@ def _member(population, static, i: int):
 
 
 def _small(env, **kwargs):
-    return diffsim.ES(**{"population_size": 8, "episodes_per_member": 2,
-                         "rollout_length": env.episode_length, **kwargs})
+    return diffsim.ES(
+        **{
+            "population_size": 8,
+            "episodes_per_member": 2,
+            "rollout_length": env.episode_length,
+            **kwargs,
+        }
+    )
 
 
 def test_solves_reach(envs):
     env = envs("reach")
     policy = deterministic(env, hidden=(32, 32))
     es = diffsim.ES(population_size=32, rollout_length=env.episode_length)
-    run = diffsim.train(es, env, policy, key=jr.key(0), total_steps=400_000, num_evals=3,
-                        progress=False)
+    run = diffsim.train(
+        es, env, policy, key=jr.key(0), total_steps=400_000, num_evals=3, progress=False
+    )
     returns = run.curve.eval_return.mean(-1)
     assert returns[0] < -80  # a nearly still policy
     assert returns[-1] > -30, returns  # a good one returns about -10
@@ -78,8 +85,13 @@ def test_step_ranks_the_evaluated_population_and_updates_the_normaliser(envs, ke
     # One normaliser for all members, updated with all P x T x E observations.
     reset_key, _ = jr.split(eval_key)
     start = diffsim.reset(env, key=reset_key, num_envs=2)
-    run = jax.jit(lambda m: diffsim.rollout(env, m, start, key=key, length=env.episode_length,
-                                            deterministic=True)[1].obs)
+    run = jax.jit(
+        lambda m: (
+            diffsim.rollout(env, m, start, key=key, length=env.episode_length, deterministic=True)[
+                1
+            ].obs
+        )
+    )
     obs = jnp.stack([run(_member(population, static, i)) for i in range(8)])
     norm = es.policy(new).norm
     assert float(norm.count) == 8 * env.episode_length * 2
@@ -103,8 +115,9 @@ def test_every_named_algorithm_runs(envs, key, algorithm):
     es = _small(env, algorithm=algorithm)
     state = es.init(env, deterministic(env, hidden=(16,)), key=key)
     # The state keeps its types from init on: one trace for every generation.
-    step = eqx.filter_jit(eqx.debug.assert_max_traces(lambda s, k: es.step(env, s, key=k),
-                                                      max_traces=1))
+    step = eqx.filter_jit(
+        eqx.debug.assert_max_traces(lambda s, k: es.step(env, s, key=k), max_traces=1)
+    )
     for k in jr.split(key, 3):
         state, metrics = step(state, k)
     for name, value in metrics.items():
@@ -142,8 +155,9 @@ def test_rejects_bad_hyperparameters(kwargs, match):
 def test_rejects_rollouts_longer_than_episodes_before_compiling(envs):
     env = envs("reach")
     with pytest.raises(ValueError, match="rollout_length=1000 exceeds the episode_length 100"):
-        diffsim.train(diffsim.ES(), env, deterministic(env), key=jr.key(0), total_steps=10**8,
-                      progress=False)
+        diffsim.train(
+            diffsim.ES(), env, deterministic(env), key=jr.key(0), total_steps=10**8, progress=False
+        )
 
 
 def test_valid_settings_construct():
@@ -152,3 +166,25 @@ def test_valid_settings_construct():
     assert es.steps_per_iteration == 7 * 1 * 1000
     assert diffsim.ES(population_size=7, antithetic=False, algorithm="SNES").population_size == 7
     assert diffsim.ES(weight_decay=1e-3, learning_rate=lambda count: 0.01).weight_decay == 1e-3
+
+
+@pytest.mark.slow
+def test_learns_inverted_pendulum(envs):
+    # Measured (4 seeds, same settings): 58-75 at the start, 577-785 after 192k steps.
+    env = envs("inverted_pendulum")
+    es = diffsim.ES(population_size=32, rollout_length=200)
+    policy = diffsim.DeterministicPolicy(
+        env.observation_size, env.action_size, hidden=(32, 32), key=jr.key(1)
+    )
+    run = diffsim.train(
+        es,
+        env,
+        policy,
+        key=jr.key(2),
+        total_steps=30 * es.steps_per_iteration,
+        num_evals=2,
+        num_eval_episodes=4,
+        progress=False,
+    )
+    first, last = (float(x) for x in run.curve.eval_return.mean(-1))
+    assert first < 120 and last > 300  # of 1000: one point per step the pole stays up
