@@ -19,6 +19,11 @@ def _is_key(x) -> bool:
     return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+def key_data(x) -> np.ndarray:
+    """`x` as a plain array: the raw data of a typed PRNG key array, else `x` itself."""
+    return np.asarray(jr.key_data(x) if _is_key(x) else x)
+
+
 def check_writable(path: str | os.PathLike) -> Path:
     """Create `path` if needed and prove a file can be written there, or raise OSError."""
     path = Path(path)
@@ -40,10 +45,7 @@ def save(root: Path, index: int, carry, history: dict[str, Any], meta: dict) -> 
     tmp.mkdir(parents=True)
     leaves = jax.tree.leaves(carry)
     keys = [str(jr.key_impl(x)) if _is_key(x) else "" for x in leaves]
-    arrays = {
-        f"leaf_{i}": np.asarray(jr.key_data(x) if k else x)
-        for i, (x, k) in enumerate(zip(leaves, keys, strict=True))
-    }
+    arrays = {f"leaf_{i}": key_data(x) for i, x in enumerate(leaves)}
     np.savez(tmp / "carry.npz", **arrays)
     meta = {**meta, "key_impls": keys}
     np.savez(tmp / "history.npz", **{k: np.asarray(v) for k, v in history.items()})

@@ -230,9 +230,7 @@ def _execute(
         "plan": [plan.num_evals, plan.iterations_per_eval, plan.steps_per_iteration],
         "num_eval_episodes": num_eval_episodes,
         "seeds": seeds,
-        "keys": np.asarray(
-            jr.key_data(keys) if jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key) else keys
-        ).tolist(),
+        "keys": checkpoint.key_data(keys).tolist(),
     }
 
     bar = _Progress(plan, strategy, env, enabled=progress)
