@@ -24,6 +24,7 @@ from .policies import (
 )
 from .results import Run as Run, load_run as load_run
 from .rollout import evaluate as evaluate, reset as reset, rollout as rollout
+from .sharding import shard_batch as shard_batch
 from .strategies.apg import APG as APG, SHAC as SHAC, APGState as APGState, SHACState as SHACState
 from .strategies.base import AbstractStrategy as AbstractStrategy
 from .strategies.es import ES as ES, ESState as ESState

@@ -38,26 +38,39 @@ def check_writable(path: str | os.PathLike) -> Path:
 
 
 def save(root: Path, index: int, carry, history: dict[str, Any], meta: dict) -> Path:
-    """Write checkpoint `index` (the carry after that evaluation, and the history)."""
+    """Write checkpoint `index` (the carry after that evaluation, and the history).
+
+    A write that fails (disk full, folder gone) removes its partial folder and raises an
+    `OSError` naming the newest checkpoint that is still complete."""
     final = root / f"ckpt-{index:06d}"
     tmp = root / f"ckpt-{index:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    leaves = jax.tree.leaves(carry)
-    keys = [str(jr.key_impl(x)) if _is_key(x) else "" for x in leaves]
-    arrays = {f"leaf_{i}": key_data(x) for i, x in enumerate(leaves)}
-    np.savez(tmp / "carry.npz", **arrays)
-    meta = {**meta, "key_impls": keys}
-    np.savez(tmp / "history.npz", **{k: np.asarray(v) for k, v in history.items()})
-    (tmp / "meta.json").write_text(json.dumps({**meta, "index": index}))
-    for f in tmp.iterdir():  # durable before the rename makes it visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    os.replace(tmp, final)
+    try:
+        _write(tmp, carry, history, {**meta, "index": index})
+        os.replace(tmp, final)
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = latest(root)
+        raise OSError(
+            f"could not write checkpoint {index} to {root}: {error.strerror or error};"
+            f" the newest complete checkpoint is {kept.name if kept else 'none'}"
+        ) from error
     for old in root.glob("ckpt-*"):
         if old != final and not old.name.endswith(".tmp"):
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write(tmp: Path, carry, history: dict[str, Any], meta: dict) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    leaves = jax.tree.leaves(carry)
+    keys = [str(jr.key_impl(x)) if _is_key(x) else "" for x in leaves]
+    np.savez(tmp / "carry.npz", **{f"leaf_{i}": key_data(x) for i, x in enumerate(leaves)})
+    np.savez(tmp / "history.npz", **{k: np.asarray(v) for k, v in history.items()})
+    (tmp / "meta.json").write_text(json.dumps({**meta, "key_impls": keys}))
+    for f in tmp.iterdir():  # durable before the rename makes it visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
 
 
 def latest(root: Path) -> Path | None:

@@ -11,6 +11,7 @@ import numpy as np
 
 import diffsim
 
+from ._checkpoint import check_writable
 from .stats import iqm_ci, threshold_crossing
 
 
@@ -125,6 +126,8 @@ def _train(args) -> None:
     make = lambda key: cls(env.observation_size, env.action_size, hidden=args.hidden, key=key)
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.out:
+        check_writable(args.out)  # not after an hour of training
     keys = jax.random.split(jax.random.key(args.seed), args.seeds)
     run = diffsim.train_seeds(
         strategy,

@@ -111,9 +111,12 @@ def load_run(path: str | os.PathLike, *, like: eqx.Module | None = None) -> Run:
 
 
 def run_config(
-    strategy, env, plan, *, num_eval_episodes, num_seeds, compile_seconds, train_seconds
+    strategy, env, plan, *, num_eval_episodes, num_seeds, compile_seconds, train_seconds, mesh
 ) -> dict:
-    """The JSON-able record of a run: what ran, on what, how long it took."""
+    """The JSON-able record of a run: what ran, on what, how long it took.
+
+    `mesh`: devices per axis (`{"seeds": s, "batch": b}`) when the run was split over
+    several devices, else None."""
     hyper = {f.name: _jsonable(getattr(strategy, f.name)) for f in dataclasses.fields(strategy)}
     return {
         "strategy": type(strategy).__name__,
@@ -131,6 +134,7 @@ def run_config(
         "train_seconds": round(train_seconds, 3),
         "versions": versions(),
         "machine": {"platform": platform.platform(), "devices": [str(d) for d in jax.devices()]},
+        "mesh": mesh,
     }
 
 

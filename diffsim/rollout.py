@@ -13,6 +13,7 @@ from brax.envs.base import Env, State
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._types import Trajectory
+from .sharding import shard_batch
 
 
 def reset(env: Env, *, key: PRNGKeyArray, num_envs: int) -> State:
@@ -148,7 +149,7 @@ def evaluate(
     ```
     """
     reset_key, act_key = jr.split(key)
-    state = reset(env, key=reset_key, num_envs=num_episodes)
+    state = shard_batch(reset(env, key=reset_key, num_envs=num_episodes))
     _, traj = rollout(
         env, policy, state, key=act_key, length=env.episode_length, deterministic=deterministic
     )

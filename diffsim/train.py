@@ -27,6 +27,7 @@ from . import _checkpoint as checkpoint
 from ._types import Keys, LearningCurve
 from .results import Run, run_config
 from .rollout import evaluate
+from .sharding import SEEDS, make_mesh, shard_seeds
 from .strategies.base import AbstractStrategy
 
 PolicyOrFactory = eqx.Module | Callable[[PRNGKeyArray], eqx.Module]
@@ -110,6 +111,7 @@ class _Program(eqx.Module):
     start: Callable
     segment: Callable
     carry_shape: Any  # abstract `_Carry`, to restore checkpoints into
+    carry_sharding: Any  # where each leaf of the carry lives (None on one device)
 
 
 _PROGRAMS: dict[Any, _Program] = {}
@@ -179,18 +181,38 @@ def _build(
         )
         return _Carry(state, key), _Segment(evaluate_state(state), metrics)
 
-    if seeds:
-        start, segment = jax.vmap(start, in_axes=(None, 0)), jax.vmap(segment)
-    carry_shape = jax.eval_shape(start, params, keys)[0]
     if mesh is None:
-        start_j, segment_j = jax.jit(start), jax.jit(segment, donate_argnums=0)
-    else:  # every input and output but the policy has the seed axis first: split it
-        by_seed, replicated = NamedSharding(mesh, P("seeds")), NamedSharding(mesh, P())
-        start_j = jax.jit(start, in_shardings=(replicated, by_seed), out_shardings=by_seed)
-        segment_j = jax.jit(segment, in_shardings=by_seed, out_shardings=by_seed, donate_argnums=0)
-    start_c = start_j.lower(params, keys).compile()
-    segment_c = segment_j.lower(carry_shape).compile()
-    return _Program(start_c, segment_c, carry_shape)
+        if seeds:
+            start, segment = jax.vmap(start, in_axes=(None, 0)), jax.vmap(segment)
+        carry_shape = jax.eval_shape(start, params, keys)[0]
+        start_c = jax.jit(start).lower(params, keys).compile()
+        segment_c = jax.jit(segment, donate_argnums=0).lower(carry_shape).compile()
+        return _Program(start_c, segment_c, carry_shape, None)
+
+    # Seeds go over the mesh's "seeds" axis; inside each run, strategies split their
+    # batch over "batch" (`shard_batch`). The carry keeps the layout `start` gives it.
+    if seeds:
+        start = _then(shard_seeds, jax.vmap(start, in_axes=(None, 0), spmd_axis_name=SEEDS))
+        segment = _then(shard_seeds, jax.vmap(segment, spmd_axis_name=SEEDS))
+    replicated = NamedSharding(mesh, P())
+    by_seed = NamedSharding(mesh, P(SEEDS)) if seeds else replicated
+    with jax.set_mesh(mesh):
+        carry_shape = jax.eval_shape(start, params, keys)[0]
+        start_j = jax.jit(start, in_shardings=(replicated, by_seed))
+        start_c = start_j.lower(params, keys).compile()
+        carry_sharding = start_c.output_shardings[0]
+        segment_j = jax.jit(
+            segment,
+            in_shardings=(carry_sharding,),
+            out_shardings=(carry_sharding, by_seed),
+            donate_argnums=0,
+        )
+        segment_c = segment_j.lower(carry_shape).compile()
+    return _Program(start_c, segment_c, carry_shape, carry_sharding)
+
+
+def _then(g: Callable, f: Callable) -> Callable:
+    return lambda *args: g(f(*args))
 
 
 def _execute(
@@ -217,9 +239,14 @@ def _execute(
         checkpoint_dir = checkpoint.check_writable(checkpoint_dir)  # fail before compiling
     if resume_from is not None and checkpoint.latest(Path(resume_from)) is None:
         raise FileNotFoundError(f"resume_from={str(resume_from)!r} holds no complete checkpoint")
-    mesh = _seed_mesh(len(keys), devices) if seeds else None
+    mesh = make_mesh(
+        devices,
+        num_seeds=len(keys) if seeds else None,
+        batch_size=strategy.batch_size,
+        owner=type(strategy).__name__,
+    )
     if mesh is not None:
-        keys = jax.device_put(keys, NamedSharding(mesh, P("seeds")))
+        keys = jax.device_put(keys, NamedSharding(mesh, P(SEEDS) if seeds else P()))
     tic = time.perf_counter()
     program, params = _compile(strategy, env, policy, keys, plan, num_eval_episodes, seeds, mesh)
     compile_seconds = time.perf_counter() - tic  # tracing + XLA (or cache loading); 0 if reused
@@ -244,6 +271,8 @@ def _execute(
         done = 0
     else:
         carry, history, done = checkpoint.load(resume_from, program.carry_shape, meta)
+        if program.carry_sharding is not None:
+            carry = jax.device_put(carry, program.carry_sharding)
         tic = time.perf_counter() - float(history["wall_time"][-1])  # the clock continues
     bar.update(float(np.mean(history["eval_return"][-1])), int(plan.env_steps[done]))
     for i in range(done + 1, plan.num_evals):
@@ -274,21 +303,9 @@ def _execute(
         num_seeds=num,
         compile_seconds=compile_seconds,
         train_seconds=float(times[-1]),
+        mesh=None if mesh is None else dict(mesh.shape),
     )
     return Run(policy=strategy.policy(carry.state), curve=curve, metrics=metrics, config=config)
-
-
-def _seed_mesh(num_seeds: int, devices) -> Mesh | None:
-    """A 1-D mesh over `devices` (default: all) with axis `"seeds"`; None on one device."""
-    devices = list(jax.devices() if devices is None else devices)
-    if len(devices) == 1:
-        return None
-    if num_seeds % len(devices):
-        raise ValueError(
-            f"{num_seeds} seeds cannot be split evenly over {len(devices)} devices: pass a"
-            f" multiple of {len(devices)} keys, or devices=jax.devices()[:k] with k dividing {num_seeds}"
-        )
-    return Mesh(np.array(devices), ("seeds",))
 
 
 def _append(history: dict, returns, seconds: float, metrics) -> dict:
@@ -345,6 +362,7 @@ def train(
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 1,
     resume_from: str | os.PathLike | None = None,
+    devices: Sequence[jax.Device] | None = None,
 ) -> Run:
     """Train `policy` on `env` with `strategy` for `total_steps` env steps.
 
@@ -373,6 +391,11 @@ def train(
     - `resume_from`: a `checkpoint_dir` of an earlier, interrupted call with the same
       arguments: training continues from its newest checkpoint and returns what the
       uninterrupted run would have (same final policy and curve; wall-clock continues).
+    - `devices`: where to run (default `jax.devices()`). With several, the strategy's
+      batch (`strategy.batch_size`: PPO's and APG's envs, ES's population) and the
+      evaluation episodes are split over them along a `Mesh` axis `"batch"`, with
+      `NamedSharding`s; the batch must divide evenly. Results equal the one-device run's
+      up to float reassociation in the cross-device sums.
 
     **Returns:** a `Run` with `policy`, `curve` (`LearningCurve`, `E = num_evals`),
     `metrics` (`Float[Array, "iterations"]` each) and `config`.
@@ -398,6 +421,7 @@ def train(
         checkpoint_dir=checkpoint_dir,
         checkpoint_every=checkpoint_every,
         resume_from=resume_from,
+        devices=devices,
         seeds=False,
     )
 
@@ -423,12 +447,14 @@ def train_seeds(
     policy factory `key -> policy` to give each seed its own initial weights.
 
     With several devices (`devices`, default `jax.devices()`: GPUs, TPUs, or CPU
-    devices from `XLA_FLAGS=--xla_force_host_platform_device_count=N`), the seed axis
-    is split over a 1-D `Mesh` with `NamedSharding`s, so each device trains
-    `len(keys) / len(devices)` seeds; the number of keys must be a multiple of the
-    number of devices. Across hosts, call `jax.distributed.initialize()` first, then use
-    the same call: `jax.devices()` then spans every host. Checkpoint and other
-    arguments are as in `train`.
+    devices from `XLA_FLAGS=--xla_force_host_platform_device_count=N`), they form a
+    `Mesh` with axes `("seeds", "batch")` and every array gets a `NamedSharding`: the
+    seeds are split over `g = gcd(len(keys), len(devices))` devices and each seed's
+    batch (as in `train`) over the remaining `len(devices) / g`, which must divide
+    `strategy.batch_size`. So 8 seeds on 4 devices train 2 seeds per device, and 2 seeds
+    on 4 devices split each seed's envs in two. Across hosts, call
+    `jax.distributed.initialize()` first, then use the same call: `jax.devices()` then
+    spans every host. Checkpoint and other arguments are as in `train`.
 
     **Returns:** a `Run` whose `policy`, `curve` and `metrics` leaves have a leading seed
     axis `S = len(keys)`.

@@ -51,7 +51,9 @@ def bench(name: str, args) -> dict:
     key = jr.key(2)
 
     def forward(env_state, key):
-        return diffsim.rollout(env, policy, env_state, key=key, length=args.horizon, deterministic=True)
+        return diffsim.rollout(
+            env, policy, env_state, key=key, length=args.horizon, deterministic=True
+        )
 
     def apg_step(state, key):
         return apg.step(env, state, key=key)
@@ -84,16 +86,23 @@ def main() -> None:
     args = parser.parse_args()
 
     rows = [bench(name, args) for name in args.envs]
-    header = f"{'env':>18} {'forward ms':>11} {'APG step ms':>12} {'ratio':>6} {'fwd steps/s':>12}" \
-             f" {'APG steps/s':>12} {'fwd compile s':>14} {'APG compile s':>14}"
+    header = (
+        f"{'env':>18} {'forward ms':>11} {'APG step ms':>12} {'ratio':>6} {'fwd steps/s':>12}"
+        f" {'APG steps/s':>12} {'fwd compile s':>14} {'APG compile s':>14}"
+    )
     print(header)
     for r in rows:
-        print(f"{r['env']:>18} {1e3 * r['forward_seconds']:>11.2f} {1e3 * r['apg_step_seconds']:>12.2f}"
-              f" {r['ratio']:>6.1f} {r['forward_steps_per_second']:>12.0f} {r['apg_steps_per_second']:>12.0f}"
-              f" {r['forward_compile_seconds']:>14.1f} {r['apg_compile_seconds']:>14.1f}")
+        print(
+            f"{r['env']:>18} {1e3 * r['forward_seconds']:>11.2f} {1e3 * r['apg_step_seconds']:>12.2f}"
+            f" {r['ratio']:>6.1f} {r['forward_steps_per_second']:>12.0f} {r['apg_steps_per_second']:>12.0f}"
+            f" {r['forward_compile_seconds']:>14.1f} {r['apg_compile_seconds']:>14.1f}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"rows": rows, "versions": {"diffsim": diffsim.__version__, "jax": jax.__version__},
-              "devices": [str(d) for d in jax.devices()]}
+    record = {
+        "rows": rows,
+        "versions": {"diffsim": diffsim.__version__, "jax": jax.__version__},
+        "devices": [str(d) for d in jax.devices()],
+    }
     args.out.write_text(json.dumps(record, indent=2))
     print(f"wrote {args.out}")
 

@@ -73,8 +73,11 @@ def main() -> None:
         env.observation_size, env.action_size, hidden=tuple(args.hidden), key=jr.key(1)
     )
     num_envs = args.population * args.episodes
-    es = diffsim.ES(population_size=args.population, episodes_per_member=args.episodes,
-                    rollout_length=args.length)
+    es = diffsim.ES(
+        population_size=args.population,
+        episodes_per_member=args.episodes,
+        rollout_length=args.length,
+    )
     steps_per_call = args.generations * es.steps_per_iteration
 
     def es_generations(state, key):
@@ -86,9 +89,11 @@ def main() -> None:
         def one(carry, key):
             reset_key, act_key = jr.split(key)
             state = diffsim.reset(env, key=reset_key, num_envs=num_envs)
-            _, traj = diffsim.rollout(env, policy, state, key=act_key, length=args.length,
-                                      deterministic=True)
+            _, traj = diffsim.rollout(
+                env, policy, state, key=act_key, length=args.length, deterministic=True
+            )
             return carry + jnp.sum(traj.reward) + jnp.sum(traj.obs), None
+
         total, _ = jax.lax.scan(one, jnp.zeros(()), jr.split(key, args.generations))
         return total
 
@@ -96,6 +101,7 @@ def main() -> None:
         def one(carry, key):
             returns = es.evaluate_population(env, state, population, key=key)
             return carry + jnp.sum(returns), None
+
         total, _ = jax.lax.scan(one, jnp.zeros(()), jr.split(key, args.generations))
         return total
 
@@ -137,15 +143,21 @@ def main() -> None:
         # ES over one policy's rollouts: also the cost of per-member parameters.
         "es_overhead_fraction": timings["es"][1] / timings["rollout_core"][1] - 1.0,
     }
-    print(f"{args.env} ({env.backend}): {args.population} members x {args.episodes} episodes"
-          f" = {num_envs} envs, {args.length} steps, {args.generations} generations per call")
+    print(
+        f"{args.env} ({env.backend}): {args.population} members x {args.episodes} episodes"
+        f" = {num_envs} envs, {args.length} steps, {args.generations} generations per call"
+    )
     print(f"{'':>20} {'compile s':>10} {'s / gen':>9} {'env steps/s':>12}")
     for name in timings:
         r = result[name]
-        print(f"{name:>20} {r['compile_seconds']:>10.1f} {r['seconds_per_generation']:>9.4f}"
-              f" {r['env_steps_per_second']:>12,.0f}")
-    print(f"evosax ask/tell + bookkeeping: {100 * result['es_bookkeeping_fraction']:+.1f}%"
-          f" of the population rollouts")
+        print(
+            f"{name:>20} {r['compile_seconds']:>10.1f} {r['seconds_per_generation']:>9.4f}"
+            f" {r['env_steps_per_second']:>12,.0f}"
+        )
+    print(
+        f"evosax ask/tell + bookkeeping: {100 * result['es_bookkeeping_fraction']:+.1f}%"
+        f" of the population rollouts"
+    )
     print(f"ES over the rollout core with one policy: {100 * result['es_overhead_fraction']:+.1f}%")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -47,10 +47,16 @@ def main() -> None:
         learning_rate=args.learning_rate,
     )
     obs_size, act_size = env.observation_size, env.action_size
-    make_policy = lambda key: diffsim.DeterministicPolicy(obs_size, act_size, hidden=tuple(args.hidden), key=key)
+    make_policy = lambda key: diffsim.DeterministicPolicy(
+        obs_size, act_size, hidden=tuple(args.hidden), key=key
+    )
     tic = time.perf_counter()
     run = diffsim.train_seeds(
-        es, env, make_policy, keys=jr.split(jr.key(0), args.seeds), total_steps=args.total_steps,
+        es,
+        env,
+        make_policy,
+        keys=jr.split(jr.key(0), args.seeds),
+        total_steps=args.total_steps,
         num_evals=args.num_evals,
     )
     seconds = time.perf_counter() - tic
@@ -70,8 +76,10 @@ def main() -> None:
     for steps, value in zip(result["env_steps"], iqm, strict=True):
         print(f"{steps:>10} {value:>11.1f}")
     print("final return per seed:", np.round(per_seed[:, -1], 1).tolist())
-    print(f"compile {result['compile_seconds']:.1f} s, train {result['train_seconds']:.1f} s,"
-          f" total {seconds:.1f} s")
+    print(
+        f"compile {result['compile_seconds']:.1f} s, train {result['train_seconds']:.1f} s,"
+        f" total {seconds:.1f} s"
+    )
     out = Path(args.out)
     run.save(out)
     (out / "summary.json").write_text(json.dumps(result, indent=2))

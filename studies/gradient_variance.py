@@ -35,24 +35,39 @@ HORIZONS = {
     "ball": [12, 16, 24, 32, 48, 60],
     "inverted_pendulum": [1, 2, 4, 8, 16, 32, 64],
 }
-COLUMNS = ["horizon", "first_order_var", "zeroth_order_var", "first_order_mean_norm",
-           "zeroth_order_mean_norm", "cosine", "bias"]
+COLUMNS = [
+    "horizon",
+    "first_order_var",
+    "zeroth_order_var",
+    "first_order_mean_norm",
+    "zeroth_order_mean_norm",
+    "cosine",
+    "bias",
+]
 FLOOR = 1e-12  # exact zeros drawn here on the log axis
 
 
 def study(name: str, args) -> dict[str, np.ndarray]:
     env = diffsim.make_env(name)
-    policy = diffsim.DeterministicPolicy(env.observation_size, env.action_size,
-                                         hidden=(32, 32), key=jr.key(args.seed))
+    policy = diffsim.DeterministicPolicy(
+        env.observation_size, env.action_size, hidden=(32, 32), key=jr.key(args.seed)
+    )
     tic = time.perf_counter()
     stats = diffsim.diagnostics.gradient_stats(
-        env, policy, key=jr.key(args.seed + 1), horizons=HORIZONS[name],
-        num_samples=args.samples, num_perturbations=args.perturbations, sigma=args.sigma,
+        env,
+        policy,
+        key=jr.key(args.seed + 1),
+        horizons=HORIZONS[name],
+        num_samples=args.samples,
+        num_perturbations=args.perturbations,
+        sigma=args.sigma,
     )
     seconds = time.perf_counter() - tic
     table = {c: np.asarray(getattr(stats, "horizons" if c == "horizon" else c)) for c in COLUMNS}
-    print(f"\n{name}: {args.samples} env samples, {args.perturbations} antithetic pairs,"
-          f" sigma {args.sigma}; {seconds:.1f} s including compile")
+    print(
+        f"\n{name}: {args.samples} env samples, {args.perturbations} antithetic pairs,"
+        f" sigma {args.sigma}; {seconds:.1f} s including compile"
+    )
     print(" ".join(f"{c:>22}" for c in COLUMNS))
     for i in range(len(table["horizon"])):
         print(" ".join(f"{table[c][i]:>22.4g}" for c in COLUMNS))
@@ -71,14 +86,26 @@ def write_csv(path: Path, table: dict[str, np.ndarray]) -> None:
 def plot(tables: dict[str, dict[str, np.ndarray]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(tables), figsize=(5 * len(tables), 4), squeeze=False)
     for ax, (name, t) in zip(axes[0], tables.items(), strict=True):
-        for column, label, style in (("first_order_var", "first order (analytic)", "o-"),
-                                     ("zeroth_order_var", "zeroth order (ES, antithetic)", "s--")):
+        for column, label, style in (
+            ("first_order_var", "first order (analytic)", "o-"),
+            ("zeroth_order_var", "zeroth order (ES, antithetic)", "s--"),
+        ):
             ax.plot(t["horizon"], np.maximum(t[column], FLOOR), style, label=label)
-        ax.set(xscale="log", yscale="log", xlabel="horizon H (env steps)",
-               ylabel="total gradient variance", title=name)
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="horizon H (env steps)",
+            ylabel="total gradient variance",
+            title=name,
+        )
         if np.all(t["first_order_var"] <= FLOOR):
-            ax.text(0.05, 0.12, f"analytic gradient exactly 0 (drawn at {FLOOR:g})",
-                    transform=ax.transAxes, fontsize=8)
+            ax.text(
+                0.05,
+                0.12,
+                f"analytic gradient exactly 0 (drawn at {FLOOR:g})",
+                transform=ax.transAxes,
+                fontsize=8,
+            )
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("Variance of the gradient of the H-step return across env samples")
@@ -90,8 +117,9 @@ def plot(tables: dict[str, dict[str, np.ndarray]], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--envs", nargs="+", default=["pendulum", "inverted_pendulum"],
-                        choices=sorted(HORIZONS))
+    parser.add_argument(
+        "--envs", nargs="+", default=["pendulum", "inverted_pendulum"], choices=sorted(HORIZONS)
+    )
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--perturbations", type=int, default=64)
     parser.add_argument("--sigma", type=float, default=0.02)

@@ -80,7 +80,9 @@ def test_shac_loss_bootstraps_like_the_reference(key):
     traj = window.traj
     terminated = traj.done * (1 - traj.truncation)
     assert terminated.sum() > 0 and traj.truncation.sum() > 0  # both kinds of episode end
-    ref_loss, ref_grads = jax.value_and_grad(_unrolled_shac_loss)(params, static, critic, env, state, 16, 0.9)
+    ref_loss, ref_grads = jax.value_and_grad(_unrolled_shac_loss)(
+        params, static, critic, env, state, 16, 0.9
+    )
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-7)
@@ -96,7 +98,11 @@ def test_gradient_is_cut_at_the_window_boundary(key):
         "apg": lambda s: apg.loss(env, policy, s, key=key)[0],
         "shac": lambda s: shac.loss(env, policy, critic, s, key=key)[0],
         # Control: the same window without the cut does depend on its start state.
-        "uncut": lambda s: -jnp.mean(diffsim.rollout(env, policy, s, key=key, length=10, deterministic=True)[1].reward),
+        "uncut": lambda s: (
+            -jnp.mean(
+                diffsim.rollout(env, policy, s, key=key, length=10, deterministic=True)[1].reward
+            )
+        ),
     }
     grads = {name: eqx.filter_grad(f)(state) for name, f in to_state.items()}
     for name in ("apg", "shac"):
@@ -123,7 +129,9 @@ def test_staggered_starts_and_full_episode_windows(key, envs):
     assert full.steps_per_iteration == 80
 
 
-@pytest.mark.parametrize("strategy", [diffsim.APG(num_envs=8, horizon=10), diffsim.SHAC(num_envs=8, horizon=10)])
+@pytest.mark.parametrize(
+    "strategy", [diffsim.APG(num_envs=8, horizon=10), diffsim.SHAC(num_envs=8, horizon=10)]
+)
 def test_nan_guard_skips_updates(key, strategy):
     env = AutoResetEnv(NaNReach(), 100, name="nan_reach")
     policy = deterministic(env)
@@ -141,7 +149,10 @@ def test_nan_guard_skips_updates(key, strategy):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(strategy.policy(state).norm.count, 0.0)  # stats untouched
     if isinstance(strategy, diffsim.SHAC):
-        assert all(jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(eqx.filter(state.value, eqx.is_inexact_array)))
+        assert all(
+            jnp.all(jnp.isfinite(x))
+            for x in jax.tree.leaves(eqx.filter(state.value, eqx.is_inexact_array))
+        )
 
 
 # Budgets and thresholds from measurements (seed 0): reach, still policy ~ -100, good ~ -10;
@@ -158,8 +169,15 @@ def test_nan_guard_skips_updates(key, strategy):
 )
 def test_solves_toy_envs(key, envs, name, strategy, make_policy, total_steps, threshold):
     env = envs(name)
-    run = diffsim.train(strategy, env, make_policy(env), key=key, total_steps=total_steps,
-                        num_evals=3, progress=False)
+    run = diffsim.train(
+        strategy,
+        env,
+        make_policy(env),
+        key=key,
+        total_steps=total_steps,
+        num_evals=3,
+        progress=False,
+    )
     returns = run.curve.eval_return.mean(-1)
     assert float(returns[-1]) > threshold, returns
     assert float(returns[-1]) > float(returns[0]) + 30
@@ -196,10 +214,17 @@ def test_train_rejects_before_compiling(key, envs):
             return self.inner(obs)
 
     with pytest.raises(ValueError, match="float64"):
-        diffsim.train(diffsim.APG(float64=True), env, deterministic(env), key=key, total_steps=10**5)
+        diffsim.train(
+            diffsim.APG(float64=True), env, deterministic(env), key=key, total_steps=10**5
+        )
     with pytest.raises(ValueError, match="NoKey"):
-        diffsim.train(diffsim.SHAC(stochastic=True), env, NoKey(deterministic(env)), key=key,
-                      total_steps=10**5)
+        diffsim.train(
+            diffsim.SHAC(stochastic=True),
+            env,
+            NoKey(deterministic(env)),
+            key=key,
+            total_steps=10**5,
+        )
 
 
 def test_float64_window(key):
@@ -215,12 +240,17 @@ def test_float64_window(key):
         assert loss.dtype == jnp.float64 and window.traj.reward.dtype == jnp.float64
         assert window.env_state.obs.dtype == jnp.float32  # the carried state keeps its dtype
         assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
-        to64 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x, t)
+        to64 = lambda t: jax.tree.map(
+            lambda x: x.astype(jnp.float64) if eqx.is_inexact_array(x) else x, t
+        )
         ref = _unrolled_apg_loss(to64(params), static, env, to64(state), 30)
         np.testing.assert_allclose(loss, ref, rtol=1e-12)
         new, metrics = jax.jit(lambda s: apg.step(env, s, key=key))(apg.init(env, policy, key=key))
         assert np.isfinite(float(metrics["grad_norm"]))
-        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(eqx.filter(new.policy, eqx.is_inexact_array)))
+        assert all(
+            x.dtype == jnp.float32
+            for x in jax.tree.leaves(eqx.filter(new.policy, eqx.is_inexact_array))
+        )
     with pytest.raises(ValueError, match="float64"):
         apg.loss(env, policy, state, key=key)
 
@@ -228,8 +258,9 @@ def test_float64_window(key):
 def test_gradient_diagnostics_agree_on_a_smooth_task(key):
     env = diffsim.make_env("reach")
     policy = deterministic(env, hidden=(8,))
-    stats = diffsim.diagnostics.gradient_stats(env, policy, key=key, horizons=[2, 10, 40],
-                                               num_samples=16, num_perturbations=64, sigma=0.01)
+    stats = diffsim.diagnostics.gradient_stats(
+        env, policy, key=key, horizons=[2, 10, 40], num_samples=16, num_perturbations=64, sigma=0.01
+    )
     np.testing.assert_array_equal(stats.horizons, [2, 10, 40])
     assert stats.first_order_mean.shape == stats.zeroth_order_mean.shape == (3, 74)
     assert np.all(np.asarray(stats.cosine) > 0.8), stats.cosine
@@ -244,7 +275,12 @@ def test_gradient_diagnostics_agree_on_a_smooth_task(key):
             reset_key, act_key, _ = jr.split(k, 3)
             s = diffsim.reset(env, key=reset_key, num_envs=1)
             pol = eqx.combine(unravel(flat), static)
-            return jnp.sum(diffsim.rollout(env, pol, s, key=act_key, length=10, deterministic=True)[1].reward)
+            return jnp.sum(
+                diffsim.rollout(env, pol, s, key=act_key, length=10, deterministic=True)[1].reward
+            )
+
         return jnp.mean(jax.vmap(one)(keys))
 
-    np.testing.assert_allclose(stats.first_order_mean[1], jax.grad(mean_return)(flat), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        stats.first_order_mean[1], jax.grad(mean_return)(flat), rtol=1e-4, atol=1e-6
+    )

@@ -15,6 +15,7 @@ import pytest
 from conftest import gaussian
 
 import diffsim
+from diffsim import cli
 
 TINY = diffsim.PPO(num_envs=8, unroll_length=16, num_epochs=2, num_minibatches=4)
 ARGS = dict(
@@ -122,3 +123,61 @@ def test_unwritable_study_folder_fails_before_training(tmp_path):
     cell = diffsim.study.Cell(diffsim.make_env("reach"), "PPO", TINY, gaussian, 10_000)
     with pytest.raises(OSError, match="cannot write"):
         diffsim.study.run_study("s", [cell], out=blocker, num_seeds=2, progress=False)
+
+
+def _full_disk(folder):
+    """A folder whose writability probe hits a full device: the kernel's /dev/full returns
+    ENOSPC for every write, as a full disk does."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ".write-test").symlink_to("/dev/full")
+    return folder
+
+
+def test_full_disk_fails_before_compiling(tmp_path, capsys):
+    env = diffsim.make_env("reach")
+    tic = time.perf_counter()
+    with pytest.raises(OSError, match="cannot write to .*ckpt: No space left on device"):
+        diffsim.train(
+            TINY,
+            env,
+            gaussian(env),
+            key=jr.key(5),
+            checkpoint_dir=_full_disk(tmp_path / "ckpt"),
+            **ARGS,
+        )
+    assert time.perf_counter() - tic < 2.0  # no compile happened
+    args = [
+        "train",
+        "ppo",
+        "--env",
+        "reach",
+        "--steps",
+        "1000",
+        "--out",
+        str(_full_disk(tmp_path / "o")),
+    ]
+    assert cli.main(args) == 2  # at once: `--out` is checked before training
+    assert "No space left on device" in capsys.readouterr().err
+
+
+def test_a_checkpoint_write_that_fails_mid_run_says_so_and_leaves_no_partial_folder(tmp_path):
+    """The disk fills after the start-up check: file writes beyond 8 KiB fail (RLIMIT_FSIZE,
+    EFBIG), so the probe passes and the first checkpoint (the policy alone is ~40 KiB) fails."""
+    import resource
+
+    env = diffsim.make_env("reach")
+    diffsim.train(TINY, env, gaussian(env), key=jr.key(5), **ARGS)  # compile outside the limit
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8192, hard))
+    try:
+        with pytest.raises(
+            OSError,
+            match="could not write checkpoint 1 to .*ckpt: File too large;"
+            " the newest complete checkpoint is none",
+        ):
+            diffsim.train(
+                TINY, env, gaussian(env), key=jr.key(5), checkpoint_dir=tmp_path / "ckpt", **ARGS
+            )
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert list((tmp_path / "ckpt").iterdir()) == []  # the partial ckpt-000001.tmp is gone

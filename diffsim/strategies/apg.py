@@ -25,6 +25,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from .._types import Metrics, Trajectory
 from ..policies import ValueFunction, trainable, update_normalizers
 from ..rollout import episode_stats, reset, rollout
+from ..sharding import shard_batch
 from . import _checks as check
 from ._guard import all_finite, guarded_update, select
 from .base import AbstractStrategy
@@ -88,6 +89,7 @@ def _window(
     must be on); the env state after it is cast back, so the carried state keeps its dtype.
     """
     start = jax.lax.stop_gradient(env_state)  # truncated BPTT: nothing flows to past windows
+    start = shard_batch(start)
     if float64:
         policy, start = _to_float64((policy, start))
     end, traj = rollout(env, policy, start, key=key, length=horizon, deterministic=not stochastic)
@@ -125,7 +127,7 @@ def _stagger(env: Env, policy, env_state: State, *, key: PRNGKeyArray, stochasti
 def _initial_env_state(strategy, env: Env, policy, *, key) -> State:
     """`strategy.num_envs` fresh envs, staggered unless windows align with episodes."""
     reset_key, stagger_key = jr.split(key)
-    env_state = reset(env, key=reset_key, num_envs=strategy.num_envs)
+    env_state = shard_batch(reset(env, key=reset_key, num_envs=strategy.num_envs))
     if strategy.horizon % env.episode_length == 0:
         return env_state  # windows aligned with episodes: full-episode BPTT
     return _stagger(env, policy, env_state, key=stagger_key, stochastic=strategy.stochastic)
@@ -232,6 +234,10 @@ class APG(AbstractStrategy[APGState]):
     @property
     def steps_per_iteration(self) -> int:
         return self.num_envs * self.horizon
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_envs
 
     def check(self, env: Env, policy: eqx.Module) -> None:
         _check_policy(self, env, policy)
@@ -405,6 +411,10 @@ class SHAC(AbstractStrategy[SHACState]):
     @property
     def steps_per_iteration(self) -> int:
         return self.num_envs * self.horizon
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_envs
 
     def check(self, env: Env, policy: eqx.Module) -> None:
         _check_policy(self, env, policy)

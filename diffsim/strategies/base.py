@@ -27,7 +27,7 @@ class AbstractStrategy(eqx.Module, Generic[StrategyState]):
 
     A new strategy is a final subclass: hyperparameters as typed fields (validated in
     `__check_init__`, raising `ValueError` that names the bad value), a state `eqx.Module`,
-    and the four members below. It steps the env only through `diffsim.rollout`.
+    and the five members below. It steps the env only through `diffsim.rollout`.
     """
 
     @abc.abstractmethod
@@ -48,6 +48,12 @@ class AbstractStrategy(eqx.Module, Generic[StrategyState]):
     @abc.abstractmethod
     def steps_per_iteration(self) -> int:
         """Env steps one `step` consumes (the x-axis of every learning curve)."""
+
+    @property
+    @abc.abstractmethod
+    def batch_size(self) -> int:
+        """Envs (or population members) one `step` runs side by side: the axis the strategy
+        marks with `diffsim.shard_batch` and `train` splits over devices."""
 
     def check(self, env: Env, policy: eqx.Module) -> None:
         """Raise `ValueError` if this strategy cannot train `policy` on `env`.

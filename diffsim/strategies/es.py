@@ -19,6 +19,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from .._types import Metrics
 from ..policies import trainable, update_normalizers
 from ..rollout import episode_returns, reset, rollout
+from ..sharding import shard_batch
 from . import _checks as check
 from ._guard import all_finite, select
 from .base import AbstractStrategy
@@ -237,6 +238,10 @@ class ES(AbstractStrategy[ESState]):
     def steps_per_iteration(self) -> int:
         return self.population_size * self.episodes_per_member * self.rollout_length
 
+    @property
+    def batch_size(self) -> int:
+        return self.population_size
+
     def check(self, env: Env, policy: eqx.Module) -> None:
         if self.rollout_length > env.episode_length:
             raise ValueError(
@@ -324,7 +329,8 @@ class ES(AbstractStrategy[ESState]):
             )
             return jnp.mean(episode_returns(traj)), traj.obs
 
-        return jax.vmap(member_rollout)(population)  # [P], [P T E obs]: P x E envs at once
+        # [P], [P T E obs]: P x E envs at once, the members split over devices
+        return jax.vmap(member_rollout)(shard_batch(population))
 
     def step(self, env: Env, state: ESState, *, key: PRNGKeyArray) -> tuple[ESState, Metrics]:
         ask_key, eval_key, tell_key = jr.split(key, 3)

@@ -13,6 +13,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from .._types import Metrics, Trajectory
 from ..policies import ValueFunction, trainable, update_normalizers
 from ..rollout import episode_stats, reset, rollout
+from ..sharding import shard_batch
 from . import _checks as check
 from ._guard import all_finite, guarded_update
 from .base import AbstractStrategy
@@ -109,6 +110,10 @@ class PPO(AbstractStrategy[PPOState]):
     def steps_per_iteration(self) -> int:
         return self.num_envs * self.unroll_length
 
+    @property
+    def batch_size(self) -> int:
+        return self.num_envs
+
     def check(self, env: Env, policy: eqx.Module) -> None:
         missing = [m for m in ("log_prob", "entropy") if not callable(getattr(policy, m, None))]
         if missing:
@@ -129,7 +134,7 @@ class PPO(AbstractStrategy[PPOState]):
             value=value,
             policy_opt=opt.init(eqx.filter(policy, trainable(policy))),
             value_opt=opt.init(eqx.filter(value, trainable(value))),
-            env_state=reset(env, key=env_key, num_envs=self.num_envs),
+            env_state=shard_batch(reset(env, key=env_key, num_envs=self.num_envs)),
         )
 
     def policy(self, state: PPOState) -> eqx.Module:
@@ -188,7 +193,11 @@ class PPO(AbstractStrategy[PPOState]):
     def step(self, env: Env, state: PPOState, *, key: PRNGKeyArray) -> tuple[PPOState, Metrics]:
         rollout_key, shuffle_key = jr.split(key)
         env_state, traj = rollout(
-            env, state.policy, state.env_state, key=rollout_key, length=self.unroll_length
+            env,
+            state.policy,
+            shard_batch(state.env_state),
+            key=rollout_key,
+            length=self.unroll_length,
         )
         batch = self._batch(state.value, traj)
         opt = self._optimizer()

@@ -1,0 +1,76 @@
+"""Spreading a run over devices: one `Mesh` with a seed axis and a batch axis.
+
+`train_seeds` `vmap`s whole runs over the `"seeds"` axis; inside a run, each strategy
+marks its batch (PPO's and APG's env batch, ES's population) with `shard_batch`, which
+splits it over the `"batch"` axis. Everything else (policy, optimiser state) is
+replicated, and XLA inserts the reductions (gradient sums, fitness ranking) itself.
+"""
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+SEEDS, BATCH = "seeds", "batch"
+
+
+def shard_batch(tree):
+    """Split the leading axis of every leaf of `tree` over the current mesh's `"batch"` axis.
+
+    A no-op outside a mesh (one device), for leaves without a leading axis, and for leaves
+    whose leading axis does not divide evenly (those stay replicated: correct, just not
+    parallel). Strategies call it on the arrays they run in parallel, so the same code runs
+    on one device or many.
+
+    **Example** (inside a strategy's `init` or `step`):
+
+    ```python
+    env_state = diffsim.shard_batch(diffsim.reset(env, key=key, num_envs=64))
+    ```
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or BATCH not in mesh.axis_names or mesh.shape[BATCH] == 1:
+        return tree
+    size = mesh.shape[BATCH]
+
+    def constrain(x):
+        if getattr(x, "ndim", 0) == 0 or x.shape[0] % size:
+            return x
+        return jax.lax.with_sharding_constraint(x, P(BATCH))
+
+    return jax.tree.map(constrain, tree)
+
+
+def shard_seeds(tree):
+    """Split the leading (seed) axis of every leaf over the `"seeds"` axis, leaving the
+    layout of the other axes (a batch split by `shard_batch`) to the compiler."""
+
+    def constrain(x):
+        return jax.lax.with_sharding_constraint(x, P(SEEDS, *[P.UNCONSTRAINED] * (x.ndim - 1)))
+
+    return jax.tree.map(constrain, tree)
+
+
+def make_mesh(
+    devices: Sequence[jax.Device] | None, *, num_seeds: int | None, batch_size: int, owner: str
+) -> Mesh | None:
+    """The `("seeds", "batch")` mesh of a run, or None on one device.
+
+    Seeds take as many devices as divide them evenly (`gcd(num_seeds, devices)`; none for a
+    single run); the rest split each run's batch, which must then divide evenly.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if len(devices) == 1:
+        return None
+    seeds = 1 if num_seeds is None else math.gcd(num_seeds, len(devices))
+    batch = len(devices) // seeds
+    if batch_size % batch:
+        split = "" if num_seeds is None else f" per seed group ({num_seeds} seeds in {seeds})"
+        raise ValueError(
+            f"{owner} runs {batch_size} envs or population members in parallel, which cannot"
+            f" be split evenly over {batch} devices{split}; use a batch that is a multiple"
+            f" of {batch}, or pass devices=jax.devices()[:k] for a k that divides it"
+        )
+    return Mesh(np.array(devices).reshape(seeds, batch), (SEEDS, BATCH))
