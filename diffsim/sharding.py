@@ -30,10 +30,9 @@ def shard_batch(tree):
     env_state = diffsim.shard_batch(diffsim.reset(env, key=key, num_envs=64))
     ```
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or BATCH not in mesh.axis_names or mesh.shape[BATCH] == 1:
+    size = _axis_size(BATCH)
+    if size == 1:
         return tree
-    size = mesh.shape[BATCH]
 
     def constrain(x):
         if getattr(x, "ndim", 0) == 0 or x.shape[0] % size:
@@ -45,12 +44,21 @@ def shard_batch(tree):
 
 def shard_seeds(tree):
     """Split the leading (seed) axis of every leaf over the `"seeds"` axis, leaving the
-    layout of the other axes (a batch split by `shard_batch`) to the compiler."""
+    layout of the other axes (a batch split by `shard_batch`) to the compiler. A no-op
+    unless the current mesh splits seeds."""
+    if _axis_size(SEEDS) == 1:
+        return tree
 
     def constrain(x):
         return jax.lax.with_sharding_constraint(x, P(SEEDS, *[P.UNCONSTRAINED] * (x.ndim - 1)))
 
     return jax.tree.map(constrain, tree)
+
+
+def _axis_size(name: str) -> int:
+    """Devices along axis `name` of the current mesh (1 outside a mesh or without it)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty or name not in mesh.axis_names else mesh.shape[name]
 
 
 def make_mesh(

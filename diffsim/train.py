@@ -181,19 +181,18 @@ def _build(
         )
         return _Carry(state, key), _Segment(evaluate_state(state), metrics)
 
+    # Seeds go over the mesh's "seeds" axis; inside each run, strategies split their
+    # batch over "batch" (`shard_batch`). Without a mesh both are no-ops.
+    if seeds:
+        start = _then(shard_seeds, jax.vmap(start, in_axes=(None, 0), spmd_axis_name=SEEDS))
+        segment = _then(shard_seeds, jax.vmap(segment, spmd_axis_name=SEEDS))
     if mesh is None:
-        if seeds:
-            start, segment = jax.vmap(start, in_axes=(None, 0)), jax.vmap(segment)
         carry_shape = jax.eval_shape(start, params, keys)[0]
         start_c = jax.jit(start).lower(params, keys).compile()
         segment_c = jax.jit(segment, donate_argnums=0).lower(carry_shape).compile()
         return _Program(start_c, segment_c, carry_shape, None)
 
-    # Seeds go over the mesh's "seeds" axis; inside each run, strategies split their
-    # batch over "batch" (`shard_batch`). The carry keeps the layout `start` gives it.
-    if seeds:
-        start = _then(shard_seeds, jax.vmap(start, in_axes=(None, 0), spmd_axis_name=SEEDS))
-        segment = _then(shard_seeds, jax.vmap(segment, spmd_axis_name=SEEDS))
+    # The carry keeps the layout `start` gives it.
     replicated = NamedSharding(mesh, P())
     by_seed = NamedSharding(mesh, P(SEEDS)) if seeds else replicated
     with jax.set_mesh(mesh):
