@@ -52,17 +52,35 @@ class RunningNorm(eqx.Module):
         mean, var = jax.lax.stop_gradient((self.mean, self.var))
         return (obs - mean) / jnp.sqrt(var + 1e-8)
 
-    def update(self, obs: Float[Array, "... obs"]) -> "RunningNorm":
-        """Merge a batch of observations (any leading axes) into the statistics."""
+    def update(
+        self, obs: Float[Array, "... obs"], mask: Float[Array, "..."] | None = None
+    ) -> "RunningNorm":
+        """Merge a batch of observations (any leading axes) into the statistics; with
+        `mask` (the leading shape of `obs`, 0 or 1), only the observations where it is 1."""
         batch = obs.reshape(-1, obs.shape[-1])
-        n = jnp.asarray(batch.shape[0], self.count.dtype)
-        b_mean, b_var = batch.mean(0), batch.var(0)
+        w = jnp.ones(batch.shape[0], batch.dtype) if mask is None else mask.reshape(-1)
+        n = jnp.sum(w)
+        mean = jnp.sum(w[:, None] * batch, 0) / jnp.maximum(n, 1)
+        var = jnp.sum(w[:, None] * (batch - mean) ** 2, 0) / jnp.maximum(n, 1)
+        return self.merge(n, mean, var)
+
+    def merge(
+        self, count: Float[Array, "*n"], mean: Float[Array, "*n obs"], var: Float[Array, "*n obs"]
+    ) -> "RunningNorm":
+        """Merge the moments of other batches (`count` observations with `mean`, `var`;
+        any leading axes `n`, pooled first) into the statistics (Chan et al.)."""
+        count = count.reshape(-1).astype(self.count.dtype)
+        mean, var = mean.reshape(-1, mean.shape[-1]), var.reshape(-1, var.shape[-1])
+        n = jnp.sum(count)
+        b_mean = jnp.sum(count[:, None] * mean, 0) / jnp.maximum(n, 1)
+        b_var = jnp.sum(count[:, None] * (var + (mean - b_mean) ** 2), 0) / jnp.maximum(n, 1)
         total = self.count + n
         delta = b_mean - self.mean
-        mean = self.mean + delta * n / total
-        m2 = self.var * self.count + b_var * n + delta**2 * self.count * n / total
-        # Before the first update the prior var is 1 with weight 0.
-        return eqx.tree_at(lambda r: (r.mean, r.var, r.count), self, (mean, m2 / total, total))
+        new_mean = self.mean + delta * n / jnp.maximum(total, 1)
+        m2 = self.var * self.count + b_var * n + delta**2 * self.count * n / jnp.maximum(total, 1)
+        # Before the first update the prior var is 1 with weight 0; an empty batch keeps it.
+        new_var = jnp.where(total > 0, m2 / jnp.maximum(total, 1), self.var)
+        return eqx.tree_at(lambda r: (r.mean, r.var, r.count), self, (new_mean, new_var, total))
 
 
 def tanh(x: Array) -> Array:
@@ -74,8 +92,11 @@ def _is_norm(x) -> bool:
     return isinstance(x, RunningNorm)
 
 
-def update_normalizers(module, obs: Float[Array, "... obs"]):
-    """Return `module` with every `RunningNorm` inside it updated with `obs`.
+def update_normalizers(
+    module, obs: Float[Array, "... obs"] | RunningNorm, mask: Float[Array, "..."] | None = None
+):
+    """Return `module` with every `RunningNorm` inside it updated with `obs` (where `mask`
+    is 1, if given), or merged with the statistics of another `RunningNorm`.
 
     **Example:**
 
@@ -83,7 +104,11 @@ def update_normalizers(module, obs: Float[Array, "... obs"]):
     policy = update_normalizers(policy, traj.obs)   # traj.obs: Float[Array, "T B obs"]
     ```
     """
-    return jax.tree.map(lambda x: x.update(obs) if _is_norm(x) else x, module, is_leaf=_is_norm)
+    if isinstance(obs, RunningNorm):
+        fn = lambda x: x.merge(obs.count, obs.mean, obs.var)
+    else:
+        fn = lambda x: x.update(obs, mask)
+    return jax.tree.map(lambda x: fn(x) if _is_norm(x) else x, module, is_leaf=_is_norm)
 
 
 def trainable(module):
@@ -224,17 +249,36 @@ class GaussianPolicy(eqx.Module):
     def __call__(
         self, obs: Float[Array, " obs"], *, key: PRNGKeyArray | None = None
     ) -> Float[Array, " act"]:
-        mean, log_std = self.distribution(obs)
         if key is None:
-            return jnp.tanh(mean)
-        return jnp.tanh(mean + jnp.exp(log_std) * jr.normal(key, mean.shape))
+            return jnp.tanh(self.distribution(obs)[0])
+        return self.sample(obs, key=key)[0]
 
-    def log_prob(self, obs: Float[Array, " obs"], action: Float[Array, " act"]) -> Float[Array, ""]:
+    def sample(
+        self, obs: Float[Array, " obs"], *, key: PRNGKeyArray
+    ) -> tuple[Float[Array, " act"], Float[Array, " act"]]:
+        """A reparameterised sample: `(tanh(u), u)` with `u = mean + std * eps`."""
         mean, log_std = self.distribution(obs)
-        action = jnp.clip(action, -_ATANH_BOUND, _ATANH_BOUND)
-        u = jnp.arctanh(action)
+        u = mean + jnp.exp(log_std) * jr.normal(key, mean.shape)
+        return jnp.tanh(u), u
+
+    def log_prob(
+        self,
+        obs: Float[Array, " obs"],
+        action: Float[Array, " act"],
+        *,
+        pre_squash: Float[Array, " act"] | None = None,
+    ) -> Float[Array, ""]:
+        """Log-density of the squashed `action`. Pass the `pre_squash` sample `u` (from
+        `sample`) where it is known: `arctanh(action)` loses precision near +-1."""
+        mean, log_std = self.distribution(obs)
+        if pre_squash is None:
+            action = jnp.clip(action, -_ATANH_BOUND, _ATANH_BOUND)
+            pre_squash = jnp.arctanh(action)
+        u = pre_squash
         gauss = -0.5 * ((u - mean) / jnp.exp(log_std)) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
-        return jnp.sum(gauss - jnp.log1p(-(action**2)))
+        # log(1 - tanh(u)^2), written stably for large |u|
+        log_det = 2.0 * (math.log(2.0) - u - jax.nn.softplus(-2.0 * u))
+        return jnp.sum(gauss - log_det)
 
     def entropy(self, obs: Float[Array, " obs"]) -> Float[Array, ""]:
         _, log_std = self.distribution(obs)

@@ -10,9 +10,10 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 from brax.envs.base import Env, State
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ._types import Trajectory
+from .policies import RunningNorm
 from .sharding import shard_batch
 
 
@@ -29,15 +30,35 @@ def reset(env: Env, *, key: PRNGKeyArray, num_envs: int) -> State:
     return jax.vmap(env.reset)(jr.split(key, num_envs))
 
 
-def _act(policy, obs, key, deterministic: bool):
-    """One observation in: the action and, for stochastic policies, its log-density."""
+class Action(eqx.Module):
+    """What a policy did at one step: the env `action`, the Gaussian sample before the
+    tanh squash (`pre_squash`, or `action` itself for policies without `sample`), and
+    `log_prob` (0 for deterministic acting or policies without `log_prob`)."""
+
+    action: Float[Array, " act"]
+    pre_squash: Float[Array, " act"]
+    log_prob: Float[Array, ""]
+
+
+def _act(policy, obs, key, deterministic: bool) -> Action:
+    """One observation in: the action, its pre-squash sample and its log-density."""
     if deterministic:
-        return policy(obs), jnp.zeros(())
+        action = policy(obs)
+        return Action(action, action, jnp.zeros((), action.dtype))
+    if hasattr(policy, "sample"):  # keeps the pre-squash sample: no arctanh round trip
+        action, pre_squash = policy.sample(obs, key=key)
+        # The log-density is a record for on-policy corrections, not a gradient path.
+        log_prob = policy.log_prob(obs, action, pre_squash=jax.lax.stop_gradient(pre_squash))
+        return Action(action, pre_squash, jax.lax.stop_gradient(log_prob))
     action = policy(obs, key=key)
     if hasattr(policy, "log_prob"):
-        # The log-density is a record for off-/on-policy corrections, not a gradient path.
-        return action, policy.log_prob(obs, jax.lax.stop_gradient(action))
-    return action, jnp.zeros(())
+        return Action(action, action, policy.log_prob(obs, jax.lax.stop_gradient(action)))
+    return Action(action, action, jnp.zeros((), action.dtype))
+
+
+def default_pool_size(length: int) -> int:
+    """Fresh starts `rollout` draws per env and call: one per 8 steps (at least one)."""
+    return max(1, -(-length // 8))
 
 
 def rollout(
@@ -48,6 +69,7 @@ def rollout(
     key: PRNGKeyArray,
     length: int,
     deterministic: bool = False,
+    num_starts: int | None = None,
 ) -> tuple[State, Trajectory]:
     """Run `policy` in a batch of envs for `length` steps.
 
@@ -55,6 +77,12 @@ def rollout(
     Differentiable end to end: gradients flow from rewards back through the simulator to
     the policy's parameters and to `env_state` (they stop at auto-resets). Envs from
     `make_env` auto-reset, so a batch can be rolled out for any `length`.
+
+    Auto-resets take their starts from a pool of `num_starts` fresh draws per env, made
+    once per call before the scan (`AutoResetEnv.starts`), so no step computes a reset.
+    An env whose episodes end more often than that within the call reuses its last start;
+    `traj.extras["reused_start"]` marks those steps. `num_starts=0` resets nothing (ended
+    episodes keep stepping).
 
     **Arguments:**
 
@@ -64,9 +92,12 @@ def rollout(
     - `key`: randomness of the action sampling (keyword-only).
     - `length`: `T`, the number of steps.
     - `deterministic`: act with `policy(obs)` (no key) instead of sampling.
+    - `num_starts`: starts drawn per env for this call; default `ceil(T / 8)`.
 
     **Returns:** `(env_state, trajectory)`: the batch's state after `T` steps and a
-    `Trajectory` with leading axes `T B`.
+    `Trajectory` with leading axes `T B`. `extras` holds `"episode_return"`,
+    `"reused_start"`, `"diverged"` (a non-finite step, which ended its episode) and, for
+    policies with `sample`, `"pre_squash"` (the Gaussian sample before `tanh`).
 
     **Example:**
 
@@ -78,30 +109,38 @@ def rollout(
     traj.reward.shape   # (100, 16)
     ```
     """
+    num_starts = default_pool_size(length) if num_starts is None else num_starts
+    pooled = hasattr(env, "starts")  # a bare Brax env steps with its own API
+    if pooled:
+        env_state, starts = jax.vmap(env.starts, in_axes=(0, None))(env_state, num_starts)
+    else:
+        starts = ()
 
-    def one_env(state: State, key: PRNGKeyArray) -> tuple[State, Trajectory]:
+    def one_env(state: State, starts, key: PRNGKeyArray) -> tuple[State, Trajectory]:
         """One step of one env: act, step, record the transition."""
-        action, log_prob = _act(policy, state.obs, key, deterministic)
-        next_state = env.step(state, action)
+        act = _act(policy, state.obs, key, deterministic)
+        next_state = env.step(state, act.action, starts) if pooled else env.step(state, act.action)
         info = next_state.info
+        zeros = jnp.zeros_like(next_state.reward)
+        extras = {k: info.get(k, zeros) for k in ("episode_return", "reused_start", "diverged")}
+        if hasattr(policy, "sample") and not deterministic:
+            extras["pre_squash"] = act.pre_squash
         transition = Trajectory(
             obs=state.obs,
-            action=action,
+            action=act.action,
             reward=next_state.reward,
             done=next_state.done,
-            truncation=info.get("truncation", jnp.zeros_like(next_state.done)),
+            truncation=info.get("truncation", zeros),
             next_obs=info.get("final_obs", next_state.obs),
-            log_prob=log_prob,
-            extras={
-                "episode_return": info.get("episode_return", jnp.zeros_like(next_state.reward))
-            },
+            log_prob=act.log_prob,
+            extras=extras,
         )
         return next_state, transition
 
     num_envs = env_state.done.shape[0]
 
     def step(state: State, key: PRNGKeyArray) -> tuple[State, Trajectory]:
-        return jax.vmap(one_env)(state, jr.split(key, num_envs))
+        return jax.vmap(one_env)(state, starts, jr.split(key, num_envs))
 
     # scan(vmap(...)) writes the trajectory time-major directly (vmap(scan(...)) would
     # need a transpose of all of it, which costs ~8% on a cheap env).
@@ -118,12 +157,115 @@ def episode_returns(traj: Trajectory) -> Float[Array, " B"]:
 
 
 def episode_stats(traj: Trajectory) -> dict[str, Float[Array, ""]]:
-    """`{"episodes": episodes finished in traj, "train_return": their mean return}`
-    (0 when none finished), as strategies log them. Not differentiated."""
+    """What strategies log about a training rollout. Not differentiated.
+
+    `"episodes"`: episodes that ended in `traj`; `"train_return"`: their mean return (0
+    when none ended); `"diverged"`: steps that went non-finite (each ended its episode);
+    `"reused_starts"`: episodes that restarted from a reused start (see `rollout`).
+    """
     traj = jax.lax.stop_gradient(traj)
     episodes = jnp.sum(traj.done)
-    returns = jnp.sum(traj.extras["episode_return"] * traj.done) / jnp.maximum(episodes, 1)
-    return {"episodes": episodes.astype(jnp.float32), "train_return": returns.astype(jnp.float32)}
+    ended = jnp.where(traj.done > 0, traj.extras["episode_return"], 0.0)
+    stats = {"episodes": episodes, "train_return": jnp.sum(ended) / jnp.maximum(episodes, 1)}
+    for name, extra in (("diverged", "diverged"), ("reused_starts", "reused_start")):
+        if extra in traj.extras:
+            stats[name] = jnp.sum(traj.extras[extra])
+    return {k: v.astype(jnp.float32) for k, v in stats.items()}
+
+
+class Episodes(eqx.Module):
+    """The first episode of each env of a batch, as `first_episodes` measures it.
+
+    **Fields:**
+
+    - `returns`: `Float[Array, "B"]`, the undiscounted return of each env's first episode.
+    - `steps`: `Int[Array, "B"]`, the env steps inside it (at most `max_length`).
+    - `obs`: a `RunningNorm` with the count, mean and variance of the observations inside
+      these episodes (what a normaliser should learn from them).
+    """
+
+    returns: Float[Array, " B"]
+    steps: Int[Array, " B"]
+    obs: RunningNorm
+
+
+class _EpisodeLoop(eqx.Module):
+    env_state: State
+    returns: Float[Array, " B"]
+    steps: Int[Array, " B"]
+    alive: Bool[Array, " B"]
+    obs: RunningNorm
+    t: Int[Array, ""]
+    key: PRNGKeyArray
+
+
+def first_episodes(
+    env: Env,
+    policy: eqx.Module,
+    env_state: State,
+    *,
+    key: PRNGKeyArray,
+    max_length: int,
+    deterministic: bool = True,
+    chunk: int = 50,
+) -> Episodes:
+    """Play each env's current episode to its end (or `max_length` steps) and stop.
+
+    Steps `rollout` in chunks of `chunk` steps inside a `lax.while_loop` that ends once
+    every env's episode has ended, and resets nothing (`num_starts=0`). Rewards and
+    observations after an env's episode end are masked out, so the chunk size changes the
+    compute, never the result. Used by `evaluate` and by `ES` (one call per population).
+
+    **Example:**
+
+    ```python
+    state = diffsim.reset(env, key=k1, num_envs=8)
+    ep = first_episodes(env, policy, state, key=k2, max_length=env.episode_length)
+    ep.returns.shape, ep.steps.shape   # (8,), (8,)
+    ```
+    """
+    chunk = min(chunk, max_length)
+    num_envs = env_state.done.shape[0]
+    obs_size = env_state.obs.shape[-1]
+
+    def body(loop: _EpisodeLoop) -> _EpisodeLoop:
+        key, act_key = jr.split(loop.key)
+        state, traj = rollout(
+            env,
+            policy,
+            loop.env_state,
+            key=act_key,
+            length=chunk,
+            deterministic=deterministic,
+            num_starts=0,
+        )
+        in_time = (loop.t + jnp.arange(chunk) < max_length)[:, None]
+        ended_before = jnp.cumsum(traj.done, axis=0) - traj.done  # episode ends before t
+        inside = loop.alive[None] & (ended_before == 0) & in_time  # [chunk, B]
+        weight = inside.astype(traj.reward.dtype)
+        ended = jnp.any(inside & (traj.done > 0), axis=0)
+        return _EpisodeLoop(
+            env_state=state,
+            returns=loop.returns + jnp.sum(jnp.where(inside, traj.reward, 0.0), axis=0),
+            steps=loop.steps + jnp.sum(inside, axis=0, dtype=jnp.int32),
+            alive=loop.alive & ~ended & (loop.t + chunk < max_length),
+            obs=loop.obs.update(jnp.where(inside[..., None], traj.obs, 0.0), weight),
+            t=loop.t + chunk,
+            key=key,
+        )
+
+    zeros = jnp.zeros(num_envs, env_state.reward.dtype)
+    loop = _EpisodeLoop(
+        env_state=env_state,
+        returns=zeros,
+        steps=jnp.zeros(num_envs, jnp.int32),
+        alive=jnp.ones(num_envs, bool),
+        obs=RunningNorm(obs_size),
+        t=jnp.zeros((), jnp.int32),
+        key=key,
+    )
+    loop = jax.lax.while_loop(lambda loop: jnp.any(loop.alive), body, loop)
+    return Episodes(returns=loop.returns, steps=loop.steps, obs=loop.obs)
 
 
 def evaluate(
@@ -136,9 +278,9 @@ def evaluate(
 ) -> Float[Array, " episodes"]:
     """Undiscounted return of `num_episodes` full episodes, one per env, from fresh resets.
 
-    Runs `env.episode_length` steps through `rollout` (the deterministic policy by
-    default) and sums each env's rewards up to its first episode end. The same `key`
-    gives the same initial states, so policies compared under one key see identical
+    Plays every episode to its end with `first_episodes` (the deterministic policy by
+    default; at most `env.episode_length` steps) and stops once all have ended. The same
+    `key` gives the same initial states, so policies compared under one key see identical
     episodes.
 
     **Example:**
@@ -150,7 +292,12 @@ def evaluate(
     """
     reset_key, act_key = jr.split(key)
     state = shard_batch(reset(env, key=reset_key, num_envs=num_episodes))
-    _, traj = rollout(
-        env, policy, state, key=act_key, length=env.episode_length, deterministic=deterministic
+    episodes = first_episodes(
+        env,
+        policy,
+        state,
+        key=act_key,
+        max_length=env.episode_length,
+        deterministic=deterministic,
     )
-    return episode_returns(traj)
+    return episodes.returns

@@ -8,8 +8,10 @@ executables that call back to the host), so a second run of the same configurati
 not recompile; it also means every finished segment is on the host if a run dies.
 """
 
+import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ import jax.random as jr
 import numpy as np
 from brax.envs.base import Env
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from . import _checkpoint as checkpoint
 from ._types import Keys, LearningCurve
@@ -31,50 +33,90 @@ from .sharding import SEEDS, make_mesh, shard_seeds
 from .strategies.base import AbstractStrategy
 
 PolicyOrFactory = eqx.Module | Callable[[PRNGKeyArray], eqx.Module]
-EVAL_SEED = 0  # evaluation episodes are drawn from this key, whatever the training key
+EVAL_SEED = 0  # evaluation episodes are drawn from this key (folded with the seed index)
 
 
 class _Carry(eqx.Module):
     state: Any
     key: PRNGKeyArray
+    env_steps: Int[Array, ""]  # env steps counted so far (what fed an update)
+    last_steps: Int[Array, ""]  # env steps of the latest iteration
 
 
 class _Segment(eqx.Module):
-    eval_return: Float[Array, "*seeds episodes"]
-    metrics: dict[str, Float[Array, "*seeds iterations"]]
+    metrics: dict[str, Float[Array, "*seeds rows"]]  # one row per iteration, NaN past the end
+    iterations: Int[Array, "*seeds"]
 
 
 class Plan(eqx.Module):
-    """How `total_steps` is cut into iterations and evaluation segments."""
+    """How `total_steps` is cut into evaluation segments.
 
-    num_evals: int
-    iterations_per_eval: int
-    steps_per_iteration: int
+    `targets[k]` is the env-step count at which evaluation `k` should happen
+    (`targets[0] = 0`, `targets[-1] = total_steps`). A segment runs iterations until its
+    count is nearest its target: it stops before an iteration that would overshoot the
+    target by more than that iteration's steps leave it short (the next iteration is
+    assumed to cost what the last one did). For a strategy with a fixed cost per
+    iteration the run therefore ends within half an iteration of `total_steps`, and
+    segments differ by at most one iteration.
+    """
+
+    targets: tuple[int, ...]
+    steps_per_iteration: int  # the most one iteration can count
+    max_iterations: int  # rows of the per-segment metrics buffer
 
     @property
-    def env_steps(self) -> np.ndarray:
-        return np.arange(self.num_evals) * self.iterations_per_eval * self.steps_per_iteration
+    def num_evals(self) -> int:
+        return len(self.targets)
 
     @property
     def total_steps(self) -> int:
-        return int(self.env_steps[-1])
+        return self.targets[-1]
+
+
+def _stops(targets: Sequence[int], per_iter: int) -> list[int]:
+    """Counted steps after each segment for a fixed cost per iteration (the device rule)."""
+    steps, out = 0, []
+    for target in targets:
+        while 2 * steps + per_iter < 2 * target:
+            steps += per_iter
+        out.append(steps)
+    return out
 
 
 def make_plan(strategy: AbstractStrategy, total_steps: int, num_evals: int) -> Plan:
-    """Validate the budget and spread `num_evals` evaluations evenly over it."""
+    """Validate the budget and spread `num_evals` evaluations evenly over it.
+
+    A budget of fewer iterations than evaluation intervals is run with one evaluation
+    after every iteration (`num_evals = iterations + 1`), with a warning saying so.
+    """
     if not isinstance(num_evals, int) or isinstance(num_evals, bool) or num_evals < 2:
         raise ValueError(f"num_evals must be an int >= 2 (first and last point), got {num_evals!r}")
     if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps < 1:
         raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
-    per_iter = strategy.steps_per_iteration
-    iterations = (total_steps // per_iter) // (num_evals - 1)
-    if iterations < 1:
+    per_iter, least = strategy.steps_per_iteration, strategy.min_steps_per_iteration
+    name = type(strategy).__name__
+    if 2 * total_steps < per_iter:
         raise ValueError(
-            f"total_steps={total_steps} is smaller than {num_evals - 1} evaluation intervals of"
-            f" one iteration each ({(num_evals - 1) * per_iter} env steps; one"
-            f" {type(strategy).__name__} iteration is {per_iter} steps)"
+            f"total_steps={total_steps} is less than half of one {name} iteration"
+            f" ({per_iter} env steps): nothing would run"
         )
-    return Plan(num_evals, iterations, per_iter)
+    iterations = max(1, round(total_steps / per_iter))
+    if least == per_iter and iterations < num_evals - 1:
+        warnings.warn(
+            f"total_steps={total_steps} is {iterations} {name} iteration(s) of {per_iter} env"
+            f" steps, fewer than the {num_evals - 1} evaluation intervals asked for: evaluating"
+            f" after every iteration instead (num_evals={iterations + 1})",
+            stacklevel=3,
+        )
+        num_evals = iterations + 1
+    targets = tuple(round(k * total_steps / (num_evals - 1)) for k in range(num_evals))
+    if least == per_iter:  # fixed cost: the exact number of iterations of each segment
+        stops = _stops(targets, per_iter)
+        rows = max(b - a for a, b in zip(stops, stops[1:], strict=False)) // per_iter
+    else:  # counted per iteration: at most the longest segment over the cheapest iteration
+        longest = max(b - a for a, b in zip(targets, targets[1:], strict=False))
+        rows = -(-(longest + per_iter) // least)
+    return Plan(targets, per_iter, max(1, rows))
 
 
 def _check_inputs(strategy, env, policy, num_eval_episodes: int) -> None:
@@ -106,10 +148,12 @@ def _check_inputs(strategy, env, policy, num_eval_episodes: int) -> None:
 
 
 class _Program(eqx.Module):
-    """The two compiled halves of a run: `start(params, keys)` and `segment(carry)`."""
+    """The compiled parts of a run: `start(params, keys)`, `segment(carry, target)` (training
+    only) and `evaluate(carry, seed_index)` (only evaluation), each timed on its own."""
 
     start: Callable
     segment: Callable
+    evaluate: Callable
     carry_shape: Any  # abstract `_Carry`, to restore checkpoints into
     carry_sharding: Any  # where each leaf of the carry lives (None on one device)
 
@@ -120,7 +164,7 @@ _PROGRAMS: dict[Any, _Program] = {}
 def _compile(
     strategy, env, policy, keys, plan: Plan, num_eval_episodes: int, seeds: bool, mesh: Mesh | None
 ) -> tuple[_Program, Any]:
-    """Compile (or reuse) the run's two programs; returns them and the policy's arrays."""
+    """Compile (or reuse) the run's programs; returns them and the policy's arrays."""
     params, static = (
         eqx.partition(policy, eqx.is_array) if isinstance(policy, eqx.Module) else (None, policy)
     )
@@ -163,55 +207,97 @@ def _build(
         make_policy = lambda params, key: eqx.combine(params, static)
     else:
         make_policy = lambda params, key: policy(key)
-    eval_key = jr.key(EVAL_SEED)
+    per_iter = plan.steps_per_iteration
 
-    def evaluate_state(state) -> Float[Array, " episodes"]:
-        return evaluate(env, strategy.policy(state), key=eval_key, num_episodes=num_eval_episodes)
-
-    def start(params, key) -> tuple[_Carry, Float[Array, " episodes"]]:
+    def start(params, key) -> _Carry:
         policy_key, init_key, run_key = jr.split(key, 3)
         state = strategy.init(env, make_policy(params, policy_key), key=init_key)
-        return _Carry(state, run_key), evaluate_state(state)
+        zero = jnp.zeros((), jnp.int32)
+        return _Carry(state, run_key, zero, zero + per_iter)
 
-    def segment(carry: _Carry) -> tuple[_Carry, _Segment]:
-        key, seg_key = jr.split(carry.key)
-        step = lambda state, key: strategy.step(env, state, key=key)
-        state, metrics = jax.lax.scan(
-            step, carry.state, jr.split(seg_key, plan.iterations_per_eval)
-        )
-        return _Carry(state, key), _Segment(evaluate_state(state), metrics)
+    def evaluate_carry(carry: _Carry, seed_index) -> Float[Array, " episodes"]:
+        # Paired evaluation: episode starts differ between seeds, never between strategies.
+        key = jr.fold_in(jr.key(EVAL_SEED), seed_index)
+        policy = strategy.policy(carry.state)
+        return evaluate(env, policy, key=key, num_episodes=num_eval_episodes)
+
+    def one_iteration(carry: _Carry) -> tuple[_Carry, dict[str, Array]]:
+        key, step_key = jr.split(carry.key)
+        state, metrics = strategy.step(env, carry.state, key=step_key)
+        steps = jnp.asarray(metrics.pop("env_steps", per_iter), jnp.int32)
+        metrics = {**metrics, "env_steps": steps.astype(jnp.float32)}
+        return _Carry(state, key, carry.env_steps + steps, steps), metrics
+
+    def segment(carry: _Carry, target) -> tuple[_Carry, _Segment]:
+        rows = plan.max_iterations
+        shapes = jax.eval_shape(one_iteration, carry)[1]
+        buffers = {k: jnp.full((rows,), jnp.nan, jnp.float32) for k in shapes}
+
+        def more(loop) -> Bool[Array, ""]:
+            carry, _, i = loop
+            return (2 * carry.env_steps + carry.last_steps < 2 * target) & (i < rows)
+
+        def body(loop):
+            carry, buffers, i = loop
+            carry, metrics = one_iteration(carry)
+            buffers = {k: b.at[i].set(metrics[k].astype(jnp.float32)) for k, b in buffers.items()}
+            return carry, buffers, i + 1
+
+        carry, buffers, i = jax.lax.while_loop(more, body, (carry, buffers, jnp.zeros((), int)))
+        return carry, _Segment(buffers, i)
 
     # Seeds go over the mesh's "seeds" axis; inside each run, strategies split their
     # batch over "batch" (`shard_batch`). Without a mesh both are no-ops.
     if seeds:
         start = _then(shard_seeds, jax.vmap(start, in_axes=(None, 0), spmd_axis_name=SEEDS))
-        segment = _then(shard_seeds, jax.vmap(segment, spmd_axis_name=SEEDS))
+        segment = _then(shard_seeds, jax.vmap(segment, in_axes=(0, None), spmd_axis_name=SEEDS))
+        evaluate_carry = _then(shard_seeds, jax.vmap(evaluate_carry, spmd_axis_name=SEEDS))
+    index = jnp.arange(len(keys)) if seeds else jnp.zeros((), int)
+    target = jnp.zeros((), jnp.int32)
     if mesh is None:
-        carry_shape = jax.eval_shape(start, params, keys)[0]
-        start_c = jax.jit(start).lower(params, keys).compile()
-        segment_c = jax.jit(segment, donate_argnums=0).lower(carry_shape).compile()
-        return _Program(start_c, segment_c, carry_shape, None)
+        carry_shape = jax.eval_shape(start, params, keys)
+        return _Program(
+            start=jax.jit(start).lower(params, keys).compile(),
+            segment=jax.jit(segment, donate_argnums=0).lower(carry_shape, target).compile(),
+            evaluate=jax.jit(evaluate_carry).lower(carry_shape, index).compile(),
+            carry_shape=carry_shape,
+            carry_sharding=None,
+        )
 
     # The carry keeps the layout `start` gives it.
     replicated = NamedSharding(mesh, P())
     by_seed = NamedSharding(mesh, P(SEEDS)) if seeds else replicated
     with jax.set_mesh(mesh):
-        carry_shape = jax.eval_shape(start, params, keys)[0]
-        start_j = jax.jit(start, in_shardings=(replicated, by_seed))
-        start_c = start_j.lower(params, keys).compile()
-        carry_sharding = start_c.output_shardings[0]
-        segment_j = jax.jit(
+        carry_shape = jax.eval_shape(start, params, keys)
+        start_c = jax.jit(start, in_shardings=(replicated, by_seed)).lower(params, keys).compile()
+        carry_sharding = start_c.output_shardings
+        segment_c = jax.jit(
             segment,
-            in_shardings=(carry_sharding,),
+            in_shardings=(carry_sharding, replicated),
             out_shardings=(carry_sharding, by_seed),
             donate_argnums=0,
-        )
-        segment_c = segment_j.lower(carry_shape).compile()
-    return _Program(start_c, segment_c, carry_shape, carry_sharding)
+        ).lower(carry_shape, target)
+        evaluate_c = jax.jit(
+            evaluate_carry, in_shardings=(carry_sharding, by_seed), out_shardings=by_seed
+        ).lower(carry_shape, index)
+    return _Program(start_c, segment_c.compile(), evaluate_c.compile(), carry_shape, carry_sharding)
 
 
 def _then(g: Callable, f: Callable) -> Callable:
     return lambda *args: g(f(*args))
+
+
+class _Clock:
+    """Seconds spent training, evaluating and checkpointing, each summed on its own."""
+
+    def __init__(self, train: float = 0.0, evaluation: float = 0.0, checkpoint: float = 0.0):
+        self.seconds = {"train": train, "eval": evaluation, "checkpoint": checkpoint}
+
+    def time(self, what: str, fn: Callable, *args):
+        tic = time.perf_counter()
+        out = jax.block_until_ready(fn(*args))
+        self.seconds[what] += time.perf_counter() - tic
+        return out
 
 
 def _execute(
@@ -229,8 +315,10 @@ def _execute(
     checkpoint_every=1,
     resume_from=None,
     devices=None,
+    log_dir=None,
 ) -> Run:
     _check_inputs(strategy, env, policy, num_eval_episodes)
+    strategy = strategy.for_env(env)
     plan = make_plan(strategy, total_steps, num_evals)
     if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
@@ -238,6 +326,7 @@ def _execute(
         checkpoint_dir = checkpoint.check_writable(checkpoint_dir)  # fail before compiling
     if resume_from is not None and checkpoint.latest(Path(resume_from)) is None:
         raise FileNotFoundError(f"resume_from={str(resume_from)!r} holds no complete checkpoint")
+    log = _Log(log_dir, strategy, env)  # checks log_dir before compiling
     mesh = make_mesh(
         devices,
         num_seeds=len(keys) if seeds else None,
@@ -253,71 +342,125 @@ def _execute(
         "strategy": repr(strategy),
         "env": env.name,
         "episode_length": env.episode_length,
-        "plan": [plan.num_evals, plan.iterations_per_eval, plan.steps_per_iteration],
+        "plan": [list(plan.targets), plan.steps_per_iteration, plan.max_iterations],
         "num_eval_episodes": num_eval_episodes,
         "seeds": seeds,
         "keys": checkpoint.key_data(keys).tolist(),
     }
+    index = np.arange(len(keys)) if seeds else np.zeros((), int)
+    if mesh is not None:
+        index = jax.device_put(index, NamedSharding(mesh, P(SEEDS) if seeds else P()))
 
     bar = _Progress(plan, strategy, env, enabled=progress)
     if resume_from is None:
-        tic = time.perf_counter()
-        carry, first = program.start(params, keys)
-        history = {
-            "eval_return": np.asarray(first)[None],
-            "wall_time": np.array([time.perf_counter() - tic]),
-        }
+        clock = _Clock()
+        carry = clock.time("train", program.start, params, keys)
+        history = {"eval_return": np.asarray(clock.time("eval", program.evaluate, carry, index))}
+        history = {k: v[None] for k, v in history.items()}
+        history["env_steps"] = np.asarray(carry.env_steps)[None]
+        history["seconds"] = np.array([list(clock.seconds.values())])
         done = 0
     else:
         carry, history, done = checkpoint.load(resume_from, program.carry_shape, meta)
         if program.carry_sharding is not None:
             carry = jax.device_put(carry, program.carry_sharding)
-        tic = time.perf_counter() - float(history["wall_time"][-1])  # the clock continues
-    bar.update(float(np.mean(history["eval_return"][-1])), int(plan.env_steps[done]))
+        clock = _Clock(*history["seconds"][-1])  # the clocks continue
+        log.write(0, history, {})
+    bar.update(history)
     for i in range(done + 1, plan.num_evals):
-        carry, out = program.segment(carry)
-        returns = np.asarray(out.eval_return)  # blocks until the segment is done
-        history = _append(history, returns, time.perf_counter() - tic, out.metrics)
-        bar.update(float(np.mean(returns)), int(plan.env_steps[i]))
+        target = np.int32(plan.targets[i])
+        carry, out = clock.time("train", program.segment, carry, target)
+        returns = np.asarray(clock.time("eval", program.evaluate, carry, index))
+        metrics = _valid_rows(out)
+        history = _append(history, returns, np.asarray(carry.env_steps), metrics)
         if checkpoint_dir is not None and (i % checkpoint_every == 0 or i == plan.num_evals - 1):
-            checkpoint.save(checkpoint_dir, i, carry, history, meta)
+            history["seconds"][-1] = list(clock.seconds.values())
+            clock.time("checkpoint", checkpoint.save, checkpoint_dir, i, carry, history, meta)
+        history["seconds"][-1] = list(clock.seconds.values())
+        bar.update(history)
+        log.write(i, history, metrics)
     bar.close()
 
-    returns = np.moveaxis(history["eval_return"], 0, 1 if seeds else 0)
-    times = history["wall_time"]
-    metrics = {k[len("metric/") :]: v for k, v in history.items() if k.startswith("metric/")}
+    seconds = history["seconds"]  # [E, 3]: train, eval, checkpoint, cumulative
+    axis = 1 if seeds else 0
     num = len(keys) if seeds else None
-    tile = (lambda x: x) if num is None else (lambda x: np.tile(x, (num, 1)))
+    times = seconds[:, 0].astype(np.float32)
     curve = LearningCurve(
-        env_steps=jnp.asarray(tile(plan.env_steps)),
-        wall_time=jnp.asarray(tile(times.astype(np.float32))),
-        eval_return=jnp.asarray(returns),
+        env_steps=jnp.asarray(np.moveaxis(history["env_steps"], 0, axis)),
+        wall_time=jnp.asarray(times if num is None else np.tile(times, (num, 1))),
+        eval_return=jnp.asarray(np.moveaxis(history["eval_return"], 0, axis)),
     )
-    metrics = {k: jnp.asarray(v) for k, v in metrics.items()}
+    metrics = {
+        k[len("metric/") :]: jnp.asarray(v) for k, v in history.items() if k.startswith("metric/")
+    }
     config = run_config(
         strategy,
         env,
-        plan,
+        {
+            "total_steps_requested": total_steps,
+            "total_steps": int(np.max(history["env_steps"][-1])),
+            "num_evals": plan.num_evals,
+            "steps_per_iteration": plan.steps_per_iteration,
+            "iterations": int(np.max(np.sum(np.isfinite(metrics["env_steps"]), axis=-1))),
+        },
         num_eval_episodes=num_eval_episodes,
         num_seeds=num,
         compile_seconds=compile_seconds,
-        train_seconds=float(times[-1]),
+        train_seconds=float(seconds[-1, 0]),
+        eval_seconds=float(seconds[-1, 1]),
+        checkpoint_seconds=float(seconds[-1, 2]),
         mesh=None if mesh is None else dict(mesh.shape),
     )
     return Run(policy=strategy.policy(carry.state), curve=curve, metrics=metrics, config=config)
 
 
-def _append(history: dict, returns, seconds: float, metrics) -> dict:
+def _valid_rows(out: _Segment) -> dict[str, np.ndarray]:
+    """A segment's per-iteration metrics, cut to the most iterations any seed ran."""
+    rows = int(np.max(np.asarray(out.iterations)))
+    return {k: np.asarray(v)[..., :rows] for k, v in out.metrics.items()}
+
+
+def _append(history: dict, returns, env_steps, metrics: dict) -> dict:
     """History with one more evaluation; metrics concatenate along the iteration axis."""
     out = {
+        **history,
         "eval_return": np.concatenate([history["eval_return"], returns[None]]),
-        "wall_time": np.append(history["wall_time"], seconds),
+        "env_steps": np.concatenate([history["env_steps"], env_steps[None]]),
+        "seconds": np.concatenate([history["seconds"], history["seconds"][-1:]]),
     }
-    axis = returns.ndim - 1  # iterations follow the seed axis, if any
     for name, value in metrics.items():
-        key, value = f"metric/{name}", np.asarray(value)
-        out[key] = np.concatenate([history[key], value], axis=axis) if key in history else value
+        key = f"metric/{name}"
+        out[key] = np.concatenate([history[key], value], axis=-1) if key in history else value
     return out
+
+
+class _Log:
+    """`log_dir/log.jsonl`: one JSON line per evaluation, written as it happens."""
+
+    def __init__(self, log_dir, strategy, env):
+        self.path = None
+        if log_dir is not None:
+            self.path = checkpoint.check_writable(log_dir) / "log.jsonl"
+            self.path.write_text("")
+            self.label = {"strategy": type(strategy).__name__, "env": env.name}
+
+    def write(self, index: int, history: dict, metrics: dict) -> None:
+        if self.path is None:
+            return
+        returns = history["eval_return"][-1]
+        seconds = history["seconds"][-1]
+        line = {
+            **self.label,
+            "eval": index,
+            "env_steps": float(np.mean(history["env_steps"][-1])),
+            "train_seconds": float(seconds[0]),
+            "eval_seconds": float(seconds[1]),
+            "eval_return_mean": float(np.mean(returns)),
+            "eval_return_per_seed": np.mean(returns, axis=-1).reshape(-1).tolist(),
+            **{f"{k}_mean": float(np.nanmean(v)) for k, v in metrics.items() if v.size},
+        }
+        with self.path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
 
 
 class _Progress:
@@ -337,10 +480,11 @@ class _Progress:
             )
         self.done = 0
 
-    def update(self, eval_return: float, env_steps: int) -> None:
+    def update(self, history: dict) -> None:
+        env_steps = int(np.mean(history["env_steps"][-1]))
         if self.bar is not None:
             self.bar.update(env_steps - self.done)
-            self.bar.set_postfix(eval_return=f"{eval_return:.1f}")
+            self.bar.set_postfix(eval_return=f"{np.mean(history['eval_return'][-1]):.1f}")
         self.done = env_steps
 
     def close(self) -> None:
@@ -362,17 +506,28 @@ def train(
     checkpoint_every: int = 1,
     resume_from: str | os.PathLike | None = None,
     devices: Sequence[jax.Device] | None = None,
+    log_dir: str | os.PathLike | None = None,
 ) -> Run:
     """Train `policy` on `env` with `strategy` for `total_steps` env steps.
 
-    Evaluations happen at `num_evals` evenly spaced env-step points, the first before any
-    training and the last at the end, each scoring the deterministic policy on
-    `num_eval_episodes` full episodes drawn from a fixed evaluation key: identical across
-    training keys and strategies. `total_steps` is rounded down to whole iterations per
-    evaluation interval (`run.config["total_steps"]` is what ran).
+    **Budget.** `total_steps` counts the env steps that feed updates, the same way for
+    every strategy (`strategy.steps_per_iteration` per iteration; ES counts only the steps
+    inside each member's scored episode). The run executes the number of iterations
+    whose count is nearest `total_steps`, spread over `num_evals - 1` segments that differ
+    by at most one iteration (see `Plan`); `run.curve.env_steps` records the real count at
+    every evaluation and `run.config["total_steps"]` the final one. A budget of fewer
+    iterations than intervals evaluates after every iteration instead, with a warning.
 
-    Inputs are validated before anything compiles; compile time is measured separately
-    (`run.config["compile_seconds"]`) and excluded from `run.curve.wall_time`.
+    **Evaluation.** At `num_evals` points, the first before any training and the last at
+    the end, the deterministic policy plays `num_eval_episodes` full episodes; they stop
+    stepping once all have ended. Their starts come from a key fixed per seed index
+    (seed `i` of `train_seeds` gets the same episodes under every strategy: paired
+    comparisons), so start-state variance is part of the spread across seeds.
+
+    **Clock.** Training, evaluation and checkpoint writing are timed apart:
+    `run.curve.wall_time` counts training only; `run.config` has `train_seconds`,
+    `eval_seconds`, `checkpoint_seconds` and `compile_seconds` (tracing and XLA, or loading
+    from the persistent cache). Inputs are validated before anything compiles.
 
     **Arguments:**
 
@@ -390,6 +545,10 @@ def train(
     - `resume_from`: a `checkpoint_dir` of an earlier, interrupted call with the same
       arguments: training continues from its newest checkpoint and returns what the
       uninterrupted run would have (same final policy and curve; wall-clock continues).
+    - `log_dir`: if given, `log_dir/log.jsonl` gets one JSON line per evaluation as it
+      happens (env steps, seconds, mean return overall and per seed, mean of each training
+      metric over the segment): `pandas.read_json(path, lines=True)` reads it while the
+      run goes on. Checked for writability before anything compiles.
     - `devices`: where to run (default `jax.devices()`). With several, the strategy's
       batch (`strategy.batch_size`: PPO's and APG's envs, ES's population) and the
       evaluation episodes are split over them along a `Mesh` axis `"batch"`, with
@@ -397,7 +556,8 @@ def train(
       up to float reassociation in the cross-device sums.
 
     **Returns:** a `Run` with `policy`, `curve` (`LearningCurve`, `E = num_evals`),
-    `metrics` (`Float[Array, "iterations"]` each) and `config`.
+    `metrics` (`Float[Array, "iterations"]` each, one entry per iteration, including
+    `"env_steps"`, the steps it counted) and `config`.
 
     **Example:**
 
@@ -421,6 +581,7 @@ def train(
         checkpoint_every=checkpoint_every,
         resume_from=resume_from,
         devices=devices,
+        log_dir=log_dir,
         seeds=False,
     )
 
@@ -439,6 +600,7 @@ def train_seeds(
     checkpoint_every: int = 1,
     resume_from: str | os.PathLike | None = None,
     devices: Sequence[jax.Device] | None = None,
+    log_dir: str | os.PathLike | None = None,
 ) -> Run:
     """`train` `vmap`ped over a batch of keys: many seeds, one compile, one program.
 
@@ -482,5 +644,6 @@ def train_seeds(
         checkpoint_every=checkpoint_every,
         resume_from=resume_from,
         devices=devices,
+        log_dir=log_dir,
         seeds=True,
     )

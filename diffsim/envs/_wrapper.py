@@ -5,11 +5,21 @@ import jax.numpy as jnp
 import jax.random as jr
 from brax.envs.base import Env, State, Wrapper
 
-_OWN_INFO = ("steps", "truncation", "episode_return", "final_obs", "reset_key")
+_OWN_INFO = (
+    "steps",
+    "truncation",
+    "episode_return",
+    "final_obs",
+    "reset_key",
+    "start_index",
+    "reused_start",
+    "diverged",
+)
 
 
 class AutoResetEnv(Wrapper):
-    """Adds a time limit, auto-reset with fresh keys, and episode-return tracking.
+    """Adds a time limit, auto-reset from fresh starts, episode-return tracking, and an end
+    to diverged episodes.
 
     `step` returns the post-reset state where an episode ended, so a batch of envs can be
     stepped forever. What the episode's last step looked like stays in `state.info`:
@@ -17,9 +27,21 @@ class AutoResetEnv(Wrapper):
     - `"steps"`: steps taken in the current episode (0 right after a reset).
     - `"truncation"`: 1.0 where the step ended the episode only by the time limit.
     - `"episode_return"`: the return so far; where `state.done`, the finished episode's.
-    - `"final_obs"`: the observation the step produced, before any reset.
-    - `"reset_key"`: the key the next reset draws from. Unlike Brax's `AutoResetWrapper`,
+    - `"final_obs"`: the observation the step produced, before any reset (the last finite
+      one if the step diverged).
+    - `"diverged"`: 1.0 where the step produced a non-finite observation or reward. Such a
+      step terminates its episode, and its reward is recorded as 0, so no NaN reaches a
+      return, a bootstrap or a loss, and the env restarts from a fresh state.
+    - `"reset_key"`: the key fresh starts are drawn from. Unlike Brax's `AutoResetWrapper`,
       which replays each env's first state, every episode starts from a fresh draw.
+
+    **Where starts come from.** `step(state, action)` draws one fresh reset per call (the
+    Brax API, for use outside diffsim). `diffsim.rollout` instead draws a pool of starts
+    once per call with `starts(state, num)` and passes it to `step(state, action, starts)`:
+    the env's `i`-th episode end within the rollout restarts from `starts[i]`, and only
+    when more than `num` episodes end does it reuse the last one (`info["reused_start"]` is
+    1.0 there). With `num = 0` nothing is reset: an ended episode keeps stepping (what
+    evaluation wants: it scores first episodes and stops).
 
     The reset is a `jnp.where` on `done`, so gradients stop at episode boundaries.
     Everything is written for ONE env; batch with `jax.vmap`.
@@ -34,7 +56,8 @@ class AutoResetEnv(Wrapper):
 
     ```python
     env = AutoResetEnv(brax.envs.get_environment("hopper", backend="spring"), 1000, "hopper")
-    state = jax.vmap(env.step)(state, actions)   # ended episodes restart by themselves
+    state, pool = jax.vmap(env.starts, in_axes=(0, None))(state, 4)
+    state = jax.vmap(env.step)(state, actions, pool)   # ended episodes restart from the pool
     ```
     """
 
@@ -63,40 +86,68 @@ class AutoResetEnv(Wrapper):
             "episode_return": zero,
             "final_obs": state.obs,
             "reset_key": reset_key,
+            "start_index": jnp.zeros((), jnp.int32),
+            "reused_start": zero,
+            "diverged": zero,
         }
         return state.replace(reward=zero, done=zero, info=info)
 
-    def step(self, state: State, action: jax.Array) -> State:
+    def starts(self, state: State, num: int) -> tuple[State, State | tuple]:
+        """`num` fresh starts for this env (leaves `[num, ...]`), and `state` with its
+        `reset_key` advanced and its pool position at 0 (`num = 0`: an empty pool, `()`).
+        For `rollout`; one env."""
+        keys = jr.split(state.info["reset_key"], num + 1)
+        reset_key = keys[0]
+        pool = jax.vmap(self.reset)(keys[1:]) if num else ()
+        info = {**state.info, "reset_key": reset_key, "start_index": jnp.zeros((), jnp.int32)}
+        return state.replace(info=info), pool
+
+    def step(self, state: State, action: jax.Array, starts: State | None = None) -> State:
         info = state.info
         stepped = self.env.step(state, action)
         steps = info["steps"] + 1
-        terminated = stepped.done > 0
+        reward = jnp.asarray(stepped.reward, dtype=info["episode_return"].dtype)
+        finite = jnp.isfinite(reward) & jnp.all(jnp.isfinite(stepped.obs))
+        reward = jnp.where(finite, reward, 0.0)
+        final_obs = jnp.where(finite, stepped.obs, state.obs)
+        terminated = (stepped.done > 0) | ~finite
         time_up = steps >= self.episode_length
         done = terminated | time_up
-        reward = jnp.asarray(stepped.reward, dtype=float)  # some Brax envs give a Python float
         episode_return = jnp.where(state.done > 0, 0.0, info["episode_return"]) + reward
 
-        reset_key, key = jr.split(info["reset_key"])
-        fresh = self.env.reset(key)
+        index, reset_key = info["start_index"], info["reset_key"]
+        no = jnp.zeros((), bool)
+        if starts is None:  # the plain Brax API: one fresh draw per call
+            reset_key, key = jr.split(reset_key)
+            fresh, restart, reused = self.reset(key), done, no
+        elif jax.tree.leaves(starts):
+            num = starts.done.shape[0]
+            fresh = jax.tree.map(lambda x: x[jnp.minimum(index, num - 1)], starts)
+            restart, reused = done, done & (index >= num)
+            index = index + done
+        else:  # an empty pool: nothing restarts
+            fresh, restart, reused = stepped, no, no
         inner_keys = [k for k in fresh.info if k not in _OWN_INFO]
-        picked = jax.tree.map(
-            lambda new, old: jnp.where(done, new, old),
+        pipeline_state, obs, inner_info = jax.tree.map(
+            lambda new, old: jnp.where(restart, new, old),
             (fresh.pipeline_state, fresh.obs, {k: fresh.info[k] for k in inner_keys}),
             (stepped.pipeline_state, stepped.obs, {k: stepped.info[k] for k in inner_keys}),
         )
-        pipeline_state, obs, inner_info = picked
         info = {
             **inner_info,
-            "steps": jnp.where(done, 0, steps),
-            "truncation": jnp.asarray(time_up & ~terminated, dtype=float),
+            "steps": jnp.where(restart, 0, steps),
+            "truncation": jnp.asarray(time_up & ~terminated, dtype=reward.dtype),
             "episode_return": episode_return,
-            "final_obs": stepped.obs,
+            "final_obs": final_obs,
             "reset_key": reset_key,
+            "start_index": index,
+            "reused_start": jnp.asarray(reused, dtype=reward.dtype),
+            "diverged": jnp.asarray(~finite, dtype=reward.dtype),
         }
         return stepped.replace(
             pipeline_state=pipeline_state,
             obs=obs,
             reward=reward,
-            done=jnp.asarray(done, dtype=float),
+            done=jnp.asarray(done, dtype=reward.dtype),
             info=info,
         )

@@ -47,13 +47,28 @@ class AbstractStrategy(eqx.Module, Generic[StrategyState]):
     @property
     @abc.abstractmethod
     def steps_per_iteration(self) -> int:
-        """Env steps one `step` consumes (the x-axis of every learning curve)."""
+        """Env steps one `step` counts: the steps whose data feed its update (the x-axis of
+        every learning curve). A strategy whose count varies (ES: the steps inside each
+        member's scored episode) returns the most one step can count here, and the real
+        count of each step as `metrics["env_steps"]`."""
+
+    @property
+    def min_steps_per_iteration(self) -> int:
+        """The fewest env steps one `step` can count (equal to `steps_per_iteration` unless
+        the count varies)."""
+        return self.steps_per_iteration
 
     @property
     @abc.abstractmethod
     def batch_size(self) -> int:
         """Envs (or population members) one `step` runs side by side: the axis the strategy
         marks with `diffsim.shard_batch` and `train` splits over devices."""
+
+    def for_env(self, env: Env) -> "AbstractStrategy":
+        """This strategy with settings left to the env filled in (e.g. ES's rollout length
+        from the episode length). `train` calls it first. The default returns `self`."""
+        del env
+        return self
 
     def check(self, env: Env, policy: eqx.Module) -> None:
         """Raise `ValueError` if this strategy cannot train `policy` on `env`.

@@ -1,5 +1,6 @@
 """Evolution strategies: any distribution-based evosax 0.3 algorithm over the rollout core."""
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +19,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._types import Metrics
 from ..policies import trainable, update_normalizers
-from ..rollout import episode_returns, reset, rollout
+from ..rollout import Episodes, first_episodes, reset
 from ..sharding import shard_batch
 from . import _checks as check
 from ._guard import all_finite, select
@@ -170,7 +171,7 @@ class ES(AbstractStrategy[ESState]):
     algorithm: str | type = eqx.field(default="Open_ES", static=True)
     population_size: int = eqx.field(default=64, static=True)
     episodes_per_member: int = eqx.field(default=1, static=True)
-    rollout_length: int = eqx.field(default=1000, static=True)
+    rollout_length: int | None = eqx.field(default=None, static=True)
     std: float = 0.05
     learning_rate: float | Callable[[Array], Array] = 0.03
     weight_decay: float = 0.0
@@ -178,8 +179,10 @@ class ES(AbstractStrategy[ESState]):
     fitness_shaping: str = eqx.field(default="centered_rank", static=True)
 
     def __check_init__(self):
-        for name in ("population_size", "episodes_per_member", "rollout_length"):
+        for name in ("population_size", "episodes_per_member"):
             check.positive_int(name, getattr(self, name))
+        if self.rollout_length is not None:
+            check.positive_int("rollout_length", self.rollout_length)
         check.positive("std", self.std)
         check.learning_rate("learning_rate", self.learning_rate)
         check.in_range("weight_decay", self.weight_decay, 0.0, float("inf"))
@@ -234,20 +237,35 @@ class ES(AbstractStrategy[ESState]):
             )
         return algorithm
 
+    def for_env(self, env: Env) -> "ES":
+        """This ES with `rollout_length` set to the env's episode length if it was None."""
+        if self.rollout_length is not None:
+            return self
+        return dataclasses.replace(self, rollout_length=env.episode_length)
+
     @property
     def steps_per_iteration(self) -> int:
+        if self.rollout_length is None:
+            raise ValueError(
+                "ES(rollout_length=None) takes its length from the env: call"
+                " es.for_env(env) first (train does)"
+            )
         return self.population_size * self.episodes_per_member * self.rollout_length
+
+    @property
+    def min_steps_per_iteration(self) -> int:
+        return self.population_size * self.episodes_per_member
 
     @property
     def batch_size(self) -> int:
         return self.population_size
 
     def check(self, env: Env, policy: eqx.Module) -> None:
-        if self.rollout_length > env.episode_length:
+        if self.rollout_length is not None and self.rollout_length > env.episode_length:
             raise ValueError(
                 f"rollout_length={self.rollout_length} exceeds the episode_length"
                 f" {env.episode_length} of env {getattr(env, 'name', '')!r}; pass"
-                f" ES(rollout_length={env.episode_length}) or less"
+                f" ES(rollout_length={env.episode_length}) or less, or None for the env's"
             )
 
     def _optimizer(self) -> optax.GradientTransformation:
@@ -309,28 +327,16 @@ class ES(AbstractStrategy[ESState]):
         member sees the same episodes. With `rollout_length == env.episode_length`, entry
         `i` equals `diffsim.evaluate(env, member_i, key=key, num_episodes=E).mean()`.
         """
-        return self._rollouts(env, state, population, key)[0]
-
-    def _rollouts(self, env: Env, state: ESState, population, key: PRNGKeyArray):
-        _, static = eqx.partition(state.policy, trainable(state.policy))
-        # Every member starts from the same E env states (`evaluate`'s key convention).
-        reset_key, act_key = jr.split(key)
-        env_state = reset(env, key=reset_key, num_envs=self.episodes_per_member)
-
-        def member_rollout(member) -> tuple[Float[Array, ""], Float[Array, "T E obs"]]:
-            policy = eqx.combine(member, static)
-            _, traj = rollout(
-                env,
-                policy,
-                env_state,
-                key=act_key,
-                length=self.rollout_length,
-                deterministic=True,
-            )
-            return jnp.mean(episode_returns(traj)), traj.obs
-
-        # [P], [P T E obs]: P x E envs at once, the members split over devices
-        return jax.vmap(member_rollout)(shard_batch(population))
+        es = self.for_env(env)
+        episodes = population_episodes(
+            env,
+            state.policy,
+            population,
+            key=key,
+            num_episodes=es.episodes_per_member,
+            max_length=es.rollout_length,
+        )
+        return jnp.mean(episodes.returns, axis=-1)
 
     def step(self, env: Env, state: ESState, *, key: PRNGKeyArray) -> tuple[ESState, Metrics]:
         ask_key, eval_key, tell_key = jr.split(key, 3)
@@ -338,7 +344,15 @@ class ES(AbstractStrategy[ESState]):
         es = self._evosax(params)
         hp = self._hyperparams(es)
         population, es_state = es.ask(ask_key, state.evosax, hp)  # leaves [P, ...]
-        returns, obs = self._rollouts(env, state, population, eval_key)
+        episodes = population_episodes(
+            env,
+            state.policy,
+            population,
+            key=eval_key,
+            num_episodes=self.episodes_per_member,
+            max_length=self.rollout_length,
+        )
+        returns = jnp.mean(episodes.returns, axis=-1)
         # A member whose rollout went non-finite ranks with the worst finite one; if the
         # update itself is not finite (or no member was), the generation is skipped.
         bad = ~jnp.isfinite(returns)
@@ -359,8 +373,10 @@ class ES(AbstractStrategy[ESState]):
         )
 
         mean = eqx.combine(es.get_mean(es_state), static)
-        # A diverged simulation must not poison the statistics every member shares.
-        normalized = select(jnp.all(jnp.isfinite(obs)), update_normalizers(mean, obs), mean)
+        # Observations inside the scored episodes only, as the fitness saw them; a diverged
+        # simulation must not poison the statistics every member shares.
+        normalized = update_normalizers(mean, episodes.obs)
+        normalized = select(all_finite(normalized), normalized, mean)
         new_state = ESState(
             policy=normalized,
             best=best,
@@ -368,6 +384,7 @@ class ES(AbstractStrategy[ESState]):
             evosax=es_state,
         )
         metrics = {
+            "env_steps": jnp.sum(episodes.steps),
             "train_return": jnp.mean(returns),
             "max_return": jnp.max(returns),
             "min_return": jnp.min(returns),
@@ -378,3 +395,37 @@ class ES(AbstractStrategy[ESState]):
         if hasattr(es_state, "std"):  # a scalar or one per parameter (before CMA's scaling)
             metrics["std"] = jnp.mean(es_state.std)
         return new_state, metrics
+
+
+def population_episodes(
+    env: Env, policy: eqx.Module, population, *, key: PRNGKeyArray, num_episodes: int, max_length
+) -> Episodes:
+    """Every member of `population` plays the same `num_episodes` episodes to their end.
+
+    `population`: trainable parameters with a leading `P` axis, combined with the rest of
+    `policy` (its normaliser). One `jax.vmap` over members of `diffsim.rollout`'s
+    `first_episodes` (deterministic acting, at most `max_length` steps, stopping once
+    every member's episodes have ended), with the members split over devices.
+
+    **Returns:** `Episodes` with `returns` and `steps` of shape `[P, num_episodes]` and
+    the observation statistics of each member (`[P]`-batched `RunningNorm`).
+
+    **Example:**
+
+    ```python
+    pop = jax.tree.map(lambda x: x[None].repeat(8, 0), eqx.filter(policy, trainable(policy)))
+    ep = population_episodes(env, policy, pop, key=key, num_episodes=2, max_length=100)
+    ep.returns.shape   # (8, 2)
+    ```
+    """
+    _, static = eqx.partition(policy, trainable(policy))
+    # Every member starts from the same env states (`evaluate`'s key convention).
+    reset_key, act_key = jr.split(key)
+    env_state = reset(env, key=reset_key, num_envs=num_episodes)
+
+    def member(params) -> Episodes:
+        return first_episodes(
+            env, eqx.combine(params, static), env_state, key=act_key, max_length=max_length
+        )
+
+    return jax.vmap(member)(shard_batch(population))
