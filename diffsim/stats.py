@@ -70,8 +70,10 @@ def probability_of_improvement(x: np.ndarray, y: np.ndarray) -> float:
 def threshold_crossing(run, threshold: float) -> dict[str, float | None]:
     """First evaluation point at which the IQM across seeds reaches `threshold`.
 
-    **Returns:** `{"env_steps": ..., "wall_time": ...}` (median over seeds of the wall
-    time at that point), or `None` values if the run never gets there.
+    **Returns:** `{"env_steps": ..., "wall_time": ...}` (medians over seeds of the env
+    steps and training seconds at that point; seeds differ where a strategy's iterations
+    count varying numbers of steps, as ES's do), or `None` values if the run never gets
+    there.
 
     **Example:**
 
@@ -87,4 +89,4 @@ def threshold_crossing(run, threshold: float) -> dict[str, float | None]:
     if len(reached) == 0:
         return {"env_steps": None, "wall_time": None}
     i = int(reached[0])
-    return {"env_steps": int(steps[0, i]), "wall_time": float(np.median(times[:, i]))}
+    return {"env_steps": int(np.median(steps[:, i])), "wall_time": float(np.median(times[:, i]))}

@@ -318,7 +318,7 @@ def _execute(
     log_dir=None,
 ) -> Run:
     _check_inputs(strategy, env, policy, num_eval_episodes)
-    strategy = strategy.for_env(env)
+    strategy = strategy.for_env(env).for_budget(total_steps)
     plan = make_plan(strategy, total_steps, num_evals)
     if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")

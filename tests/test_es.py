@@ -42,9 +42,9 @@ def test_solves_reach(envs):
     assert run.config["steps_per_iteration"] == 32 * 1 * 100
     # The returned policy is the distribution mean, a plain policy `evaluate` accepts.
     assert isinstance(run.policy, diffsim.DeterministicPolicy)
-    again = diffsim.evaluate(env, run.policy, key=jr.key(EVAL_SEED))
+    again = diffsim.evaluate(env, run.policy, key=jr.fold_in(jr.key(EVAL_SEED), 0))
     np.testing.assert_allclose(again, run.curve.eval_return[-1], rtol=1e-5, atol=1e-4)
-    # Normaliser statistics come from every observation of every member's rollouts.
+    # Normaliser statistics come from every observation inside the scored episodes.
     assert float(run.policy.norm.count) == run.config["total_steps"]
     assert float(policy.norm.count) == 0
 
@@ -156,7 +156,12 @@ def test_rejects_rollouts_longer_than_episodes_before_compiling(envs):
     env = envs("reach")
     with pytest.raises(ValueError, match="rollout_length=1000 exceeds the episode_length 100"):
         diffsim.train(
-            diffsim.ES(), env, deterministic(env), key=jr.key(0), total_steps=10**8, progress=False
+            diffsim.ES(rollout_length=1000),
+            env,
+            deterministic(env),
+            key=jr.key(0),
+            total_steps=10**8,
+            progress=False,
         )
 
 

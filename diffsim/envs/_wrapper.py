@@ -102,7 +102,7 @@ class AutoResetEnv(Wrapper):
         info = {**state.info, "reset_key": reset_key, "start_index": jnp.zeros((), jnp.int32)}
         return state.replace(info=info), pool
 
-    def step(self, state: State, action: jax.Array, starts: State | None = None) -> State:
+    def step(self, state: State, action: jax.Array, starts: State | tuple | None = None) -> State:
         info = state.info
         stepped = self.env.step(state, action)
         steps = info["steps"] + 1

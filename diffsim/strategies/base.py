@@ -70,6 +70,12 @@ class AbstractStrategy(eqx.Module, Generic[StrategyState]):
         del env
         return self
 
+    def for_budget(self, total_steps: int) -> "AbstractStrategy":
+        """This strategy with settings left to the run's env-step budget filled in (e.g.
+        PPO's learning-rate decay length). `train` calls it. The default returns `self`."""
+        del total_steps
+        return self
+
     def check(self, env: Env, policy: eqx.Module) -> None:
         """Raise `ValueError` if this strategy cannot train `policy` on `env`.
 

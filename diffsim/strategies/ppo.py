@@ -1,5 +1,6 @@
 """Proximal policy optimisation (Schulman et al. 2017), entirely inside jit."""
 
+import dataclasses
 from collections.abc import Callable
 
 import equinox as eqx
@@ -15,7 +16,7 @@ from ..policies import ValueFunction, trainable, update_normalizers
 from ..rollout import episode_stats, reset, rollout
 from ..sharding import shard_batch
 from . import _checks as check
-from ._guard import all_finite, guarded_update
+from ._guard import all_finite, guarded_update, select
 from .base import AbstractStrategy
 from .returns import gae
 
@@ -31,12 +32,15 @@ class PPOState(eqx.Module):
 
 
 class _Batch(eqx.Module):
-    obs: Float[Array, "N obs"]
-    action: Float[Array, "N act"]
-    log_prob: Float[Array, " N"]
-    advantage: Float[Array, " N"]
-    value_target: Float[Array, " N"]
-    value: Float[Array, " N"]
+    """Update data; leading axes `[B, T]` (env-major), or `[N]` within a minibatch."""
+
+    obs: Float[Array, "*n obs"]
+    action: Float[Array, "*n act"]
+    pre_squash: Float[Array, "*n act"] | None
+    log_prob: Float[Array, "*n"]
+    advantage: Float[Array, "*n"]
+    value_target: Float[Array, "*n"]
+    value: Float[Array, "*n"]
 
 
 def _optimizer(learning_rate, max_grad_norm: float, eps: float) -> optax.GradientTransformation:
@@ -53,11 +57,25 @@ class PPO(AbstractStrategy[PPOState]):
         L = -E[min(r A, clip(r, 1-eps, 1+eps) A)] + value_coef * E[(V - G)^2] / 2
             - entropy_coef * E[H],          r = pi(a|s) / pi_old(a|s),
 
-    with advantages normalised per minibatch. Policy and critic have their own Adam with
-    global-norm clipping, so a large value loss cannot shrink the policy's step. A
-    minibatch whose loss or gradient is not finite is skipped and counted
-    (`metrics["skipped_updates"]`). The observation statistics are updated after the
-    update, from the batch just collected.
+    with advantages normalised per minibatch; with `value_clip` the value error is also
+    taken at `V_old + clip(V - V_old, -value_clip, value_clip)` and the larger one kept.
+    Policy and critic have their own Adam with global-norm clipping, so a large value
+    loss cannot shrink the policy's step. With `lr_decay` (default) both learning rates
+    decay linearly to 0 over `lr_decay_steps` env steps, which `train` sets to the run's
+    budget unless given (driving `step` by hand without it: no decay). A minibatch whose loss or gradient is not
+    finite is skipped and counted (`metrics["skipped_updates"]`).
+
+    The observation statistics are updated first, from the batch just collected, and the
+    behaviour log-probs `pi_old` and values `V_old` are recomputed under them, so the
+    ratio `r` compares two policies that see the same normalised inputs. `pi_old(a|s)` is
+    evaluated at the stored pre-squash sample (`traj.extras["pre_squash"]`, for policies
+    with `sample`), not at `arctanh(a)`, which loses precision near the action bounds.
+
+    `shuffle="samples"` (default) permutes single transitions; `"envs"` builds minibatches
+    of whole env trajectories (one permutation of the `num_envs` envs per epoch;
+    `num_minibatches` must divide `num_envs`), which gathers contiguous rows and is about
+    20% faster on `inverted_pendulum`, but its correlated minibatches learned worse there
+    (8 seeds, 1M steps: IQM 523 against 955).
 
     The policy needs `policy.log_prob(obs, action)` and `policy.entropy(obs)`, as
     `GaussianPolicy` has.
@@ -83,11 +101,14 @@ class PPO(AbstractStrategy[PPOState]):
     gae_lambda: float = 0.95
     clip_epsilon: float = 0.2
     value_coef: float = 0.5
-    clip_value: bool = False
+    value_clip: float | None = None
     entropy_coef: float = 0.0
     normalize_advantages: bool = True
     reward_scale: float = 1.0
     value_hidden: tuple[int, ...] = (64, 64)
+    lr_decay: bool = True
+    lr_decay_steps: int | None = None
+    shuffle: str = "samples"
 
     def __check_init__(self):
         for name in ("num_envs", "unroll_length", "num_epochs", "num_minibatches"):
@@ -98,6 +119,23 @@ class PPO(AbstractStrategy[PPOState]):
                 f"num_minibatches={self.num_minibatches} must divide num_envs * unroll_length"
                 f" = {batch}"
             )
+        if self.shuffle not in ("envs", "samples"):
+            raise ValueError(f"shuffle must be 'envs' or 'samples', got {self.shuffle!r}")
+        if self.shuffle == "envs" and self.num_envs % self.num_minibatches:
+            raise ValueError(
+                f"num_minibatches={self.num_minibatches} must divide num_envs={self.num_envs}"
+                f" with shuffle='envs' (whole env trajectories per minibatch); use"
+                f" shuffle='samples' or another num_minibatches"
+            )
+        if self.value_clip is not None:
+            check.positive("value_clip", self.value_clip)
+        if self.lr_decay_steps is not None:
+            check.positive_int("lr_decay_steps", self.lr_decay_steps)
+            if self.lr_decay and callable(self.learning_rate):
+                raise ValueError(
+                    "lr_decay_steps needs a float learning_rate (the decay's start), got a"
+                    f" schedule {self.learning_rate!r}"
+                )
         check.learning_rate("learning_rate", self.learning_rate)
         for name in ("max_grad_norm", "adam_eps", "clip_epsilon", "reward_scale"):
             check.positive(name, getattr(self, name))
@@ -109,6 +147,12 @@ class PPO(AbstractStrategy[PPOState]):
     @property
     def steps_per_iteration(self) -> int:
         return self.num_envs * self.unroll_length
+
+    def for_budget(self, total_steps: int) -> "PPO":
+        """With `lr_decay`, decay over the run's `total_steps` unless `lr_decay_steps` is set."""
+        if not self.lr_decay or self.lr_decay_steps is not None or callable(self.learning_rate):
+            return self
+        return dataclasses.replace(self, lr_decay_steps=total_steps)
 
     @property
     def batch_size(self) -> int:
@@ -123,7 +167,12 @@ class PPO(AbstractStrategy[PPOState]):
             )
 
     def _optimizer(self) -> optax.GradientTransformation:
-        return _optimizer(self.learning_rate, self.max_grad_norm, self.adam_eps)
+        learning_rate = self.learning_rate
+        if self.lr_decay and self.lr_decay_steps is not None:  # optax counts minibatch updates
+            updates = self.lr_decay_steps / self.steps_per_iteration
+            updates *= self.num_epochs * self.num_minibatches
+            learning_rate = optax.linear_schedule(learning_rate, 0.0, max(1, round(updates)))
+        return _optimizer(learning_rate, self.max_grad_norm, self.adam_eps)
 
     def init(self, env: Env, policy: eqx.Module, *, key: PRNGKeyArray) -> PPOState:
         value_key, env_key = jr.split(key)
@@ -142,7 +191,9 @@ class PPO(AbstractStrategy[PPOState]):
 
     def _loss(self, models, batch: _Batch) -> tuple[Float[Array, ""], Metrics]:
         policy, value = models
-        log_prob = jax.vmap(policy.log_prob)(batch.obs, batch.action)
+        log_prob = jax.vmap(_log_prob, in_axes=(None, 0, 0, 0))(
+            policy, batch.obs, batch.action, batch.pre_squash
+        )
         log_ratio = log_prob - batch.log_prob
         ratio = jnp.exp(log_ratio)
         adv = batch.advantage
@@ -153,8 +204,8 @@ class PPO(AbstractStrategy[PPOState]):
 
         v = jax.vmap(value)(batch.obs)
         value_err = (v - batch.value_target) ** 2
-        if self.clip_value:
-            v_clip = batch.value + jnp.clip(v - batch.value, -self.clip_epsilon, self.clip_epsilon)
+        if self.value_clip is not None:
+            v_clip = batch.value + jnp.clip(v - batch.value, -self.value_clip, self.value_clip)
             value_err = jnp.maximum(value_err, (v_clip - batch.value_target) ** 2)
         value_loss = 0.5 * jnp.mean(value_err)
         entropy = jnp.mean(jax.vmap(policy.entropy)(batch.obs))
@@ -168,9 +219,16 @@ class PPO(AbstractStrategy[PPOState]):
             "clip_fraction": jnp.mean(jnp.abs(ratio - 1) > self.clip_epsilon),
         }
 
-    def _batch(self, value: ValueFunction, traj: Trajectory) -> _Batch:
-        values = jax.vmap(jax.vmap(value))(traj.obs)
-        next_values = jax.vmap(jax.vmap(value))(traj.next_obs)
+    def _batch(self, policy, value: ValueFunction, traj: Trajectory) -> _Batch:
+        """The update's data, with behaviour log-probs and values recomputed under the
+        current (just updated) observation statistics."""
+        pre_squash = traj.extras.get("pre_squash")
+        over_tb = lambda f: jax.vmap(jax.vmap(f))
+        log_prob = over_tb(lambda o, a, u: _log_prob(policy, o, a, u))(
+            traj.obs, traj.action, pre_squash
+        )
+        values = over_tb(value)(traj.obs)
+        next_values = over_tb(value)(traj.next_obs)
         targets = gae(
             traj.reward * self.reward_scale,
             values,
@@ -180,15 +238,32 @@ class PPO(AbstractStrategy[PPOState]):
             discount=self.discount,
             lam=self.gae_lambda,
         )
-        flat = lambda x: x.reshape(-1, *x.shape[2:])
-        return _Batch(
-            obs=flat(traj.obs),
-            action=flat(traj.action),
-            log_prob=flat(traj.log_prob),
-            advantage=flat(targets.advantage),
-            value_target=flat(targets.value_target),
-            value=flat(values),
+        # Minibatches of whole env trajectories ([B, T] -> shuffle B) gather rows of T
+        # contiguous samples, cheaper than a gather of single samples.
+        env_major = lambda x: None if x is None else jnp.swapaxes(x, 0, 1)
+        return jax.tree.map(
+            env_major,
+            _Batch(
+                obs=traj.obs,
+                action=traj.action,
+                pre_squash=pre_squash,
+                log_prob=log_prob,
+                advantage=targets.advantage,
+                value_target=targets.value_target,
+                value=values,
+            ),
         )
+
+    def _minibatches(self, batch: _Batch, key: PRNGKeyArray) -> _Batch:
+        """`num_minibatches` shuffled minibatches, leaves `[M, N / M, ...]`."""
+        m = self.num_minibatches
+        if self.shuffle == "envs":
+            order = jr.permutation(key, self.num_envs)
+            split = lambda x: x[order].reshape(m, -1, *x.shape[2:])
+        else:
+            order = jr.permutation(key, self.steps_per_iteration)
+            split = lambda x: x.reshape(-1, *x.shape[2:])[order].reshape(m, -1, *x.shape[2:])
+        return jax.tree.map(split, batch)
 
     def step(self, env: Env, state: PPOState, *, key: PRNGKeyArray) -> tuple[PPOState, Metrics]:
         rollout_key, shuffle_key = jr.split(key)
@@ -199,7 +274,18 @@ class PPO(AbstractStrategy[PPOState]):
             key=rollout_key,
             length=self.unroll_length,
         )
-        batch = self._batch(state.value, traj)
+        # Observation statistics first, so the update and its behaviour log-probs and
+        # values all see the statistics the next rollout will act with.
+        obs_ok = jnp.all(jnp.isfinite(traj.obs))
+        policy, value = select(
+            obs_ok,
+            update_normalizers((state.policy, state.value), traj.obs),
+            (state.policy, state.value),
+        )
+        state = eqx.tree_at(
+            lambda s: (s.policy, s.value, s.env_state), state, (policy, value, env_state)
+        )
+        batch = self._batch(policy, value, traj)
         opt = self._optimizer()
         grad_fn = eqx.filter_value_and_grad(self._loss, has_aux=True)
 
@@ -218,25 +304,18 @@ class PPO(AbstractStrategy[PPOState]):
             return new, metrics
 
         def epoch(state: PPOState, key: PRNGKeyArray) -> tuple[PPOState, dict[str, Array]]:
-            order = jr.permutation(key, self.steps_per_iteration)
-            shuffled = jax.tree.map(
-                lambda x: x[order].reshape(self.num_minibatches, -1, *x.shape[1:]), batch
-            )
-            return jax.lax.scan(minibatch_step, state, shuffled)
+            return jax.lax.scan(minibatch_step, state, self._minibatches(batch, key))
 
         state, metrics = jax.lax.scan(epoch, state, jr.split(shuffle_key, self.num_epochs))
         skipped = jnp.sum(metrics.pop("skipped_updates"))
         metrics = jax.tree.map(jnp.nanmean, metrics)
         metrics["skipped_updates"] = skipped  # minibatch updates skipped this iteration
         metrics.update(episode_stats(traj))
-
-        state = eqx.tree_at(
-            lambda s: (s.policy, s.value, s.env_state),
-            state,
-            (
-                update_normalizers(state.policy, traj.obs),
-                update_normalizers(state.value, traj.obs),
-                env_state,
-            ),
-        )
         return state, metrics
+
+
+def _log_prob(policy, obs, action, pre_squash):
+    """`policy.log_prob`, from the stored pre-squash sample where the policy takes one."""
+    if pre_squash is None:
+        return policy.log_prob(obs, action)
+    return policy.log_prob(obs, action, pre_squash=pre_squash)
