@@ -3,9 +3,12 @@
 import contextlib
 import io
 import os
+import warnings
 from pathlib import Path
 
 import jax
+
+from . import _gl  # noqa: F401  (sets MUJOCO_GL=egl when headless, before brax imports mujoco)
 
 
 def cache_dir() -> Path | None:
@@ -34,6 +37,8 @@ def enable_compilation_cache() -> None:
 
 # Import Brax once with stdout muted: MuJoCo's MJX prints "Failed to import warp" (an
 # optional GPU backend) on import. Real errors still raise. `diffsim/__init__.py` imports
-# this module first.
-with contextlib.redirect_stdout(io.StringIO()):
+# this module first. Brax imports JAXopt, whose DeprecationWarning ("no longer maintained")
+# users cannot act on and which would stop `import diffsim` under `python -W error`.
+with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+    warnings.filterwarnings("ignore", "JAXopt is no longer maintained", DeprecationWarning)
     import brax.envs  # noqa: F401

@@ -1,9 +1,10 @@
-"""The `diffsim` command: `train`, `study`, `plot`, `envs`. Run `diffsim --help`."""
+"""The `diffsim` command: `train`, `study`, `plot`, `render`, `envs`. Run `diffsim --help`."""
 
 import argparse
 import dataclasses
 import runpy
 import sys
+import warnings
 from pathlib import Path
 
 import jax
@@ -16,9 +17,11 @@ from .stats import iqm_ci, threshold_crossing
 
 
 def strategies() -> dict[str, type]:
-    """Strategy classes by command-line name: `ppo`, and `apg`, `shac`, `es` where present."""
-    names = ("PPO", "APG", "SHAC", "ES")
-    return {n.lower(): getattr(diffsim, n) for n in names if hasattr(diffsim, n)}
+    """Strategy classes by command-line name: `ppo`, and `apg`, `shac`, `es`, `guided-es`
+    where present."""
+    names = ("PPO", "APG", "SHAC", "ES", "GuidedES")
+    command = {"GuidedES": "guided-es"}
+    return {command.get(n, n.lower()): getattr(diffsim, n) for n in names if hasattr(diffsim, n)}
 
 
 def _add_hyperparameters(parser: argparse.ArgumentParser, cls: type) -> list[str]:
@@ -109,10 +112,45 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("script", help="e.g. compare, or studies/compare.py")
     study.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script")
 
-    plot = commands.add_parser("plot", help="plot a study folder's learning curves")
-    plot.add_argument("results", help="a study folder, e.g. results/compare")
+    plot = commands.add_parser(
+        "plot",
+        help="plot learning curves of `train --out` folders or a study folder",
+        description=(
+            "Plot one panel per env and one line per run. Each folder is a saved run"
+            " (`diffsim train --out DIR`), labelled by its strategy (by its folder name where"
+            " two would share a label), or a study folder such as results/compare."
+        ),
+    )
+    plot.add_argument(
+        "results", nargs="+", metavar="DIR", help="train --out folders and/or study folders"
+    )
     plot.add_argument("-o", "--output", required=True, help="figure file (.png, .pdf, ...)")
     plot.add_argument("--x", choices=["env_steps", "wall_time", "final"], default="env_steps")
+
+    render = commands.add_parser(
+        "render",
+        help="watch a saved run's policy: one episode as .gif, .mp4, .png strip or .html",
+        description=(
+            "Write one deterministic episode of a saved run's policy (a `train --out` folder)"
+            " to FILE; the format follows the extension: .gif, .mp4, .png (a strip of still"
+            " frames) or .html (Brax's interactive viewer for Brax envs)."
+        ),
+    )
+    render.add_argument("run", metavar="RUN_DIR", help="a saved run, e.g. results/p")
+    render.add_argument("-o", "--output", required=True, metavar="FILE", help="output file")
+    render.add_argument(
+        "--seed", type=int, default=0, help="which of the run's seeds to show (0-based); default 0"
+    )
+    render.add_argument(
+        "--length", type=int, default=None, help="at most this many steps; default one episode"
+    )
+    render.add_argument(
+        "--episode",
+        type=int,
+        default=0,
+        metavar="K",
+        help="key of the episode's initial state, jax.random.key(K); default 0",
+    )
 
     commands.add_parser("envs", help="list environments with observation and action sizes")
     return parser
@@ -173,16 +211,46 @@ def _study(args) -> None:
 
 
 def _plot(args) -> None:
-    from . import plotting
-    from .study import load_study
+    import matplotlib.pyplot as plt
 
-    runs = load_study(args.results)
+    from . import plotting
+    from .study import load_runs
+
+    runs = load_runs(args.results)
     fig = (
         plotting.final_scores(runs) if args.x == "final" else plotting.study_figure(runs, x=args.x)
     )
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.output, dpi=120)
+    plt.close(fig)
     print(f"wrote {args.output} ({len(runs)} runs)")
+
+
+def _render(args) -> None:
+    from .render import _check_path, render
+
+    _check_path(Path(args.output))  # a bad extension fails before loading or compiling
+    run = diffsim.load_run(args.run)
+    config = run.config
+    toy = config["env"] in diffsim.envs.toy_names()
+    env = diffsim.make_env(
+        config["env"],
+        backend=None if toy else config.get("backend"),
+        episode_length=config.get("episode_length"),
+    )
+    leading = np.asarray(run.curve.eval_return).ndim - 2  # seed (and sweep) axes
+    count = int(np.prod(np.shape(run.curve.eval_return)[:leading]))
+    if not 0 <= args.seed < count:
+        raise ValueError(f"--seed {args.seed} is out of range: {args.run} holds {count} seed(s)")
+    policy = jax.tree.map(
+        lambda x: (
+            x.reshape(-1, *x.shape[leading:])[args.seed] if leading and hasattr(x, "ndim") else x
+        ),
+        run.policy,
+    )
+    key = jax.random.key(args.episode)
+    path = render(env, policy, args.output, key=key, length=args.length)
+    print(f"wrote {path} ({env.name}, seed {args.seed})")
 
 
 def _envs() -> None:
@@ -211,9 +279,21 @@ def main(argv: list[str] | None = None) -> int:
     ```bash
     diffsim train ppo --env pendulum --steps 200000 --seeds 4 --learning-rate 3e-4
     diffsim plot results/compare -o figures/compare.png
+    diffsim plot results/ppo_run results/apg_run -o curves.png   # `train --out` folders
     ```
     """
     args = _parser().parse_args(argv)
+    with warnings.catch_warnings():  # restores the process's own display afterwards
+        warnings.showwarning = _show_warning
+        return _dispatch(args)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line on stderr, like errors: `diffsim: warning: ...`, no source line."""
+    print(f"diffsim: warning: {message}", file=sys.stderr if file is None else file)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         if args.command == "train":
             _train(args)
@@ -221,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
             _study(args)
         elif args.command == "plot":
             _plot(args)
+        elif args.command == "render":
+            _render(args)
         else:
             _envs()
     except (ValueError, TypeError, FileNotFoundError, OSError) as error:

@@ -1,12 +1,11 @@
 """`Run`: the result of `train` / `train_seeds`, and its round trip to a folder."""
 
-import contextlib
 import dataclasses
 import json
 import os
-import pickle
 import platform
 import tempfile
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
+from . import _structure
 from ._types import LearningCurve
 
 
@@ -55,18 +55,30 @@ class Run(eqx.Module):
           return_mean, return_0, return_1, ...`; readable by `pandas.read_csv` and
           `numpy.genfromtxt(..., delimiter=",", names=True)`.
         - `metrics.csv`: one row per (seed, iteration).
-        - `policy.eqx` (Equinox leaf serialisation) and `policy.pkl` (its structure).
+        - `policy.eqx`: the policy's arrays (Equinox leaf serialisation, plain `.npy` data).
+        - `policy.json`: the policy's structure as data (classes by allow-listed name,
+          static fields, array shapes; see `diffsim.register_policy`). No pickle: opening
+          the folder with `load_run` runs no code from it. A policy holding something that
+          cannot be named (a lambda) gets no `policy.json`, with a warning; load it with
+          `load_run(path, like=policy)`.
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         _atomic_write(path / "curve.csv", _curve_csv(self.curve).encode())
         _atomic_write(path / "metrics.csv", _metrics_csv(self.metrics).encode())
-        skeleton = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if eqx.is_array(x) else x, self.policy
-        )
-        # An unpicklable user module is fine: load_run(path, like=policy) still works.
-        with contextlib.suppress(pickle.PicklingError, AttributeError, TypeError):
-            _atomic_write(path / "policy.pkl", pickle.dumps(skeleton))
+        try:
+            structure = {"format": _structure.FORMAT, "policy": _structure.encode(self.policy)}
+        except TypeError as error:
+            structure = None
+            warnings.warn(
+                f"saving {path} without policy.json: {error}. Load it with"
+                " diffsim.load_run(path, like=<a policy of the same structure>)",
+                stacklevel=2,
+            )
+        for stale in ("policy.pkl", "policy.json"):  # an older save into the same folder
+            (path / stale).unlink(missing_ok=True)
+        if structure is not None:
+            _atomic_write(path / "policy.json", json.dumps(structure, indent=1).encode())
         with _atomic_file(path / "policy.eqx") as f:
             eqx.tree_serialise_leaves(f, self.policy)
         # Last, so a folder with config.json holds a complete run (what study resumes on).
@@ -80,8 +92,18 @@ def load_run(path: str | os.PathLike, *, like: eqx.Module | None = None) -> Run:
     **Arguments:**
 
     - `path`: the folder.
-    - `like`: a policy of the same structure, needed only when the policy's structure
-      could not be pickled (a user module holding an unpicklable function).
+    - `like`: a policy of the same structure, used instead of the folder's `policy.json`.
+      Needed for a policy whose classes are not registered (`diffsim.register_policy`) or
+      that was saved without `policy.json`, and for folders in the old format (whose
+      structure is a pickle, `policy.pkl`). A policy of one seed is enough for a run of many
+      seeds: it is broadcast over the run's seed axes.
+
+    Only data is read: classes and functions named in `policy.json` must be on
+    diffsim's allow-list or registered, so opening a folder someone shared runs none of
+    its code. A `policy.pkl` is never unpickled.
+
+    **Raises:** `ValueError` for a folder in the old format, a name that is not
+    allow-listed, or arrays that do not fit the structure.
 
     **Example:**
 
@@ -95,28 +117,82 @@ def load_run(path: str | os.PathLike, *, like: eqx.Module | None = None) -> Run:
         raise FileNotFoundError(f"{path} holds no saved run (no config.json)")
     config = json.loads((path / "config.json").read_text())
     seeded = config.get("num_seeds") is not None
-    if like is None:
-        if not (path / "policy.pkl").exists():
-            raise ValueError(
-                f"{path}/policy.pkl is missing: pass like=<a policy of the same structure>"
-            )
-        like = pickle.loads((path / "policy.pkl").read_bytes())
-    like = jax.tree.map(
-        lambda x: jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x, like
-    )
-    policy = eqx.tree_deserialise_leaves(path / "policy.eqx", like)
     curve = _read_curve(path / "curve.csv", seeded)
+    if like is None:
+        skeletons = [_policy_structure(path)]
+    else:  # as given, or one seed's policy broadcast over the run's seed (sweep) axes
+        lead = tuple(curve.eval_return.shape[:-2])
+        skeletons = [like, _broadcast(like, lead)] if lead else [like]
+    policy = _read_policy(path / "policy.eqx", skeletons)
     metrics = _read_table(path / "metrics.csv", seeded, index="iteration")
     return Run(policy=policy, curve=curve, metrics=metrics, config=config)
 
 
+def _policy_structure(path: Path) -> eqx.Module:
+    """The abstract policy `policy.json` describes (arrays as `ShapeDtypeStruct`s)."""
+    if (path / "policy.json").exists():
+        data = json.loads((path / "policy.json").read_text())
+        if not isinstance(data, dict) or data.get("format") != _structure.FORMAT:
+            raise ValueError(
+                f"{path}/policy.json is not a diffsim policy structure"
+                f" (format {data.get('format') if isinstance(data, dict) else None!r},"
+                f" expected {_structure.FORMAT!r})"
+            )
+        return _structure.decode(data["policy"])
+    if (path / "policy.pkl").exists():
+        raise ValueError(
+            f"{path} is in diffsim's old format: its policy structure is a pickle"
+            " (policy.pkl), which load_run does not open because unpickling runs code from"
+            " the folder. If you trust it, pass like=<a policy of the same structure>, e.g."
+            " load_run(path, like=diffsim.GaussianPolicy(obs_size, action_size,"
+            " key=jax.random.key(0))); run.save(path) then rewrites it in the new format"
+        )
+    raise ValueError(
+        f"{path} has no policy.json (its policy could not be stored as data when saved):"
+        " pass like=<a policy of the same structure>"
+    )
+
+
+def _read_policy(file: Path, skeletons: list):
+    """The arrays in `file` put into the first skeleton they fit (shapes, dtypes, count).
+    `np.load` without pickles: an object array in the file is an error, not code."""
+    for skeleton in skeletons[:-1]:
+        try:
+            return eqx.tree_deserialise_leaves(file, skeleton)
+        except (ValueError, RuntimeError, OSError, EOFError):
+            continue
+    try:
+        return eqx.tree_deserialise_leaves(file, skeletons[-1])
+    except (ValueError, RuntimeError, OSError, EOFError) as error:
+        raise ValueError(f"{file} does not fit the policy's structure: {error}") from error
+
+
+def _broadcast(like, lead: tuple[int, ...]):
+    """`like` with abstract arrays that have the leading axes `lead`."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct((*lead, *x.shape), x.dtype) if eqx.is_array(x) else x,
+        like,
+    )
+
+
 def run_config(
-    strategy, env, plan, *, num_eval_episodes, num_seeds, compile_seconds, train_seconds, mesh
+    strategy,
+    env,
+    budget: dict,
+    *,
+    num_eval_episodes,
+    num_seeds,
+    compile_seconds,
+    train_seconds,
+    eval_seconds=0.0,
+    checkpoint_seconds=0.0,
+    mesh=None,
 ) -> dict:
     """The JSON-able record of a run: what ran, on what, how long it took.
 
-    `mesh`: devices per axis (`{"seeds": s, "batch": b}`) when the run was split over
-    several devices, else None."""
+    `budget`: `total_steps` (what ran), `total_steps_requested`, `num_evals`,
+    `steps_per_iteration`, `iterations`. `mesh`: devices per axis (`{"seeds": s, "batch":
+    b}`) when the run was split over several devices, else None."""
     hyper = {f.name: _jsonable(getattr(strategy, f.name)) for f in dataclasses.fields(strategy)}
     return {
         "strategy": type(strategy).__name__,
@@ -124,14 +200,13 @@ def run_config(
         "env": env.name,
         "backend": env.backend,
         "episode_length": env.episode_length,
-        "total_steps": plan.total_steps,
-        "num_evals": plan.num_evals,
-        "steps_per_iteration": plan.steps_per_iteration,
-        "iterations": (plan.num_evals - 1) * plan.iterations_per_eval,
+        **budget,
         "num_eval_episodes": num_eval_episodes,
         "num_seeds": num_seeds,
         "compile_seconds": round(compile_seconds, 3),
         "train_seconds": round(train_seconds, 3),
+        "eval_seconds": round(eval_seconds, 3),
+        "checkpoint_seconds": round(checkpoint_seconds, 3),
         "versions": versions(),
         "machine": {"platform": platform.platform(), "devices": [str(d) for d in jax.devices()]},
         "mesh": mesh,
@@ -174,6 +249,9 @@ class _atomic_file:
         os.fsync(self.file.fileno())
         self.file.close()
         if exc_type is None:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide a shared run
             os.replace(self.tmp, self.target)
         else:
             os.unlink(self.tmp)

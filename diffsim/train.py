@@ -316,10 +316,12 @@ def _execute(
     resume_from=None,
     devices=None,
     log_dir=None,
+    seed_index=0,
 ) -> Run:
     _check_inputs(strategy, env, policy, num_eval_episodes)
-    strategy = strategy.for_env(env).for_budget(total_steps)
+    strategy = strategy.for_env(env)
     plan = make_plan(strategy, total_steps, num_evals)
+    strategy = strategy.for_budget(total_steps)
     if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
     if checkpoint_dir is not None:
@@ -347,7 +349,9 @@ def _execute(
         "seeds": seeds,
         "keys": checkpoint.key_data(keys).tolist(),
     }
-    index = np.arange(len(keys)) if seeds else np.zeros((), int)
+    if not isinstance(seed_index, int) or isinstance(seed_index, bool) or seed_index < 0:
+        raise ValueError(f"seed_index must be an int >= 0, got {seed_index!r}")
+    index = np.arange(len(keys)) if seeds else np.asarray(seed_index)
     if mesh is not None:
         index = jax.device_put(index, NamedSharding(mesh, P(SEEDS) if seeds else P()))
 
@@ -507,6 +511,7 @@ def train(
     resume_from: str | os.PathLike | None = None,
     devices: Sequence[jax.Device] | None = None,
     log_dir: str | os.PathLike | None = None,
+    seed_index: int = 0,
 ) -> Run:
     """Train `policy` on `env` with `strategy` for `total_steps` env steps.
 
@@ -545,6 +550,8 @@ def train(
     - `resume_from`: a `checkpoint_dir` of an earlier, interrupted call with the same
       arguments: training continues from its newest checkpoint and returns what the
       uninterrupted run would have (same final policy and curve; wall-clock continues).
+    - `seed_index`: which seed of a study this run is: it picks the evaluation episodes
+      (`train(..., key=keys[i], seed_index=i)` is seed `i` of `train_seeds`).
     - `log_dir`: if given, `log_dir/log.jsonl` gets one JSON line per evaluation as it
       happens (env steps, seconds, mean return overall and per seed, mean of each training
       metric over the segment): `pandas.read_json(path, lines=True)` reads it while the
@@ -582,6 +589,7 @@ def train(
         resume_from=resume_from,
         devices=devices,
         log_dir=log_dir,
+        seed_index=seed_index,
         seeds=False,
     )
 

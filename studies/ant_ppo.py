@@ -1,6 +1,6 @@
 """The tutorial's headline run redone: PPO on Brax Ant for 1M env steps.
 
-    .venv/bin/python studies/ant_ppo.py [--steps 1000000] [--seeds 1]
+    .venv/bin/python studies/ant_ppo.py [--steps 1000000] [--seeds 5]
 
 The 2021 tutorial collected Ant rollouts in a Python loop around a jitted step (32 envs x
 2048 steps per iteration, 10 epochs x 64 minibatches); 1M env steps took 41 minutes on a
@@ -35,7 +35,7 @@ import numpy as np
 
 import diffsim
 import diffsim.plotting
-from diffsim.stats import iqm
+from diffsim.stats import iqm, iqm_ci
 
 TUTORIAL = dict(
     hardware="1 P100 GPU",
@@ -78,7 +78,7 @@ def gait(env, policy, *, num_envs: int = 16) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=1_000_000, help="env steps per seed")
-    parser.add_argument("--seeds", type=int, default=1, help="seeds, vmapped in one program")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds, vmapped in one program")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-envs", type=int, default=100)
     parser.add_argument("--unroll", type=int, default=10)
@@ -130,6 +130,8 @@ def main():
     steps = int(np.asarray(run.curve.env_steps)[0, -1])
     initial = float(iqm(returns[:, 0]))
     final = float(iqm(returns[:, -1]))
+    _, low, high = iqm_ci(returns[:, -1:])
+    final_ci = [float(low[0]), float(high[0])]
     best = float(iqm(returns.max(axis=1)))
     platform = jax.devices()[0].platform
     ours = dict(
@@ -140,6 +142,8 @@ def main():
         total_s=total_s,
         initial_return=initial,
         final_return=final,
+        final_return_ci95=final_ci,
+        final_return_per_seed=returns[:, -1].tolist(),
         best_return=best,
         seeds=args.seeds,
         load_average_before=load,
@@ -160,6 +164,8 @@ def main():
     )
     print(f"{'initial return':<28}{TUTORIAL['initial_return']:>20.1f}{initial:>28.1f}")
     print(f"{'final return':<28}{TUTORIAL['final_return']:>20.1f}{final:>28.1f}")
+    ci = f"[{final_ci[0]:.0f}, {final_ci[1]:.0f}]"
+    print(f"{'  95% bootstrap CI':<28}{'':>20}{ci:>28}")
     print(f"{'best return (any eval)':<28}{'':>20}{best:>28.1f}")
     print(
         f"load average before/after: {load[0]:.2f} / {load_after[0]:.2f} on {os.cpu_count()} cores"

@@ -31,16 +31,22 @@ Matched per trainer (Brax name / diffsim name):
   normalisation, policy 64x64 tanh. Brax samples actions from its tanh-Gaussian (std
   ~0.69) during ES rollouts; diffsim's ES acts deterministically.
 
-Throughput is env steps simulated per second of training, compile and evaluation
-excluded, in steady state: both trainers run in `--evals - 1` chunks (Brax "epochs",
-diffsim segments) and the first `--skip` (2) chunks are left out on both sides: Brax's
-training epoch compiles on its first call and, as measured here, takes as long again on
-the second (a second compile), then runs ~10x faster. diffsim compiles ahead of time. Brax's times come from its `progress_fn`
-(`training/walltime`, `training/sps`), diffsim's from `run.curve.wall_time` minus the
-separately timed evaluation. For ES, Brax counts only steps before each episode's end in
-its step budget but simulates all `2 x population x 1000`; the rate is that of simulated
-steps on both sides (Brax's `training/sps`). End-to-end wall-clock (compile, evaluation
-and all) and the final evaluation return (16 deterministic episodes) are reported too.
+Throughput is env steps per second of training, compile and evaluation excluded, in
+steady state: both trainers run in `--evals - 1` chunks (Brax "epochs", diffsim segments)
+and the first `--skip` (2) chunks are left out on both sides: Brax's training epoch
+compiles on its first call and, as measured here, takes as long again on the second (a
+second compile), then runs ~10x faster. diffsim compiles ahead of time. Brax's times come
+from its `progress_fn` (`training/walltime`), diffsim's from `run.curve.wall_time`, which
+counts training only. Env steps are counted the same way on both sides: for PPO and APG
+every simulated step; for ES only the steps inside each member's scored episode (Brax's
+`num_env_steps`, from its `obs_weights`; diffsim's ES stops simulating a population
+once every member's episode has ended, Brax's simulates all `2 x population x 1000`
+steps of every generation). Both sides get the same budget in those steps.
+
+End-to-end time to solve: seconds from the start of the trainer (subprocess for Brax,
+`diffsim.train` for diffsim) to the first evaluation whose mean return is at least
+`--solve` (950), compile and evaluation included. The final evaluation return (16
+deterministic episodes) is reported too.
 
 Prints a table and writes results/brax_comparison.json.
 """
@@ -53,7 +59,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import equinox as eqx
 import jax
 import jax.random as jr
 import numpy as np
@@ -195,7 +200,7 @@ def steady_state(steps, seconds, skip: int) -> tuple[float, float, list[float]]:
     )
 
 
-def run_brax(trainer: str, steps: int, evals: int, seed: int, skip: int) -> dict:
+def run_brax(trainer: str, steps: int, evals: int, seed: int, skip: int, solve: float) -> dict:
     params = {"ppo": PPO, "apg": APG, "es": ES}[trainer]
     cfg = dict(
         trainer=trainer,
@@ -226,16 +231,9 @@ def run_brax(trainer: str, steps: int, evals: int, seed: int, skip: int) -> dict
     # log[0]: initial eval (before any training); log[i>=1]: after training chunk i.
     trained = log[1:]
     last = trained[-1]
-    if trainer == "es":
-        # Brax ES counts only steps before episode ends and runs a varying number of
-        # generations per chunk; its `training/sps` (simulated steps/s of the generation
-        # before each evaluation) is the rate. No compile estimate.
-        per_chunk = [r["sps"] for r in trained]
-        steady_sps, compile_s = float(np.median(per_chunk[skip:])), float("nan")
-    else:
-        steps_done = np.diff([0] + [r["step"] for r in trained])
-        seconds = np.diff([0.0] + [r["walltime"] for r in trained])
-        steady_sps, compile_s, per_chunk = steady_state(steps_done, seconds, skip)
+    steps_done = np.diff([0] + [r["step"] for r in trained])
+    seconds = np.diff([0.0] + [r["walltime"] for r in trained])
+    steady_sps, compile_s, per_chunk = steady_state(steps_done, seconds, skip)
     return dict(
         side="brax",
         trainer=trainer,
@@ -246,6 +244,7 @@ def run_brax(trainer: str, steps: int, evals: int, seed: int, skip: int) -> dict
         train_walltime_s=last["walltime"],
         end_to_end_s=wall,
         final_return=last["eval_return"],
+        solve_s=next((r["time"] for r in log if r["eval_return"] >= solve), None),
         curve=[(r["step"], r["eval_return"]) for r in log],
         log=log,
         jax=out["jax"],
@@ -301,10 +300,11 @@ def diffsim_strategy(trainer: str, env):
     return strategy, make
 
 
-def run_diffsim(trainer: str, steps: int, evals: int, seed: int, skip: int) -> dict:
+def run_diffsim(trainer: str, steps: int, evals: int, seed: int, skip: int, solve: float) -> dict:
     tic = time.perf_counter()
     env = diffsim.make_env(ENV, backend=BACKEND, episode_length=EPISODE_LENGTH)
     strategy, make = diffsim_strategy(trainer, env)
+    log_dir = Path("results/brax_comparison_log") / trainer
     run = diffsim.train(
         strategy,
         env,
@@ -314,26 +314,21 @@ def run_diffsim(trainer: str, steps: int, evals: int, seed: int, skip: int) -> d
         num_evals=evals,
         num_eval_episodes=EVAL_EPISODES,
         progress=False,
+        log_dir=log_dir,
     )
     wall = time.perf_counter() - tic
-
-    # The evaluation inside each segment, timed on its own so it can be subtracted.
-    evaluate = eqx.filter_jit(
-        lambda policy, key: diffsim.evaluate(env, policy, key=key, num_episodes=EVAL_EPISODES)
-    )
-    jax.block_until_ready(evaluate(run.policy, jr.key(0)))
-    times = []
-    for i in range(5):
-        t = time.perf_counter()
-        jax.block_until_ready(evaluate(run.policy, jr.key(i)))
-        times.append(time.perf_counter() - t)
-    eval_s = float(np.median(times))
-
-    wall_time = np.asarray(run.curve.wall_time, dtype=float)
+    wall_time = np.asarray(run.curve.wall_time, dtype=float)  # training only
     env_steps = np.asarray(run.curve.env_steps)
     returns = np.asarray(run.curve.eval_return).mean(-1)
-    chunk = np.diff(wall_time) - eval_s  # training time of each segment
-    steady_sps, _, per_chunk = steady_state(np.diff(env_steps), chunk, skip)
+    steady_sps, _, per_chunk = steady_state(np.diff(env_steps), np.diff(wall_time), skip)
+    lines = [json.loads(x) for x in (log_dir / "log.jsonl").read_text().splitlines()]
+    setup = wall - run.config["compile_seconds"] - lines[-1]["train_seconds"]
+    setup -= lines[-1]["eval_seconds"]  # env building, host work: spread evenly below
+    elapsed = [
+        run.config["compile_seconds"] + x["train_seconds"] + x["eval_seconds"] + setup
+        for x in lines
+    ]
+    solved = [t for t, r in zip(elapsed, returns, strict=True) if r >= solve]
     return dict(
         side="diffsim",
         trainer=trainer,
@@ -341,17 +336,18 @@ def run_diffsim(trainer: str, steps: int, evals: int, seed: int, skip: int) -> d
         steady_steps_per_s=steady_sps,
         chunk_steps_per_s=per_chunk,
         compile_s_estimate=float(run.config["compile_seconds"]),
-        train_walltime_s=float(chunk.sum()),
-        eval_s_each=eval_s,
+        train_walltime_s=float(wall_time[-1]),
+        eval_s=float(run.config["eval_seconds"]),
         end_to_end_s=wall,
         final_return=float(returns[-1]),
+        solve_s=solved[0] if solved else None,
         curve=[(int(s), float(r)) for s, r in zip(env_steps, returns, strict=True)],
         jax=jax.__version__,
     )
 
 
-def _num(x: float) -> str:
-    return "n/a" if np.isnan(x) else f"{x:.1f}"
+def _num(x: float | None) -> str:
+    return "n/a" if x is None or np.isnan(x) else f"{x:.1f}"
 
 
 def main():
@@ -359,14 +355,12 @@ def main():
     parser.add_argument("--trainers", nargs="+", default=["ppo", "apg", "es"])
     parser.add_argument("--steps", type=int, default=819_200, help="PPO/APG env-step budget")
     parser.add_argument(
-        "--es-generations", type=int, default=32, help="diffsim ES budget in generations"
-    )
-    parser.add_argument(
-        "--es-brax-steps",
+        "--es-steps",
         type=int,
-        default=100_000,
-        help="Brax ES budget (it counts only steps before episode ends)",
+        default=2_500_000,
+        help="ES budget in steps inside scored episodes (both sides count these)",
     )
+    parser.add_argument("--solve", type=float, default=950.0, help="return that counts as solved")
     parser.add_argument("--evals", type=int, default=9, help="evaluations: evals-1 chunks")
     parser.add_argument(
         "--skip", type=int, default=2, help="chunks left out of the steady-state rate"
@@ -377,15 +371,11 @@ def main():
 
     rows = []
     for trainer in args.trainers:
-        if trainer == "es":
-            ours = args.es_generations * ES["population_size"] * EPISODE_LENGTH
-            brax = args.es_brax_steps
-        else:
-            ours = brax = args.steps
-        for side, fn, steps in (("brax", run_brax, brax), ("diffsim", run_diffsim, ours)):
+        steps = args.es_steps if trainer == "es" else args.steps
+        for side, fn in (("brax", run_brax), ("diffsim", run_diffsim)):
             print(f"--- {side} {trainer}: {steps:,} env steps", flush=True)
             try:
-                row = fn(trainer, steps, args.evals, args.seed, args.skip)
+                row = fn(trainer, steps, args.evals, args.seed, args.skip, args.solve)
             except Exception as error:  # report and go on with the other trainers
                 row = dict(side=side, trainer=trainer, error=f"{type(error).__name__}: {error}")
                 print(row["error"][-2000:], flush=True)
@@ -397,7 +387,7 @@ def main():
     print(f"\n{ENV} ({BACKEND}): steady-state env steps/s, compile and evaluation excluded")
     header = (
         f"{'trainer':<8}{'side':<9}{'env steps':>11}{'steps/s':>11}{'compile s':>11}"
-        f"{'train s':>9}{'end-to-end s':>14}{'final return':>14}"
+        f"{'train s':>9}{'end-to-end s':>14}{'solved at s':>13}{'final return':>14}"
     )
     print(header)
     for r in rows:
@@ -407,7 +397,7 @@ def main():
         print(
             f"{r['trainer']:<8}{r['side']:<9}{r['env_steps']:>11,}{r['steady_steps_per_s']:>11,.0f}"
             f"{_num(r['compile_s_estimate']):>11}{r['train_walltime_s']:>9.1f}"
-            f"{r['end_to_end_s']:>14.1f}{r['final_return']:>14.1f}"
+            f"{r['end_to_end_s']:>14.1f}{_num(r['solve_s']):>13}{r['final_return']:>14.1f}"
         )
     print(
         "compile s: diffsim's ahead-of-time compile of its two programs (training and"
@@ -415,7 +405,7 @@ def main():
         " beyond the steady rate\n  (Brax's evaluation compiles are not in it; n/a for ES)."
         "\ntrain s: training time, evaluation excluded; Brax's includes its compiles."
         "\nend-to-end s: the whole train() call (subprocess for Brax), compile and evaluation"
-        " included.\nES budgets differ: Brax counts only steps before each episode's end."
+        " included.\nsolved at s: end-to-end seconds to the first evaluation >= --solve."
     )
     print("\nper-chunk env steps/s (the first --skip chunks are left out of steps/s above):")
     for r in rows:

@@ -168,7 +168,8 @@ def test_rejects_rollouts_longer_than_episodes_before_compiling(envs):
 def test_valid_settings_construct():
     assert "Open_ES" in ALGORITHMS and "SimpleGA" not in ALGORITHMS
     es = diffsim.ES(algorithm="SNES", population_size=7, weight_decay=0.0)
-    assert es.steps_per_iteration == 7 * 1 * 1000
+    assert es.for_env(diffsim.make_env("reach")).steps_per_iteration == 7 * 1 * 100
+    assert es.min_steps_per_iteration == 7  # ES counts the steps inside scored episodes
     assert diffsim.ES(population_size=7, antithetic=False, algorithm="SNES").population_size == 7
     assert diffsim.ES(weight_decay=1e-3, learning_rate=lambda count: 0.01).weight_decay == 1e-3
 

@@ -1,5 +1,7 @@
 """`make_env`: one name space over Brax's environments and diffsim's toy envs."""
 
+import warnings
+
 import brax.envs
 
 from ._toy import TOY_ENVS
@@ -8,6 +10,21 @@ from ._wrapper import AutoResetEnv
 BRAX_BACKENDS = ("spring", "generalized", "positional", "mjx")
 DEFAULT_BACKEND = "spring"  # differentiable and the fastest Brax backend on CPU
 DEFAULT_EPISODE_LENGTH = 1000
+
+# Brax warns, for every env it builds (`brax.io.mjcf.load_model`, a UserWarning), that it is
+# no longer actively maintained. diffsim builds on Brax knowingly, so the warning is noise over
+# every command's first lines, and under `python -W error` it would make every Brax env
+# unbuildable. `make_env` hides exactly this message, only while Brax builds the env.
+_BRAX_UNMAINTAINED = r"Brax System, \w+ and environments are not actively being maintained"
+# Brax's contact code reads `mjx.Data.ncon`, which MuJoCo deprecates; it warns each time a
+# Brax step is traced. Not shown by default (a DeprecationWarning outside `__main__`), but an
+# error under `-W error` that users cannot fix: ignore this one message when it comes from Brax.
+warnings.filterwarnings(
+    "ignore",
+    message=r"Accessing `ncon` directly from `Data` is deprecated",
+    category=DeprecationWarning,
+    module=r"brax\.",
+)
 
 
 def toy_names() -> list[str]:
@@ -75,7 +92,9 @@ def make_env(
                 f"unknown backend {backend!r} for {name!r}; valid backends: {list(BRAX_BACKENDS)}"
             )
         try:
-            env = brax.envs.get_environment(name, backend=backend, **kwargs)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", _BRAX_UNMAINTAINED, UserWarning)
+                env = brax.envs.get_environment(name, backend=backend, **kwargs)
         except (ValueError, TypeError, NotImplementedError) as error:
             raise ValueError(
                 f"brax could not build {name!r} with backend {backend!r}: {error}"
