@@ -11,6 +11,7 @@ from . import (
     stats as stats,
     study as study,
 )
+from ._structure import register_policy as register_policy
 from ._types import LearningCurve as LearningCurve, Metrics as Metrics, Trajectory as Trajectory
 from .envs import make_env as make_env
 from .policies import (
@@ -22,14 +23,17 @@ from .policies import (
     trainable as trainable,
     update_normalizers as update_normalizers,
 )
+from .render import render as render
 from .results import Run as Run, load_run as load_run
 from .rollout import evaluate as evaluate, reset as reset, rollout as rollout
 from .sharding import shard_batch as shard_batch
-from .strategies.apg import APG as APG, SHAC as SHAC, APGState as APGState, SHACState as SHACState
+from .strategies.apg import APG as APG, APGState as APGState
 from .strategies.base import AbstractStrategy as AbstractStrategy
 from .strategies.es import ES as ES, ESState as ESState
+from .strategies.guided_es import GuidedES as GuidedES, GuidedESState as GuidedESState
 from .strategies.ppo import PPO as PPO, PPOState as PPOState
-from .train import train as train, train_seeds as train_seeds
+from .strategies.shac import SHAC as SHAC, SHACState as SHACState
+from .train import train as train, train_seeds as train_seeds, train_sweep as train_sweep
 
 _config.enable_compilation_cache()
 __version__ = "0.1.0"

@@ -4,10 +4,34 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
-from conftest import NaNReach, deterministic, gaussian
+from conftest import deterministic, gaussian
 
 import diffsim
 from diffsim.envs import AutoResetEnv, Reach
+from diffsim.rollout import default_pool_size
+from diffsim.strategies import _windows as windows
+
+
+class _DivergingReach(Reach):
+    """Reach that blows up (NaN state and NaN derivatives, as a simulator can) at the 5th
+    step of every episode whose target lies right of x = `right_of`; otherwise exactly
+    Reach."""
+
+    right_of = 0.0
+
+    def init(self, key):
+        return {**super().init(key), "t": jnp.zeros(())}
+
+    def dynamics(self, s, action):
+        new = super().dynamics(s, action)
+        t = s["t"] + 1.0
+        blow_up = (t >= 5) & (s["target"][0] > self.right_of)
+        root = jnp.sqrt(jnp.where(blow_up, -1.0, 1.0) + 0.0 * new["pos"][0])  # 1, or NaN
+        return {**new, "pos": new["pos"] * root, "t": t}
+
+
+class _AlwaysDivergingReach(_DivergingReach):
+    right_of = -2.0  # every episode blows up at its 5th step
 
 
 class _TerminatingReach(Reach):
@@ -22,12 +46,18 @@ def _params(policy):
     return eqx.partition(policy, diffsim.trainable(policy))
 
 
+def _pooled(env, state, horizon):
+    """The starts `rollout` draws for a window of `horizon` steps."""
+    return jax.vmap(env.starts, in_axes=(0, None))(state, default_pool_size(horizon))
+
+
 def _unrolled_apg_loss(params, static, env, state, horizon):
     """The APG window loss written out: vmap(env.step) in a Python loop."""
     policy = eqx.combine(params, static)
+    state, starts = _pooled(env, state, horizon)
     total = 0.0
     for _ in range(horizon):
-        state = jax.vmap(env.step)(state, jax.vmap(policy)(state.obs))
+        state = jax.vmap(env.step)(state, jax.vmap(policy)(state.obs), starts)
         total = total + jnp.sum(state.reward)
     return -total / (horizon * state.reward.shape[0])
 
@@ -37,8 +67,9 @@ def _unrolled_shac_loss(params, static, critic, env, state, horizon, gamma):
     policy = eqx.combine(params, static)
     num_envs = state.reward.shape[0]
     rew_acc, disc, loss = jnp.zeros(num_envs), jnp.ones(num_envs), 0.0
+    state, starts = _pooled(env, state, horizon)
     for t in range(horizon):
-        state = jax.vmap(env.step)(state, jax.vmap(policy)(state.obs))
+        state = jax.vmap(env.step)(state, jax.vmap(policy)(state.obs), starts)
         done, trunc = state.done, state.info["truncation"]
         next_value = jax.vmap(critic)(state.info["final_obs"]) * (1.0 - done * (1.0 - trunc))
         rew_acc = rew_acc + disc * state.reward
@@ -133,7 +164,7 @@ def test_staggered_starts_and_full_episode_windows(key, envs):
     "strategy", [diffsim.APG(num_envs=8, horizon=10), diffsim.SHAC(num_envs=8, horizon=10)]
 )
 def test_nan_guard_skips_updates(key, strategy):
-    env = AutoResetEnv(NaNReach(), 100, name="nan_reach")
+    env = AutoResetEnv(_AlwaysDivergingReach(), 100, name="always_diverging_reach")
     policy = deterministic(env)
     state = strategy.init(env, policy, key=key)
     step = jax.jit(lambda s, k: strategy.step(env, s, key=k))
@@ -142,7 +173,8 @@ def test_nan_guard_skips_updates(key, strategy):
         state, metrics = step(state, k)
         skipped += float(metrics["skipped_updates"])
     assert skipped == 3.0
-    assert not np.isfinite(float(metrics["loss"]))
+    assert not np.isfinite(float(metrics["grad_norm"]))
+    assert float(metrics["masked_envs"]) == 0.0  # masking is off by default
     before, after = _params(policy)[0], _params(strategy.policy(state))[0]
     for b, a in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
         assert jnp.all(jnp.isfinite(a))
@@ -283,4 +315,100 @@ def test_gradient_diagnostics_agree_on_a_smooth_task(key):
 
     np.testing.assert_allclose(
         stats.first_order_mean[1], jax.grad(mean_return)(flat), rtol=1e-4, atol=1e-6
+    )
+
+
+# --------------------------------------------------------------------------- per-env masking
+
+
+def _one_diverging_env(env, key, num_envs):
+    """A batch of fresh envs where only env 0 blows up, 2 steps into the window."""
+    state = diffsim.reset(env, key=key, num_envs=num_envs)
+    phys = dict(state.pipeline_state)
+    target_x = -jnp.abs(phys["target"][:, 0]) - 0.1  # left of 0: never blows up
+    phys["target"] = phys["target"].at[:, 0].set(target_x.at[0].set(0.5))
+    phys["t"] = phys["t"].at[0].set(3.0)
+    obs = jax.vmap(env.unwrapped.observe)(phys)
+    return state.replace(pipeline_state=phys, obs=obs, info={**state.info, "final_obs": obs})
+
+
+@pytest.mark.parametrize("name", ["apg", "shac"])
+def test_masked_env_drops_out_and_the_others_update(key, name):
+    env = AutoResetEnv(_DivergingReach(), 100, name="diverging_reach")
+    policy = deterministic(env, hidden=(16,))
+    state = _one_diverging_env(env, key, 6)
+    if name == "apg":
+        strategy = diffsim.APG(num_envs=6, horizon=10, mask_nonfinite_envs=True)
+        losses = lambda pol, s, k: strategy.env_losses(env, pol, s, key=k)
+    else:
+        strategy = diffsim.SHAC(
+            num_envs=6,
+            horizon=10,
+            value_hidden=(8,),
+            critic_minibatches=2,
+            mask_nonfinite_envs=True,
+        )
+        critic = strategy.init(env, policy, key=key).target_value
+        losses = lambda pol, s, k: strategy.env_losses(env, pol, critic, s, key=k)
+    params, static = _params(policy)
+    masked = windows.window_gradient(losses, params, static, state, key=key, per_env=True)
+    np.testing.assert_array_equal(masked.kept, [False, True, True, True, True, True])
+    assert bool(masked.ok) and float(masked.masked_envs) == 1.0
+    # The same envs without env 0, differentiated as one batch: the same loss and gradient.
+    rest = jax.tree.map(lambda x: x[1:], state)
+    ref_loss, ref_grads = jax.value_and_grad(
+        lambda p: jnp.mean(losses(eqx.combine(p, static), rest, key)[0])
+    )(params)
+    np.testing.assert_allclose(masked.loss, ref_loss, rtol=1e-5)
+    for g, r in zip(jax.tree.leaves(masked.grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-7)
+    assert optax_norm(ref_grads) > 0
+    # Control: differentiated as one batch, env 0's NaN reaches every parameter.
+    batched = windows.window_gradient(losses, params, static, state, key=key, per_env=False)
+    assert not bool(batched.ok)
+
+    # A whole step: not skipped, finite, the parameters move, env 0 counted.
+    start = eqx.tree_at(lambda s: s.env_state, strategy.init(env, policy, key=key), state)
+    new, metrics = jax.jit(lambda s: strategy.step(env, s, key=key))(start)
+    assert float(metrics["skipped_updates"]) == 0.0 and float(metrics["masked_envs"]) == 1.0
+    assert np.isfinite(float(metrics["grad_norm"])) and np.isfinite(float(metrics["loss"]))
+    after = _params(strategy.policy(new))[0]
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(after))
+    assert not np.allclose(after.net.layers[0].weight, params.net.layers[0].weight)
+    assert float(strategy.policy(new).norm.count) == 5 * 10  # statistics of the kept envs
+
+
+def test_shac_bootstrap_of_a_terminated_step_is_exactly_zero():
+    """A terminated step's next observation may be non-finite (a diverged simulator): it must
+    reach neither the loss nor its gradient, where a `0 * V(NaN)` product would."""
+    horizon, num_envs, size = 4, 3, 2
+    critic = diffsim.ValueFunction(size, hidden=(8,), key=jr.key(0))
+    next_obs = jnp.ones((horizon, num_envs, size)).at[1, 0].set(jnp.nan)
+    done = jnp.zeros((horizon, num_envs)).at[1, 0].set(1.0)
+    zeros = jnp.zeros((horizon, num_envs))
+    traj = diffsim.Trajectory(
+        obs=jnp.ones((horizon, num_envs, size)),
+        action=jnp.zeros((horizon, num_envs, 1)),
+        reward=jnp.ones((horizon, num_envs)),
+        done=done,
+        truncation=zeros,
+        next_obs=next_obs,
+        log_prob=zeros,
+        extras={},
+    )
+
+    def loss(reward, next_obs):
+        t = eqx.tree_at(lambda t: (t.reward, t.next_obs), traj, (reward, next_obs))
+        return jnp.sum(windows.shac_loss(t, critic, discount=0.9))
+
+    value, (g_reward, g_obs) = jax.value_and_grad(loss, argnums=(0, 1))(traj.reward, next_obs)
+    assert np.isfinite(float(value))
+    assert np.all(np.isfinite(g_reward)) and np.all(np.isfinite(g_obs))
+    np.testing.assert_array_equal(g_obs[1, 0], 0.0)
+    # Env 0: the segment ending at the termination earns 1 + 0.9 (no bootstrap); the next
+    # one, 2 rewards and the critic at its end. Per env, the sum is divided by the horizon.
+    v_end = critic(next_obs[-1, 0])
+    expected = -(1.0 + 0.9 + (1.0 + 0.9 + 0.81 * v_end)) / horizon
+    np.testing.assert_allclose(
+        windows.shac_loss(traj, critic, discount=0.9)[0], expected, rtol=1e-6
     )

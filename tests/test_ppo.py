@@ -1,4 +1,5 @@
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
@@ -97,6 +98,17 @@ def test_ppo_learns_inverted_pendulum(key, envs):
         ({"discount": 1.5}, r"discount must be a number in \(0.0, 1.0\], got 1.5"),
         ({"gae_lambda": -0.1}, r"gae_lambda must be a number in \[0.0, 1.0\], got -0.1"),
         ({"clip_epsilon": 0.0}, "clip_epsilon must be a number > 0, got 0.0"),
+        ({"shuffle": "rows"}, "shuffle must be 'envs' or 'samples', got 'rows'"),
+        (
+            {"shuffle": "envs", "num_minibatches": 128},
+            "num_minibatches=128 must divide num_envs=64",
+        ),
+        ({"value_clip": 0.0}, "value_clip must be a number > 0, got 0.0"),
+        ({"lr_decay_steps": 0}, "lr_decay_steps must be a positive int, got 0"),
+        (
+            {"lr_decay_steps": 10, "learning_rate": lambda n: 1e-3},
+            "lr_decay_steps needs a float learning_rate",
+        ),
     ],
 )
 def test_bad_hyperparameters_rejected(kwargs, match):
@@ -108,3 +120,38 @@ def test_ppo_needs_a_stochastic_policy(key, envs):
     env = envs("reach")
     with pytest.raises(ValueError, match="DeterministicPolicy has no log_prob, entropy"):
         diffsim.train(TINY, env, deterministic(env), key=key, total_steps=10_000, progress=False)
+
+
+def test_update_sees_the_new_observation_statistics_and_stored_samples(key, envs):
+    """The behaviour log-probs PPO's ratio divides by are recomputed with the statistics the
+    update uses (so the first minibatch's ratio is exactly 1), from the stored pre-squash
+    sample rather than arctanh of the action."""
+    env = envs("reach")
+    ppo = diffsim.PPO(num_envs=8, unroll_length=16, num_epochs=1, num_minibatches=1)
+    state = ppo.init(env, gaussian(env), key=key)
+    state = eqx.tree_at(lambda s: s.policy.log_std, state, jnp.full(2, 1.5))  # wide: |u| > 3
+    new, metrics = jax.jit(lambda s: ppo.step(env, s, key=key))(state)
+    assert float(metrics["approx_kl"]) == pytest.approx(0.0, abs=1e-6)  # ratio 1 before moving
+    assert float(new.policy.norm.count) == 8 * 16  # statistics updated this iteration
+    _, traj = diffsim.rollout(env, state.policy, state.env_state, key=key, length=16)
+    u = traj.extras["pre_squash"]
+    assert float(jnp.max(jnp.abs(u))) > 3.0  # where arctanh(tanh(u)) would lose u
+    exact = jax.vmap(jax.vmap(lambda o, a, u: state.policy.log_prob(o, a, pre_squash=u)))(
+        traj.obs, traj.action, u
+    )
+    np.testing.assert_allclose(traj.log_prob, exact, rtol=1e-6)
+
+
+def test_lr_decays_linearly_over_the_budget():
+    ppo = diffsim.PPO(num_envs=8, unroll_length=16, num_epochs=2, num_minibatches=4)
+    decayed = ppo.for_budget(128 * 10)  # 10 iterations of 8 updates
+    assert decayed.lr_decay_steps == 1280 and ppo.lr_decay_steps is None
+    assert diffsim.PPO(lr_decay=False).for_budget(10_000).lr_decay_steps is None
+    opt = decayed._optimizer()
+    params = {"w": jnp.ones(())}
+    opt_state = opt.init(params)
+    steps = []
+    for _ in range(80):
+        updates, opt_state = opt.update({"w": jnp.ones(())}, opt_state, params)
+        steps.append(float(-updates["w"]))
+    assert steps[0] == pytest.approx(3e-4, rel=1e-3) and steps[-1] < 1e-5

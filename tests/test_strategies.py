@@ -29,6 +29,11 @@ UNDER_TEST = {
         {"discount": 0.0},
     ),
     "ES": (diffsim.ES(population_size=8, rollout_length=50), deterministic, {"std": -0.1}),
+    "GuidedES": (
+        diffsim.GuidedES(population_size=8, rollout_length=50, num_envs=4, horizon=10),
+        deterministic,
+        {"mode": "typo"},
+    ),
 }
 IDS = list(UNDER_TEST)
 
@@ -91,14 +96,18 @@ def test_bad_hyperparameter_rejected_before_compiling(name):
 
 
 @pytest.mark.parametrize("name", IDS)
-def test_nan_rewards_never_reach_the_parameters(name):
+def test_nan_rewards_end_episodes_and_never_reach_the_parameters(name):
+    """A NaN reward ends its env's episode (the wrapper records reward 0 and `diverged`),
+    so no update is lost and the parameters stay finite."""
     strategy, make, _ = UNDER_TEST[name]
     env = diffsim.envs.AutoResetEnv(NaNReach(), 100, name="nan_reach")
     state = strategy.init(env, make(env), key=jr.key(0))
     step = eqx.filter_jit(lambda s, k: strategy.step(env, s, key=k))
-    for k in jr.split(jr.key(1), 2):
+    diverged = skipped = 0.0
+    for k in jr.split(jr.key(1), 4):
         state, metrics = step(state, k)
+        diverged += float(metrics.get("diverged", 1.0))
+        skipped += float(metrics.get("skipped_updates", 0.0))
     params = eqx.filter(strategy.policy(state), eqx.is_inexact_array)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
-    if "skipped_updates" in metrics:
-        assert float(metrics["skipped_updates"]) > 0
+    assert skipped == 0 and diverged > 0

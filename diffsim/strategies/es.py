@@ -384,7 +384,7 @@ class ES(AbstractStrategy[ESState]):
             evosax=es_state,
         )
         metrics = {
-            "env_steps": jnp.sum(episodes.steps),
+            "env_steps": jnp.sum(episodes.steps).astype(jnp.float32),
             "train_return": jnp.mean(returns),
             "max_return": jnp.max(returns),
             "min_return": jnp.min(returns),
