@@ -102,6 +102,11 @@ def _parser() -> argparse.ArgumentParser:
         )
         sub.add_argument("--out", default=None, help="save the run to this folder")
         sub.add_argument(
+            "--log-dir",
+            default=None,
+            help="write LOG_DIR/log.jsonl, one JSON line per evaluation, as the run goes",
+        )
+        sub.add_argument(
             "--threshold",
             type=float,
             default=None,
@@ -175,6 +180,7 @@ def _train(args) -> None:
         total_steps=args.steps,
         num_evals=args.num_evals,
         num_eval_episodes=args.eval_episodes,
+        log_dir=args.log_dir,
     )
     final = np.asarray(run.curve.eval_return)[:, -1].mean(-1)
     mid, low, high = iqm_ci(final[:, None])

@@ -21,13 +21,14 @@ from ._types import LearningCurve
 
 
 class Run(eqx.Module):
-    """One training run, or a batch of seeds with a leading seed axis on every array.
+    """One training run, or a batch of seeds with a leading seed axis on every array (a
+    `train_sweep` run: leading `(configs, seeds)` axes).
 
     **Fields:**
 
     - `policy`: the final policy (`eqx.Module`; leaves `[S, ...]` from `train_seeds`).
     - `curve`: the `LearningCurve`.
-    - `metrics`: per-iteration training metrics, `Float[Array, "*seeds iterations"]` each.
+    - `metrics`: per-iteration training metrics, `Float[Array, "*runs iterations"]` each.
     - `config`: plain-JSON description: strategy hyperparameters, env, budget, versions,
       `compile_seconds`, `train_seeds`...
 
@@ -53,8 +54,9 @@ class Run(eqx.Module):
         - `config.json`: `config`.
         - `curve.csv`: one row per (seed, evaluation point): `seed, env_steps, wall_time,
           return_mean, return_0, return_1, ...`; readable by `pandas.read_csv` and
-          `numpy.genfromtxt(..., delimiter=",", names=True)`.
-        - `metrics.csv`: one row per (seed, iteration).
+          `numpy.genfromtxt(..., delimiter=",", names=True)`. A `train_sweep` run has one
+          row per (config, seed, evaluation point), with a `config` column first.
+        - `metrics.csv`: one row per (seed, iteration), or (config, seed, iteration).
         - `policy.eqx`: the policy's arrays (Equinox leaf serialisation, plain `.npy` data).
         - `policy.json`: the policy's structure as data (classes by allow-listed name,
           static fields, array shapes; see `diffsim.register_policy`). No pickle: opening
@@ -175,6 +177,12 @@ def _broadcast(like, lead: tuple[int, ...]):
     )
 
 
+def hyperparameters(strategy) -> dict:
+    """The strategy's fields as plain JSON values (what `run.config` records)."""
+    fields = dataclasses.fields(strategy)
+    return json.loads(json.dumps({f.name: _jsonable(getattr(strategy, f.name)) for f in fields}))
+
+
 def run_config(
     strategy,
     env,
@@ -193,10 +201,9 @@ def run_config(
     `budget`: `total_steps` (what ran), `total_steps_requested`, `num_evals`,
     `steps_per_iteration`, `iterations`. `mesh`: devices per axis (`{"seeds": s, "batch":
     b}`) when the run was split over several devices, else None."""
-    hyper = {f.name: _jsonable(getattr(strategy, f.name)) for f in dataclasses.fields(strategy)}
     return {
         "strategy": type(strategy).__name__,
-        "hyperparameters": hyper,
+        "hyperparameters": hyperparameters(strategy),
         "env": env.name,
         "backend": env.backend,
         "episode_length": env.episode_length,
@@ -262,24 +269,31 @@ def _atomic_write(target: Path, data: bytes) -> None:
         f.write(data)
 
 
-def _seed_rows(array: np.ndarray, seeded: bool) -> np.ndarray:
-    return array if seeded else array[None]
+def _index_columns(runs: tuple[int, ...]) -> list[str]:
+    """The columns that say which run a row belongs to: `config, seed` for a sweep's
+    `(configs, seeds)` axes, else `seed` (0 for a single run)."""
+    return ["config", "seed"] if len(runs) == 2 else ["seed"]
+
+
+def _run_indices(runs: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Each run's index values, in row order (a single run is seed 0)."""
+    return [index or (0,) for index in np.ndindex(runs)]
 
 
 def _curve_csv(curve: LearningCurve) -> str:
-    seeded = curve.eval_return.ndim == 3
-    steps, times, returns = (
-        _seed_rows(np.asarray(x), seeded)
-        for x in (curve.env_steps, curve.wall_time, curve.eval_return)
-    )
-    n = returns.shape[-1]
-    lines = ["seed,env_steps,wall_time,return_mean," + ",".join(f"return_{i}" for i in range(n))]
-    for s in range(returns.shape[0]):
-        for e in range(returns.shape[1]):
-            values = [repr(float(v)) for v in returns[s, e]]
-            mean = repr(float(returns[s, e].mean()))
+    returns = np.asarray(curve.eval_return)
+    runs, (points, n) = returns.shape[:-2], returns.shape[-2:]
+    steps, times = (np.asarray(x).reshape(-1, points) for x in (curve.env_steps, curve.wall_time))
+    returns = returns.reshape(-1, points, n)
+    header = [*_index_columns(runs), "env_steps", "wall_time", "return_mean"]
+    lines = [",".join(header + [f"return_{i}" for i in range(n)])]
+    for r, index in enumerate(_run_indices(runs)):
+        at = ",".join(map(str, index))
+        for e in range(points):
+            values = [repr(float(v)) for v in returns[r, e]]
+            mean = repr(float(returns[r, e].mean()))
             lines.append(
-                f"{s},{int(steps[s, e])},{float(times[s, e])!r},{mean}," + ",".join(values)
+                f"{at},{int(steps[r, e])},{float(times[r, e])!r},{mean}," + ",".join(values)
             )
     return "\n".join(lines) + "\n"
 
@@ -288,12 +302,13 @@ def _metrics_csv(metrics: dict[str, Array]) -> str:
     names = sorted(metrics)
     if not names:
         return "seed,iteration\n"
-    seeded = metrics[names[0]].ndim == 2
-    cols = [_seed_rows(np.asarray(metrics[k]), seeded) for k in names]
-    lines = ["seed,iteration," + ",".join(names)]
-    for s in range(cols[0].shape[0]):
+    runs = np.shape(metrics[names[0]])[:-1]
+    cols = [np.asarray(metrics[k]).reshape(-1, np.shape(metrics[k])[-1]) for k in names]
+    lines = [",".join([*_index_columns(runs), "iteration", *names])]
+    for r, index in enumerate(_run_indices(runs)):
+        at = ",".join(map(str, index))
         for i in range(cols[0].shape[1]):
-            lines.append(f"{s},{i}," + ",".join(repr(float(c[s, i])) for c in cols))
+            lines.append(f"{at},{i}," + ",".join(repr(float(c[r, i])) for c in cols))
     return "\n".join(lines) + "\n"
 
 
@@ -302,27 +317,36 @@ def _read_columns(path: Path) -> dict[str, np.ndarray]:
     return {name: np.atleast_1d(table[name]) for name in table.dtype.names}
 
 
-def _by_seed(column: np.ndarray, seeds: np.ndarray, seeded: bool) -> np.ndarray:
+def _runs(cols: dict[str, np.ndarray], seeded: bool) -> tuple[int, ...]:
+    """The leading run axes of a table (removing its index columns): `(configs, seeds)`
+    for a sweep, `(seeds,)` for `train_seeds`, `()` for one run."""
+    seeds = cols.pop("seed")
     num = int(seeds.max()) + 1 if len(seeds) else 1
-    out = column.reshape(num, -1, *column.shape[1:])
-    return out if seeded else out[0]
+    if "config" in cols:
+        configs = cols.pop("config")
+        return (int(configs.max()) + 1 if len(configs) else 1, num)
+    return (num,) if seeded else ()
+
+
+def _by_run(column: np.ndarray, runs: tuple[int, ...]) -> np.ndarray:
+    return column.reshape(*runs, -1, *column.shape[1:])
 
 
 def _read_curve(path: Path, seeded: bool) -> LearningCurve:
     cols = _read_columns(path)
-    seeds = cols["seed"]
+    runs = _runs(cols, seeded)
     episodes = np.stack(
         [cols[k] for k in cols if k.startswith("return_") and k != "return_mean"], -1
     )
     return LearningCurve(
-        env_steps=jnp.asarray(_by_seed(cols["env_steps"].astype(np.int32), seeds, seeded)),
-        wall_time=jnp.asarray(_by_seed(cols["wall_time"].astype(np.float32), seeds, seeded)),
-        eval_return=jnp.asarray(_by_seed(episodes.astype(np.float32), seeds, seeded)),
+        env_steps=jnp.asarray(_by_run(cols["env_steps"].astype(np.int32), runs)),
+        wall_time=jnp.asarray(_by_run(cols["wall_time"].astype(np.float32), runs)),
+        eval_return=jnp.asarray(_by_run(episodes.astype(np.float32), runs)),
     )
 
 
 def _read_table(path: Path, seeded: bool, index: str) -> dict[str, Array]:
     cols = _read_columns(path)
-    seeds = cols.pop("seed")
+    runs = _runs(cols, seeded)
     cols.pop(index)
-    return {k: jnp.asarray(_by_seed(v.astype(np.float32), seeds, seeded)) for k, v in cols.items()}
+    return {k: jnp.asarray(_by_run(v.astype(np.float32), runs)) for k, v in cols.items()}

@@ -16,7 +16,7 @@ from brax.envs.base import Env
 from jaxtyping import PRNGKeyArray
 
 from ._checkpoint import check_writable as _check_writable
-from .results import Run, load_run
+from .results import Run, hyperparameters, load_run
 from .strategies.base import AbstractStrategy
 from .train import train_seeds
 
@@ -58,10 +58,15 @@ def run_study(
     num_evals: int = 20,
     num_eval_episodes: int = 16,
     progress: bool = True,
+    reuse: Sequence[str | Path] = (),
 ) -> dict[tuple[str, str], Run]:
     """Train every cell with `train_seeds` over `num_seeds` seeds; resume finished cells.
 
-    Seeds are `jax.random.split(key(seed), num_seeds)`, the same for every cell.
+    Seeds are `jax.random.split(key(seed), num_seeds)`, the same for every cell. A cell
+    whose folder (or the same cell's folder in one of the `reuse` studies, e.g.
+    `"results/compare"`) holds a finished run of the same settings (strategy and its
+    hyperparameters, env, budget, seeds, evaluations) is loaded instead of trained; one
+    with other settings is trained again and overwritten, with a note.
 
     **Returns:** `{(env name, label): Run}` in the order of `cells`.
 
@@ -86,9 +91,13 @@ def run_study(
     runs = {}
     for cell in cells:
         path = root / cell.name
-        if (path / "config.json").exists():
-            print(f"[{name}] {cell.name}: finished earlier, loaded from {path}")
-            runs[cell.env.name, cell.label] = load_run(path)
+        wanted = _settings(cell, num_seeds, seed, num_evals, num_eval_episodes)
+        found = _finished(cell, wanted, [root, *map(Path, reuse)], name)
+        if found is not None:
+            print(f"[{name}] {cell.name}: finished earlier, loaded from {found}")
+            runs[cell.env.name, cell.label] = run = load_run(found)
+            if found != path:
+                run.save(path)
             continue
         run = train_seeds(
             cell.strategy,
@@ -100,9 +109,48 @@ def run_study(
             num_eval_episodes=num_eval_episodes,
             progress=progress,
         )
+        run.config["study"] = {"seed": seed, "num_evals_requested": num_evals}
         run.save(path)
         runs[cell.env.name, cell.label] = run
     return runs
+
+
+def _settings(cell: Cell, num_seeds, seed, num_evals, num_eval_episodes) -> dict:
+    """What a saved cell must match to be reused (as `run.config` records it)."""
+    return {
+        "strategy": type(cell.strategy).__name__,
+        "env": cell.env.name,
+        "episode_length": cell.env.episode_length,
+        "total_steps_requested": cell.total_steps,
+        "num_seeds": num_seeds,
+        "seed": seed,
+        "num_evals_requested": num_evals,
+        "num_eval_episodes": num_eval_episodes,
+    }
+
+
+def _finished(cell: Cell, wanted: dict, roots: list[Path], study: str) -> Path | None:
+    for root in roots:
+        path = root / cell.name
+        if not (path / "config.json").exists():
+            continue
+        config = json.loads((path / "config.json").read_text())
+        saved = {**config, **config.get("study", {})}
+        different = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
+        hyper = config.get("hyperparameters")
+        if hyper != _hyperparameters(cell):
+            different["hyperparameters"] = "changed"
+        if not different:
+            return path
+        if root == roots[0]:
+            print(f"[{study}] {cell.name}: saved run has other settings {different}; retraining")
+    return None
+
+
+def _hyperparameters(cell: Cell) -> dict:
+    """The cell's hyperparameters as `run.config` records them (after `train` fills in
+    what the env and the budget decide)."""
+    return hyperparameters(cell.strategy.for_env(cell.env).for_budget(cell.total_steps))
 
 
 def load_study(path: str | Path) -> dict[tuple[str, str], Run]:
@@ -183,3 +231,68 @@ def load_runs(paths: Sequence[str | Path]) -> dict[tuple[str, str], Run]:
             raise ValueError(f"{full} is given more than once")
         runs[env, label] = run
     return runs
+
+
+def summary(runs: dict[tuple[str, str], Run], references: Sequence[str] = ("PPO",)) -> list[dict]:
+    """One row per cell: final IQM with its 95% bootstrap CI, and for each reference
+    strategy (e.g. PPO, ES) on the same env the probability of improvement over it and
+    the env steps and training seconds to its final IQM (`None`: never reached).
+
+    **Example:**
+
+    ```python
+    rows = summary(load_study("results/compare"), references=("PPO", "ES"))
+    print(format_summary(rows, references=("PPO", "ES")))
+    ```
+    """
+    import numpy as np
+
+    from .stats import iqm, iqm_ci, probability_of_improvement, threshold_crossing
+
+    finals = {k: np.asarray(r.curve.eval_return)[:, -1].mean(-1) for k, r in runs.items()}
+    rows = []
+    for (env, label), run in runs.items():
+        mid, low, high = iqm_ci(finals[env, label][:, None])
+        row = {
+            "env": env,
+            "strategy": label,
+            "env_steps": run.config["total_steps"],
+            "iqm": float(mid[0]),
+            "low": float(low[0]),
+            "high": float(high[0]),
+        }
+        for ref in references:
+            if (env, ref) not in runs:
+                continue
+            target = finals[env, ref]
+            hit = threshold_crossing(run, float(iqm(target)))
+            row[f"p_over_{ref}"] = probability_of_improvement(finals[env, label], target)
+            row[f"steps_to_{ref}"] = hit["env_steps"]
+            row[f"seconds_to_{ref}"] = hit["wall_time"]
+        for k in ("train", "eval", "compile"):
+            row[f"{k}_s"] = run.config.get(f"{k}_seconds", float("nan"))
+        rows.append(row)
+    return rows
+
+
+def format_summary(rows: list[dict], references: Sequence[str] = ("PPO",)) -> str:
+    """`summary`'s rows as a fixed-width text table."""
+
+    def fmt(value, spec: str) -> str:
+        return "never" if value is None else "-" if value == "" else format(value, spec)
+
+    head = f"{'env':<19}{'strategy':<10}{'env steps':>11}{'final IQM':>11}{'95% CI':>20}"
+    for ref in references:
+        head += f"{'P(>' + ref + ')':>10}{'steps to ' + ref:>16}{'s to ' + ref:>10}"
+    head += f"{'train s':>9}{'eval s':>8}{'compile s':>10}"
+    lines = [head]
+    for r in rows:
+        ci = f"[{r['low']:.1f}, {r['high']:.1f}]"
+        line = f"{r['env']:<19}{r['strategy']:<10}{r['env_steps']:>11,}{r['iqm']:>11.1f}{ci:>20}"
+        for ref in references:
+            line += f"{fmt(r.get(f'p_over_{ref}', ''), '.2f'):>10}"
+            line += f"{fmt(r.get(f'steps_to_{ref}', ''), ',d'):>16}"
+            line += f"{fmt(r.get(f'seconds_to_{ref}', ''), '.1f'):>10}"
+        line += f"{r['train_s']:>9.1f}{r['eval_s']:>8.1f}{r['compile_s']:>10.1f}"
+        lines.append(line)
+    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""`train` and `train_seeds`: a whole run as a pure function of a PRNG key.
+"""`train`, `train_seeds` and `train_sweep`: a whole run as a pure function of a PRNG key.
 
 A run is `num_evals - 1` segments. Each segment is one jit-compiled `lax.scan` over
 strategy iterations followed by an evaluation; the host only starts segments, reads the
@@ -8,11 +8,15 @@ executables that call back to the host), so a second run of the same configurati
 not recompile; it also means every finished segment is on the host if a run dies.
 """
 
+import dataclasses
+import itertools
 import json
 import os
+import re
 import time
+import typing
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +45,7 @@ class _Carry(eqx.Module):
     key: PRNGKeyArray
     env_steps: Int[Array, ""]  # env steps counted so far (what fed an update)
     last_steps: Int[Array, ""]  # env steps of the latest iteration
+    hyper: dict[str, Float[Array, ""]] | None  # this run's swept hyperparameters (train_sweep)
 
 
 class _Segment(eqx.Module):
@@ -148,8 +153,9 @@ def _check_inputs(strategy, env, policy, num_eval_episodes: int) -> None:
 
 
 class _Program(eqx.Module):
-    """The compiled parts of a run: `start(params, keys)`, `segment(carry, target)` (training
-    only) and `evaluate(carry, seed_index)` (only evaluation), each timed on its own."""
+    """The compiled parts of a run: `start(params, keys, hyper)`, `segment(carry, target)`
+    (training only) and `evaluate(carry, seed_index)` (only evaluation), each timed on its
+    own. `hyper` holds the swept hyperparameters of each run (`train_sweep`), else None."""
 
     start: Callable
     segment: Callable
@@ -162,13 +168,21 @@ _PROGRAMS: dict[Any, _Program] = {}
 
 
 def _compile(
-    strategy, env, policy, keys, plan: Plan, num_eval_episodes: int, seeds: bool, mesh: Mesh | None
+    strategy,
+    env,
+    policy,
+    keys,
+    hyper,
+    plan: Plan,
+    num_eval_episodes: int,
+    seeds: bool,
+    mesh: Mesh | None,
 ) -> tuple[_Program, Any]:
     """Compile (or reuse) the run's programs; returns them and the policy's arrays."""
     params, static = (
         eqx.partition(policy, eqx.is_array) if isinstance(policy, eqx.Module) else (None, policy)
     )
-    signature = jax.tree.map(lambda x: (x.shape, x.dtype), (params, keys))
+    signature = jax.tree.map(lambda x: (x.shape, x.dtype), (params, keys, hyper))
     memo = (
         strategy,
         env,
@@ -185,7 +199,9 @@ def _compile(
     except TypeError:  # something unhashable in a user module: compile every time
         memo = program = None
     if program is None:
-        program = _build(strategy, env, policy, params, keys, plan, num_eval_episodes, seeds, mesh)
+        program = _build(
+            strategy, env, policy, params, keys, hyper, plan, num_eval_episodes, seeds, mesh
+        )
         if memo is not None:
             _PROGRAMS[memo] = program
     return program, params
@@ -197,6 +213,7 @@ def _build(
     policy,
     params,
     keys,
+    hyper,
     plan: Plan,
     num_eval_episodes: int,
     seeds: bool,
@@ -209,24 +226,32 @@ def _build(
         make_policy = lambda params, key: policy(key)
     per_iter = plan.steps_per_iteration
 
-    def start(params, key) -> _Carry:
+    def configured(hyper) -> AbstractStrategy:
+        """The strategy of one run: a sweep's fields hold that run's (traced) values."""
+        if hyper is None:
+            return strategy
+        names = sorted(hyper)
+        fields = lambda s: [getattr(s, name) for name in names]
+        return eqx.tree_at(fields, strategy, [hyper[name] for name in names])
+
+    def start(params, key, hyper) -> _Carry:
         policy_key, init_key, run_key = jr.split(key, 3)
-        state = strategy.init(env, make_policy(params, policy_key), key=init_key)
+        state = configured(hyper).init(env, make_policy(params, policy_key), key=init_key)
         zero = jnp.zeros((), jnp.int32)
-        return _Carry(state, run_key, zero, zero + per_iter)
+        return _Carry(state, run_key, zero, zero + per_iter, hyper)
 
     def evaluate_carry(carry: _Carry, seed_index) -> Float[Array, " episodes"]:
         # Paired evaluation: episode starts differ between seeds, never between strategies.
         key = jr.fold_in(jr.key(EVAL_SEED), seed_index)
-        policy = strategy.policy(carry.state)
+        policy = configured(carry.hyper).policy(carry.state)
         return evaluate(env, policy, key=key, num_episodes=num_eval_episodes)
 
     def one_iteration(carry: _Carry) -> tuple[_Carry, dict[str, Array]]:
         key, step_key = jr.split(carry.key)
-        state, metrics = strategy.step(env, carry.state, key=step_key)
+        state, metrics = configured(carry.hyper).step(env, carry.state, key=step_key)
         steps = jnp.asarray(metrics.pop("env_steps", per_iter), jnp.int32)
         metrics = {**metrics, "env_steps": steps.astype(jnp.float32)}
-        return _Carry(state, key, carry.env_steps + steps, steps), metrics
+        return _Carry(state, key, carry.env_steps + steps, steps, carry.hyper), metrics
 
     def segment(carry: _Carry, target) -> tuple[_Carry, _Segment]:
         rows = plan.max_iterations
@@ -246,18 +271,19 @@ def _build(
         carry, buffers, i = jax.lax.while_loop(more, body, (carry, buffers, jnp.zeros((), int)))
         return carry, _Segment(buffers, i)
 
-    # Seeds go over the mesh's "seeds" axis; inside each run, strategies split their
-    # batch over "batch" (`shard_batch`). Without a mesh both are no-ops.
+    # Runs (seeds; a sweep's configs x seeds, flattened) go over the mesh's "seeds" axis;
+    # inside each run, strategies split their batch over "batch" (`shard_batch`). Without a
+    # mesh both are no-ops.
     if seeds:
-        start = _then(shard_seeds, jax.vmap(start, in_axes=(None, 0), spmd_axis_name=SEEDS))
+        start = _then(shard_seeds, jax.vmap(start, in_axes=(None, 0, 0), spmd_axis_name=SEEDS))
         segment = _then(shard_seeds, jax.vmap(segment, in_axes=(0, None), spmd_axis_name=SEEDS))
         evaluate_carry = _then(shard_seeds, jax.vmap(evaluate_carry, spmd_axis_name=SEEDS))
     index = jnp.arange(len(keys)) if seeds else jnp.zeros((), int)
     target = jnp.zeros((), jnp.int32)
     if mesh is None:
-        carry_shape = jax.eval_shape(start, params, keys)
+        carry_shape = jax.eval_shape(start, params, keys, hyper)
         return _Program(
-            start=jax.jit(start).lower(params, keys).compile(),
+            start=jax.jit(start).lower(params, keys, hyper).compile(),
             segment=jax.jit(segment, donate_argnums=0).lower(carry_shape, target).compile(),
             evaluate=jax.jit(evaluate_carry).lower(carry_shape, index).compile(),
             carry_shape=carry_shape,
@@ -268,8 +294,9 @@ def _build(
     replicated = NamedSharding(mesh, P())
     by_seed = NamedSharding(mesh, P(SEEDS)) if seeds else replicated
     with jax.set_mesh(mesh):
-        carry_shape = jax.eval_shape(start, params, keys)
-        start_c = jax.jit(start, in_shardings=(replicated, by_seed)).lower(params, keys).compile()
+        carry_shape = jax.eval_shape(start, params, keys, hyper)
+        start_c = jax.jit(start, in_shardings=(replicated, by_seed, by_seed))
+        start_c = start_c.lower(params, keys, hyper).compile()
         carry_sharding = start_c.output_shardings
         segment_c = jax.jit(
             segment,
@@ -317,6 +344,7 @@ def _execute(
     devices=None,
     log_dir=None,
     seed_index=0,
+    grid: "_Grid | None" = None,
 ) -> Run:
     _check_inputs(strategy, env, policy, num_eval_episodes)
     strategy = strategy.for_env(env)
@@ -329,6 +357,12 @@ def _execute(
     if resume_from is not None and checkpoint.latest(Path(resume_from)) is None:
         raise FileNotFoundError(f"resume_from={str(resume_from)!r} holds no complete checkpoint")
     log = _Log(log_dir, strategy, env)  # checks log_dir before compiling
+    # A sweep trains its configs x seeds as one flat batch of runs (config-major), each with
+    # its config's values in `hyper`; its arrays get the axes `(configs, seeds)` at the end.
+    lead, hyper = ((len(keys),) if seeds else ()), None
+    if grid is not None:
+        lead, hyper = (len(grid.configs), len(keys)), grid.per_run(len(keys))
+        keys = keys[np.tile(np.arange(len(keys)), len(grid.configs))]
     mesh = make_mesh(
         devices,
         num_seeds=len(keys) if seeds else None,
@@ -336,9 +370,20 @@ def _execute(
         owner=type(strategy).__name__,
     )
     if mesh is not None:
-        keys = jax.device_put(keys, NamedSharding(mesh, P(SEEDS) if seeds else P()))
+        keys, hyper = jax.device_put((keys, hyper), NamedSharding(mesh, P(SEEDS) if seeds else P()))
     tic = time.perf_counter()
-    program, params = _compile(strategy, env, policy, keys, plan, num_eval_episodes, seeds, mesh)
+    try:
+        program, params = _compile(
+            strategy, env, policy, keys, hyper, plan, num_eval_episodes, seeds, mesh
+        )
+    except (
+        jax.errors.ConcretizationTypeError,
+        jax.errors.TracerIntegerConversionError,
+        jax.errors.TracerArrayConversionError,
+    ) as error:
+        if grid is None:
+            raise
+        raise ValueError(grid.untraceable(strategy, error)) from error
     compile_seconds = time.perf_counter() - tic  # tracing + XLA (or cache loading); 0 if reused
     meta = {
         "strategy": repr(strategy),
@@ -351,25 +396,25 @@ def _execute(
     }
     if not isinstance(seed_index, int) or isinstance(seed_index, bool) or seed_index < 0:
         raise ValueError(f"seed_index must be an int >= 0, got {seed_index!r}")
-    index = np.arange(len(keys)) if seeds else np.asarray(seed_index)
+    index = np.arange(len(keys)) % lead[-1] if seeds else np.asarray(seed_index)  # seed i's
     if mesh is not None:
         index = jax.device_put(index, NamedSharding(mesh, P(SEEDS) if seeds else P()))
 
     bar = _Progress(plan, strategy, env, enabled=progress)
     if resume_from is None:
         clock = _Clock()
-        carry = clock.time("train", program.start, params, keys)
+        carry = clock.time("train", program.start, params, keys, hyper)
         history = {"eval_return": np.asarray(clock.time("eval", program.evaluate, carry, index))}
         history = {k: v[None] for k, v in history.items()}
         history["env_steps"] = np.asarray(carry.env_steps)[None]
         history["seconds"] = np.array([list(clock.seconds.values())])
         done = 0
+        log.write(0, history, {})
     else:
         carry, history, done = checkpoint.load(resume_from, program.carry_shape, meta)
         if program.carry_sharding is not None:
             carry = jax.device_put(carry, program.carry_sharding)
         clock = _Clock(*history["seconds"][-1])  # the clocks continue
-        log.write(0, history, {})
     bar.update(history)
     for i in range(done + 1, plan.num_evals):
         target = np.int32(plan.targets[i])
@@ -408,14 +453,121 @@ def _execute(
             "iterations": int(np.max(np.sum(np.isfinite(metrics["env_steps"]), axis=-1))),
         },
         num_eval_episodes=num_eval_episodes,
-        num_seeds=num,
+        num_seeds=lead[-1] if seeds else None,
         compile_seconds=compile_seconds,
         train_seconds=float(seconds[-1, 0]),
         eval_seconds=float(seconds[-1, 1]),
         checkpoint_seconds=float(seconds[-1, 2]),
         mesh=None if mesh is None else dict(mesh.shape),
     )
-    return Run(policy=strategy.policy(carry.state), curve=curve, metrics=metrics, config=config)
+    run = Run(policy=strategy.policy(carry.state), curve=curve, metrics=metrics, config=config)
+    return run if grid is None else grid.unflatten(run, lead)
+
+
+class _Grid(eqx.Module):
+    """A sweep's combinations: `configs[c][j]` is the value of `names[j]` in config `c`."""
+
+    names: tuple[str, ...]
+    configs: tuple[tuple[float, ...], ...]
+
+    def listing(self) -> list[dict[str, float]]:
+        """One dict per config, in the order of the config axis."""
+        return [dict(zip(self.names, values, strict=True)) for values in self.configs]
+
+    def per_run(self, num_seeds: int) -> dict[str, Float[Array, " runs"]]:
+        """Each swept value for every run (config-major: run `c * num_seeds + s`), weakly
+        typed like the Python floats they stand for, so dtypes come out as in `train`."""
+        return {
+            name: jnp.stack([jnp.asarray(c[j]) for c in self.configs for _ in range(num_seeds)])
+            for j, name in enumerate(self.names)
+        }
+
+    def unflatten(self, run: Run, lead: tuple[int, int]) -> Run:
+        """`run` (a flat batch of runs) with `(configs, seeds)` leading axes and the sweep
+        recorded in its config."""
+        split = lambda x: x.reshape(*lead, *x.shape[1:]) if eqx.is_array(x) else x
+        config = dict(run.config, sweep=self.listing(), num_configs=len(self.configs))
+        config["hyperparameters"] = dict(config["hyperparameters"])
+        for j, name in enumerate(self.names):  # one value per config
+            config["hyperparameters"][name] = [c[j] for c in self.configs]
+        return Run(
+            policy=jax.tree.map(split, run.policy),
+            curve=jax.tree.map(split, run.curve),
+            metrics=jax.tree.map(split, run.metrics),
+            config=config,
+        )
+
+    def untraceable(self, strategy: AbstractStrategy, error: Exception) -> str:
+        what = " or ".join(self.names)
+        return (
+            f"{type(strategy).__name__} uses {what} in Python control flow or as a shape"
+            f" ({type(error).__name__} while tracing), so it cannot vary inside one compiled"
+            f" program; loop over its values with diffsim.train_seeds instead"
+        )
+
+
+def _is_float_field(field: dataclasses.Field) -> bool:
+    """A field annotated `float` (alone or in a union: `float | None`, a float or schedule)
+    and not static."""
+    if field.metadata.get("static", False) or not field.init:
+        return False
+    kind = field.type
+    if isinstance(kind, str):  # `from __future__ import annotations`
+        return re.search(r"\bfloat\b", kind) is not None
+    return kind is float or float in typing.get_args(kind)
+
+
+def _sweep_grid(strategy: AbstractStrategy, sweep: Mapping[str, Any]) -> _Grid:
+    """Validate `sweep` against `strategy` (before anything compiles) and list its
+    combinations (`itertools.product` in the dict's order: the last name varies fastest)."""
+    if not isinstance(strategy, AbstractStrategy):
+        raise TypeError(
+            f"strategy must be a diffsim strategy (PPO, APG, ES, ...), got {strategy!r}"
+        )
+    owner = type(strategy).__name__
+    fields = {f.name: f for f in dataclasses.fields(strategy)}
+    floats = [name for name, f in fields.items() if _is_float_field(f)]
+    if not isinstance(sweep, Mapping) or not sweep:
+        raise ValueError(
+            f"sweep must be a non-empty dict from a float hyperparameter of {owner} to a list"
+            f" of values, got {sweep!r}; {owner} has: {', '.join(floats)}"
+        )
+    columns = []
+    for name, values in sweep.items():
+        if name not in fields:
+            raise ValueError(
+                f"{owner} has no hyperparameter {name!r}; the float hyperparameters"
+                f" train_sweep can vary are: {', '.join(floats)}"
+            )
+        if name not in floats:
+            raise ValueError(
+                f"{owner}.{name} (= {getattr(strategy, name)!r}) is not a float"
+                f" hyperparameter: it changes shapes or control flow, so each value needs its"
+                f" own compiled program. Loop over its values with train_seeds instead"
+                f" (for v in values: diffsim.train_seeds(dataclasses.replace(strategy,"
+                f" {name}=v), ...)). train_sweep can vary: {', '.join(floats)}"
+            )
+        if isinstance(values, (str, bytes, Mapping)) or not isinstance(
+            values, (Sequence, np.ndarray)
+        ):
+            raise ValueError(f"sweep[{name!r}] must be a list of numbers, got {values!r}")
+        if len(values) == 0:
+            raise ValueError(f"sweep[{name!r}] is empty: give at least one value")
+        for value in values:
+            if np.ndim(value) != 0 or not np.issubdtype(np.asarray(value).dtype, np.number):
+                raise ValueError(f"sweep[{name!r}] holds {value!r}; its values must be numbers")
+            try:  # the strategy's own checks name the bad value
+                dataclasses.replace(strategy, **{name: float(value)})
+            except ValueError as error:
+                raise ValueError(f"sweep[{name!r}]: {error}") from None
+        columns.append(tuple(float(v) for v in values))
+    grid = _Grid(tuple(sweep), tuple(itertools.product(*columns)))
+    for config in grid.listing():  # checks that relate fields to each other
+        try:
+            dataclasses.replace(strategy, **config)
+        except ValueError as error:
+            raise ValueError(f"sweep config {config}: {error}") from None
+    return grid
 
 
 def _valid_rows(out: _Segment) -> dict[str, np.ndarray]:
@@ -654,4 +806,76 @@ def train_seeds(
         devices=devices,
         log_dir=log_dir,
         seeds=True,
+    )
+
+
+def train_sweep(
+    strategy: AbstractStrategy,
+    env: Env,
+    policy: PolicyOrFactory,
+    *,
+    sweep: Mapping[str, Any],
+    keys: Keys,
+    total_steps: int,
+    num_evals: int = 20,
+    num_eval_episodes: int = 16,
+    progress: bool = True,
+    devices: Sequence[jax.Device] | None = None,
+) -> Run:
+    """`train_seeds` over every combination of float hyperparameters: one compiled program.
+
+    `sweep` maps names of float fields of `strategy` (`learning_rate`, `std`,
+    `entropy_coef`, `discount`, `actor_learning_rate`, ...) to lists of values. The
+    configs are `itertools.product` of the lists in the dict's order (the last name varies
+    fastest), and config `c`, seed `s` is exactly `train_seeds(dataclasses.replace(strategy,
+    **run.config["sweep"][c]), ..., keys=keys)[s]`, up to float reassociation: the swept
+    fields are traced values instead of constants, and all `C x S` runs are one batch (a
+    `vmap` over runs, split over devices as seeds are in `train_seeds`). Seed `s` gets the
+    same key, initial policy and evaluation episodes under every config (paired).
+
+    Fields that set shapes or control flow (`num_envs`, `horizon`, `population_size`,
+    flags, names) cannot vary inside one program: sweeping one is a `ValueError` that
+    says to loop over `train_seeds` instead. So is an unknown name, an empty list, or a
+    value the strategy itself rejects (each value is checked with `dataclasses.replace`),
+    all before anything compiles. A float field that the strategy's code branches on in
+    Python (ES's `weight_decay`) fails when traced, also with a `ValueError`, before XLA
+    compiles. The values replace the fields after `train`'s `for_env` and `for_budget` (so
+    PPO's learning-rate decay starts from each config's rate). Checkpoints are not
+    supported for sweeps.
+
+    **Returns:** a `Run` whose `policy`, `curve` and `metrics` leaves have leading axes
+    `(C, S)`: `C = prod(len(v) for v in sweep.values())` configs and `S = len(keys)` seeds,
+    e.g. `curve.eval_return: Float[Array, "C S E episodes"]`. `run.config["sweep"]` lists
+    the configs in axis order (`[{"learning_rate": 1e-4}, ...]`), `num_configs` is `C` and
+    `hyperparameters[name]` holds one value per config. `compile_seconds` and
+    `train_seconds` are for the whole grid. `Run.save` / `load_run` round-trip it.
+
+    **Example:**
+
+    ```python
+    run = diffsim.train_sweep(
+        diffsim.PPO(), env, make_policy,
+        sweep={"learning_rate": [1e-4, 3e-4, 1e-3], "entropy_coef": [0.0, 0.01]},
+        keys=jax.random.split(key, 5), total_steps=200_000,
+    )
+    run.curve.eval_return.shape     # (6, 5, 20, 16): configs, seeds, evaluations, episodes
+    run.config["sweep"][1]          # {"learning_rate": 0.0001, "entropy_coef": 0.01}
+    final = run.curve.eval_return[:, :, -1].mean(-1)   # (6, 5): one score per config and seed
+    ```
+    """
+    grid = _sweep_grid(strategy, sweep)
+    if not hasattr(keys, "shape") or len(keys) < 1:
+        raise ValueError(f"keys must be a non-empty batch of PRNG keys, got {keys!r}")
+    return _execute(
+        dataclasses.replace(strategy, **grid.listing()[0]),  # the template; fields replaced
+        env,
+        policy,
+        keys,
+        total_steps=total_steps,
+        num_evals=num_evals,
+        num_eval_episodes=num_eval_episodes,
+        progress=progress,
+        devices=devices,
+        seeds=True,
+        grid=grid,
     )

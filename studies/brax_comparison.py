@@ -365,14 +365,21 @@ def main():
     parser.add_argument(
         "--skip", type=int, default=2, help="chunks left out of the steady-state rate"
     )
+    parser.add_argument("--sides", nargs="+", default=["brax", "diffsim"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/brax_comparison.json")
     args = parser.parse_args()
 
-    rows = []
+    # Rows of an earlier run for the sides and trainers not run now are kept (so one side
+    # can be re-measured alone, e.g. `--sides diffsim`).
+    rerun = {(side, t) for side in args.sides for t in args.trainers}
+    earlier = json.loads(Path(args.out).read_text())["rows"] if Path(args.out).exists() else []
+    rows = [r for r in earlier if (r["side"], r["trainer"]) not in rerun and "error" not in r]
     for trainer in args.trainers:
         steps = args.es_steps if trainer == "es" else args.steps
         for side, fn in (("brax", run_brax), ("diffsim", run_diffsim)):
+            if side not in args.sides:
+                continue
             print(f"--- {side} {trainer}: {steps:,} env steps", flush=True)
             try:
                 row = fn(trainer, steps, args.evals, args.seed, args.skip, args.solve)

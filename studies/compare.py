@@ -12,12 +12,10 @@ import json
 from pathlib import Path
 
 import jax
-import numpy as np
 
 import diffsim
 from diffsim.plotting import final_scores, study_figure
-from diffsim.stats import iqm, iqm_ci, probability_of_improvement, threshold_crossing
-from diffsim.study import Cell, run_study
+from diffsim.study import Cell, format_summary, run_study, summary
 
 
 def gaussian(env, key):
@@ -76,15 +74,10 @@ def main():
         num_eval_episodes=16,
     )
 
-    rows = table(runs)
-    header = f"{'env':<19}{'strategy':<9}{'env steps':>10}{'final IQM':>11}{'95% CI':>20}{'P(>PPO)':>9}{'steps to PPO final':>20}{'s to it':>9}{'train s':>9}{'eval s':>8}{'compile s':>10}"
-    lines = [header] + [
-        f"{r['env']:<19}{r['strategy']:<9}{r['env_steps']:>10,}{r['iqm']:>11.1f}{_ci(r):>20}"
-        f"{r['p_improve']:>9.2f}{_fmt(r['steps_to_ppo'], ',d'):>20}{_fmt(r['seconds_to_ppo'], '.1f'):>9}{r['train_s']:>9.1f}{r['eval_s']:>8.1f}{r['compile_s']:>10.1f}"
-        for r in rows
-    ]
-    print("\n" + "\n".join(lines))
-    (Path(args.out) / study / "table.txt").write_text("\n".join(lines) + "\n")
+    rows = summary(runs, references=("PPO",))
+    text = format_summary(rows, references=("PPO",))
+    print("\n" + text)
+    (Path(args.out) / study / "table.txt").write_text(text + "\n")
     (Path(args.out) / study / "table.json").write_text(json.dumps(rows, indent=2))
 
     figures = {f"{study}_{x}": study_figure(runs, x=x) for x in ("env_steps", "wall_time")}
@@ -94,42 +87,6 @@ def main():
             fig.savefig(f"figures/{fig_name}.{ext}", dpi=120)
         print(f"wrote figures/{fig_name}.png")
     print(f"devices: {jax.devices()}")
-
-
-def _ci(row) -> str:
-    return f"[{row['low']:.1f}, {row['high']:.1f}]"
-
-
-def _fmt(value, spec: str) -> str:
-    return "never" if value is None else format(value, spec)
-
-
-def table(runs):
-    """Per cell: final IQM and CI, P(improvement over PPO), steps/seconds to PPO's final IQM."""
-    rows = []
-    for (env, label), run in runs.items():
-        final = np.asarray(run.curve.eval_return)[:, -1].mean(-1)
-        mid, low, high = iqm_ci(final[:, None])
-        ppo = runs.get((env, "PPO"))
-        ppo_final = np.asarray(ppo.curve.eval_return)[:, -1].mean(-1) if ppo is not None else final
-        reach = threshold_crossing(run, float(iqm(ppo_final)))
-        rows.append(
-            {
-                "env": env,
-                "strategy": label,
-                "env_steps": run.config["total_steps"],
-                "iqm": float(mid[0]),
-                "low": float(low[0]),
-                "high": float(high[0]),
-                "p_improve": probability_of_improvement(final, ppo_final),
-                "steps_to_ppo": reach["env_steps"],
-                "seconds_to_ppo": reach["wall_time"],
-                "train_s": run.config["train_seconds"],
-                "eval_s": run.config.get("eval_seconds", float("nan")),
-                "compile_s": run.config["compile_seconds"],
-            }
-        )
-    return rows
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ each piece is compiled on its own, warmed up, and timed as the median of `--repe
 calls on a state reached after a few iterations:
 
 - rollout: the env steps one iteration collects (`diffsim.rollout` with the strategy's
-  batch; for ES the population's scored episodes, which stop when all have ended);
+  batch; for ES a population drawn around the mean with the strategy's std, playing its
+  scored episodes until all have ended);
 - returns: GAE over that batch (PPO), TD(lambda) targets (SHAC); none for APG and ES;
 - step: one whole `strategy.step`; update = step - rollout - returns (for APG and SHAC
   the update includes the backward pass through the simulator);
@@ -45,7 +46,10 @@ def pieces(name, strategy, env, state, key):
     """The jittable rollout and returns pieces of one iteration of `strategy`."""
     if name == "ES":
         params = eqx.filter(state.policy, diffsim.trainable(state.policy))
-        pop = jax.tree.map(lambda x: x[None].repeat(strategy.population_size, 0), params)
+        noise = lambda x, k: x + strategy.std * jr.normal(k, (strategy.population_size, *x.shape))
+        leaves, treedef = jax.tree.flatten(params)
+        keys = jr.split(key, len(leaves))
+        pop = jax.tree.unflatten(treedef, [noise(x, k) for x, k in zip(leaves, keys, strict=True)])
         rollout = lambda s: (
             population_episodes(
                 env, s.policy, pop, key=key, num_episodes=1, max_length=env.episode_length

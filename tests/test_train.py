@@ -138,3 +138,22 @@ def test_not_a_strategy_rejected(reach):
         TypeError, match="strategy must be a diffsim strategy|typechecking parameter 'strategy'"
     ):
         diffsim.train("ppo", reach, gaussian(reach), key=jr.key(0), **BUDGET)
+
+
+def test_log_dir_gets_one_json_line_per_evaluation(reach, tmp_path):
+    run = diffsim.train(TINY, reach, gaussian(reach), key=jr.key(3), log_dir=tmp_path, **BUDGET)
+    log = pd.read_json(tmp_path / "log.jsonl", lines=True)
+    assert list(log["eval"]) == [0, 1, 2] and set(log["strategy"]) == {"PPO"}
+    np.testing.assert_array_equal(log["env_steps"], run.curve.env_steps)
+    np.testing.assert_allclose(log["eval_return_mean"], run.curve.eval_return.mean(-1), rtol=1e-5)
+    np.testing.assert_allclose(log["train_seconds"], run.curve.wall_time, rtol=1e-4, atol=1e-4)
+    assert np.isfinite(log["policy_loss_mean"][1:]).all()
+
+
+def test_unwritable_log_dir_fails_before_compiling(reach, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OSError, match="cannot write to"):
+        diffsim.train(
+            TINY, reach, gaussian(reach), key=jr.key(3), log_dir=blocker / "logs", **BUDGET
+        )

@@ -1,0 +1,179 @@
+"""`train_sweep`: every config x seed in one program, each point equal to `train_seeds`."""
+
+import dataclasses
+import importlib
+
+import equinox as eqx
+import jax
+import jax.random as jr
+import numpy as np
+import pytest
+from conftest import deterministic, gaussian
+
+import diffsim
+
+APG = diffsim.APG(num_envs=4, horizon=25)
+PPO = diffsim.PPO(num_envs=8, unroll_length=16, num_epochs=2, num_minibatches=4)
+ES = diffsim.ES(population_size=8)
+RATES = [3e-3, 1e-2, 3e-2]
+SWEEP = {"std": [0.02, 0.1], "learning_rate": [0.01, 0.03, 0.1]}
+LISTING = [
+    {"std": std, "learning_rate": lr} for std in SWEEP["std"] for lr in SWEEP["learning_rate"]
+]
+
+
+def budget(strategy):
+    return dict(
+        total_steps=4 * strategy.steps_per_iteration,
+        num_evals=3,
+        num_eval_episodes=4,
+        progress=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def keys():
+    return jr.split(jr.key(0), 2)
+
+
+@pytest.fixture(scope="module")
+def es_sweep(envs, keys):
+    env = envs("reach")
+    make = lambda k: deterministic(env, k)
+    return diffsim.train_sweep(ES, env, make, sweep=SWEEP, keys=keys, **budget(ES.for_env(env)))
+
+
+def assert_same_runs(sweep_point, seeds_run):
+    """One config of a sweep against `train_seeds`: up to float reassociation."""
+    np.testing.assert_array_equal(sweep_point.curve.env_steps, seeds_run.curve.env_steps)
+    np.testing.assert_allclose(
+        sweep_point.curve.eval_return, seeds_run.curve.eval_return, rtol=1e-4, atol=1e-4
+    )
+    policies = (jax.tree.leaves(sweep_point.policy), jax.tree.leaves(seeds_run.policy))
+    for a, b in zip(*policies, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def point(run, c):
+    """Config `c` of a sweep run, shaped as a `train_seeds` run."""
+    return jax.tree.map(lambda x: x[c] if eqx.is_array(x) else x, run)
+
+
+def test_shapes_and_listing_follow_configs_then_seeds(es_sweep):
+    configs, seeds = len(LISTING), 2
+    assert es_sweep.curve.eval_return.shape == (configs, seeds, 3, 4)
+    assert es_sweep.curve.env_steps.shape == es_sweep.curve.wall_time.shape == (6, 2, 3)
+    assert es_sweep.metrics["std"].shape == (configs, seeds, 4)
+    for leaf in jax.tree.leaves(eqx.filter(es_sweep.policy, eqx.is_array)):
+        assert leaf.shape[:2] == (configs, seeds)
+    assert es_sweep.config["sweep"] == LISTING  # itertools.product: the last name fastest
+    assert es_sweep.config["num_configs"] == configs and es_sweep.config["num_seeds"] == seeds
+    assert es_sweep.config["hyperparameters"]["learning_rate"] == [0.01, 0.03, 0.1] * 2
+    assert es_sweep.config["hyperparameters"]["population_size"] == 8
+    # Each config runs with its own values: ES reports its search std every generation.
+    stds = np.asarray(es_sweep.metrics["std"][:, :, 0])
+    np.testing.assert_allclose(stds, np.repeat([[0.02], [0.1]], 3, axis=0).repeat(2, 1))
+
+
+@pytest.mark.parametrize("c", [4])  # std 0.1, learning_rate 0.03: not the first config
+def test_an_es_sweep_point_equals_train_seeds_with_those_values(es_sweep, envs, keys, c):
+    env = envs("reach")
+    strategy = dataclasses.replace(ES, **LISTING[c])
+    make = lambda k: deterministic(env, k)
+    alone = diffsim.train_seeds(strategy, env, make, keys=keys, **budget(ES.for_env(env)))
+    assert_same_runs(point(es_sweep, c), alone)
+    assert not np.allclose(es_sweep.curve.eval_return[0], alone.curve.eval_return)
+
+
+def test_an_apg_sweep_point_equals_train_seeds_with_that_rate(envs, keys):
+    env = envs("reach")
+    make = lambda k: deterministic(env, k)
+    run = diffsim.train_sweep(
+        APG, env, make, sweep={"learning_rate": RATES}, keys=keys, **budget(APG)
+    )
+    assert run.config["sweep"] == [{"learning_rate": lr} for lr in RATES]
+    alone = diffsim.train_seeds(
+        dataclasses.replace(APG, learning_rate=RATES[2]), env, make, keys=keys, **budget(APG)
+    )
+    assert_same_runs(point(run, 2), alone)
+    np.testing.assert_allclose(point(run, 2).metrics["loss"], alone.metrics["loss"], rtol=1e-4)
+    assert not np.allclose(run.curve.eval_return[0], alone.curve.eval_return)
+
+
+def test_ppo_learning_rate_decay_starts_from_each_traced_rate(envs, keys):
+    """PPO's `for_budget` decay (`optax.linear_schedule`) with a traced start."""
+    env = envs("reach")
+    make = lambda k: gaussian(env, k)
+    rates = [1e-4, 3e-3]
+    run = diffsim.train_sweep(
+        PPO, env, make, sweep={"learning_rate": rates}, keys=keys, **budget(PPO)
+    )
+    assert run.config["hyperparameters"]["lr_decay_steps"] == 4 * PPO.steps_per_iteration
+    alone = diffsim.train_seeds(
+        dataclasses.replace(PPO, learning_rate=rates[1]), env, make, keys=keys, **budget(PPO)
+    )
+    assert_same_runs(point(run, 1), alone)
+
+
+def test_a_sweep_round_trips_through_save_and_load(es_sweep, tmp_path):
+    es_sweep.save(tmp_path / "sweep")
+    header = (tmp_path / "sweep" / "curve.csv").read_text().splitlines()[0]
+    assert header.startswith("config,seed,env_steps,")
+    assert (tmp_path / "sweep" / "metrics.csv").read_text().startswith("config,seed,iteration,")
+    back = diffsim.load_run(tmp_path / "sweep")
+    arrays = lambda run: jax.tree.leaves(eqx.filter(run, eqx.is_array))
+    for a, b in zip(arrays(back), arrays(es_sweep), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert back.config == es_sweep.config
+    assert back.curve.eval_return.shape == (6, 2, 3, 4)
+
+
+@pytest.fixture
+def no_compiling(monkeypatch):
+    """Fail the test if anything reaches the compiler."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("compiled before rejecting the sweep")
+
+    monkeypatch.setattr(importlib.import_module("diffsim.train"), "_compile", refuse)
+
+
+@pytest.mark.parametrize(
+    "strategy, sweep, message",
+    [
+        (APG, {"learnig_rate": [1e-3]}, r"no hyperparameter 'learnig_rate'.*learning_rate"),
+        (APG, {"num_envs": [4, 8]}, r"num_envs .*not a float.*shapes or control flow.*train_seeds"),
+        (APG, {"stochastic": [0.0, 1.0]}, r"stochastic .*not a float"),
+        (PPO, {"value_hidden": [64.0]}, r"value_hidden .*not a float"),
+        (diffsim.ES(), {"population_size": [8.0]}, r"population_size .*not a float"),
+        (diffsim.ES(), {"algorithm": [1.0]}, r"algorithm .*not a float"),
+        (APG, {"learning_rate": []}, r"sweep\['learning_rate'\] is empty"),
+        (APG, {"learning_rate": [1e-3, -1.0]}, r"learning_rate must be a number > 0, got -1.0"),
+        (PPO, {"discount": [0.9, 1.5]}, r"discount must be .*got 1.5"),
+        (APG, {"learning_rate": ["fast"]}, r"holds 'fast'.*numbers"),
+        (APG, {"learning_rate": 1e-3}, r"must be a list of numbers"),
+        (APG, {}, r"non-empty dict.*learning_rate"),
+    ],
+)
+def test_bad_sweeps_are_rejected_before_compiling(
+    strategy, sweep, message, envs, keys, no_compiling
+):
+    env = envs("reach")
+    policy = gaussian(env)
+    with pytest.raises(ValueError, match=message):
+        diffsim.train_sweep(strategy, env, policy, sweep=sweep, keys=keys, total_steps=10_000)
+
+
+def test_a_float_used_in_control_flow_fails_while_tracing_with_a_pointer_to_a_loop(envs, keys):
+    env = envs("reach")
+    es = diffsim.ES(population_size=8)
+    with pytest.raises(ValueError, match=r"weight_decay in Python control flow.*train_seeds"):
+        diffsim.train_sweep(
+            es,
+            env,
+            deterministic(env),
+            sweep={"weight_decay": [0.0, 0.1]},
+            keys=keys,
+            total_steps=3200,
+            num_evals=3,
+        )
