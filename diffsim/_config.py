@@ -1,4 +1,5 @@
-"""Process-wide JAX settings diffsim turns on at import: the persistent compilation cache."""
+"""Process-wide JAX settings diffsim turns on at import: the persistent compilation cache
+and XLA's CPU optimisation level."""
 
 import contextlib
 import io
@@ -6,7 +7,17 @@ import os
 import warnings
 from pathlib import Path
 
-import jax
+# LLVM's optimisation level 1 for XLA's CPU code: measured on the 8-seed PPO
+# inverted_pendulum run, a cold compile of 25 s instead of 33 s at the same or a better
+# training speed (95k vs 93k env steps/s; level 0 compiles in 14 s but trains 5x slower).
+# Read when JAX starts its CPU backend, so it applies if diffsim is imported before any
+# computation; a level set in XLA_FLAGS by the user is left alone.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=1"
+    ).strip()
+
+import jax  # noqa: E402
 
 from . import _gl  # noqa: F401  (sets MUJOCO_GL=egl when headless, before brax imports mujoco)
 
