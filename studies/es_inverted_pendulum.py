@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--num-evals", type=int, default=6)
     parser.add_argument("--population", type=int, default=64)
     parser.add_argument("--episodes", type=int, default=1, help="episodes per member")
-    parser.add_argument("--rollout-length", type=int, default=500)
+    parser.add_argument("--rollout-length", type=int, default=None)
     parser.add_argument("--std", type=float, default=0.05)
     parser.add_argument("--learning-rate", type=float, default=0.03)
     parser.add_argument("--algorithm", default="Open_ES")
@@ -65,7 +65,7 @@ def main() -> None:
     iqm = [float(trim_mean(per_seed[:, e], 0.25)) for e in range(per_seed.shape[1])]
     result = {
         "command": vars(args),
-        "env_steps": [int(x) for x in np.asarray(run.curve.env_steps[0])],
+        "env_steps": [int(x) for x in np.median(np.asarray(run.curve.env_steps), axis=0)],
         "iqm_eval_return": iqm,
         "final_eval_return_per_seed": per_seed[:, -1].tolist(),
         "compile_seconds": run.config["compile_seconds"],

@@ -53,12 +53,13 @@ def main():
 
     envs = {name: diffsim.make_env(name) for name in FAST}
     ppo = run_study(  # exactly the `make study` cells: reused from its results if there
-        "compare",
+        "sample_efficiency_ppo",
         [Cell(envs[n], "PPO", diffsim.PPO(), gaussian, BUDGETS[n]) for n in FAST],
         num_seeds=args.seeds,
         out=args.out,
         num_evals=11,
-        num_eval_episodes=8,
+        num_eval_episodes=16,
+        reuse=[Path(args.out) / "compare"],
     )
     fast = run_study(
         "sample_efficiency",
@@ -70,7 +71,7 @@ def main():
         num_seeds=args.seeds,
         out=args.out,
         num_evals=51,
-        num_eval_episodes=8,
+        num_eval_episodes=16,
     )
 
     rows = []
