@@ -8,6 +8,9 @@ from jaxtyping import Array, Bool, Float, Int, Key as KeyArray, PRNGKeyArray, UI
 Metrics: TypeAlias = dict[str, Float[Array, ""]]
 """Scalar training diagnostics of one strategy step, by name."""
 
+Scalar: TypeAlias = float | Float[Array, ""]
+"""A hyperparameter: a Python float, or a traced scalar when `train_sweep` vmaps over it."""
+
 Key: TypeAlias = PRNGKeyArray
 Keys: TypeAlias = KeyArray[Array, " seeds"] | UInt32[Array, "seeds 2"]
 """A batch of PRNG keys (new-style or raw uint32 pairs), one per seed."""
@@ -86,5 +89,6 @@ __all__ = [
     "Keys",
     "LearningCurve",
     "Metrics",
+    "Scalar",
     "Trajectory",
 ]

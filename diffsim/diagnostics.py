@@ -41,6 +41,9 @@ class GradientStats(eqx.Module):
     - `cosine`: `Float[Array, "K"]`, cosine similarity between the two means.
     - `bias`: `Float[Array, "K"]`, `|first_order_mean - zeroth_order_mean|`: how far the
       analytic gradient is from the gradient of the Gaussian-smoothed objective.
+    - `num_finite`: `Int[Array, "K"]`, the env samples in each row's statistics: those whose
+      two estimates are finite at that horizon (a rollout that diverges, e.g. through a
+      stiff contact, is left out and counted here; variances need at least 2, else NaN).
     """
 
     horizons: Int[Array, " K"]
@@ -52,22 +55,33 @@ class GradientStats(eqx.Module):
     zeroth_order_mean_norm: Float[Array, " K"]
     cosine: Float[Array, " K"]
     bias: Float[Array, " K"]
+    num_finite: Int[Array, " K"]
 
 
 def _stats(horizons: Array, fo: Float[Array, "S K P"], zo: Float[Array, "S K P"]) -> GradientStats:
-    fo_mean, zo_mean = fo.mean(0), zo.mean(0)
+    ok = jnp.all(jnp.isfinite(fo), -1) & jnp.all(jnp.isfinite(zo), -1)  # [S, K]
+    count = jnp.sum(ok, 0)
+    fo, zo = jnp.where(ok[..., None], fo, 0.0), jnp.where(ok[..., None], zo, 0.0)
+    fo_mean = fo.sum(0) / jnp.maximum(count, 1)[:, None]
+    zo_mean = zo.sum(0) / jnp.maximum(count, 1)[:, None]
+
+    def total_var(x, mean):  # unbiased, over the finite samples
+        spread = jnp.sum(jnp.where(ok[..., None], (x - mean) ** 2, 0.0), axis=(0, 2))
+        return jnp.where(count >= 2, spread / jnp.maximum(count - 1, 1), jnp.nan)
+
     fo_norm, zo_norm = jnp.linalg.norm(fo_mean, axis=-1), jnp.linalg.norm(zo_mean, axis=-1)
     cosine = jnp.sum(fo_mean * zo_mean, -1) / jnp.maximum(fo_norm * zo_norm, 1e-30)
     return GradientStats(
         horizons=horizons,
         first_order_mean=fo_mean,
         zeroth_order_mean=zo_mean,
-        first_order_var=jnp.var(fo, axis=0, ddof=1).sum(-1),
-        zeroth_order_var=jnp.var(zo, axis=0, ddof=1).sum(-1),
+        first_order_var=total_var(fo, fo_mean),
+        zeroth_order_var=total_var(zo, zo_mean),
         first_order_mean_norm=fo_norm,
         zeroth_order_mean_norm=zo_norm,
         cosine=cosine,
         bias=jnp.linalg.norm(fo_mean - zo_mean, axis=-1),
+        num_finite=count,
     )
 
 

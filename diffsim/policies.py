@@ -88,6 +88,41 @@ def tanh(x: Array) -> Array:
     return jnp.tanh(x)
 
 
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "tanh": tanh,
+    "elu": jax.nn.elu,
+    "relu": jax.nn.relu,
+    "gelu": jax.nn.gelu,
+    "silu": jax.nn.silu,
+    "softplus": jax.nn.softplus,
+    "leaky_relu": jax.nn.leaky_relu,
+}
+"""The activations networks take by name (`MLP(..., activation="elu")`). Each is a function
+`load_run` may rebuild, so a policy using one round-trips through `Run.save`."""
+
+
+def get_activation(name: str | Callable[[Array], Array]) -> Callable[[Array], Array]:
+    """The activation function `name` names in `ACTIVATIONS`; a function is returned as is.
+
+    **Raises:** `ValueError` for an unknown name, listing the valid ones.
+
+    **Example:**
+
+    ```python
+    get_activation("elu") is jax.nn.elu   # True
+    ```
+    """
+    if isinstance(name, str):
+        if name not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {name!r}; valid names: {sorted(ACTIVATIONS)}")
+        return ACTIVATIONS[name]
+    if not callable(name):
+        raise ValueError(
+            f"activation must be a name in {sorted(ACTIVATIONS)} or a function, got {name!r}"
+        )
+    return name
+
+
 def _is_norm(x) -> bool:
     return isinstance(x, RunningNorm)
 
@@ -132,7 +167,8 @@ class MLP(eqx.Module):
 
     - `in_size`, `out_size`: input and output widths.
     - `hidden`: widths of the hidden layers, e.g. `(64, 64)`.
-    - `activation`: applied after every hidden layer (default `tanh`).
+    - `activation`: applied after every hidden layer: a name in `ACTIVATIONS` (`"tanh"`,
+      the default, `"elu"`, `"relu"`, ...) or a function.
     - `final_scale`: multiplies the last layer's initial weights; small values (0.01) start
       a policy near zero output.
     - `key`: initialisation key (keyword-only).
@@ -156,7 +192,7 @@ class MLP(eqx.Module):
         out_size: int,
         *,
         hidden: Sequence[int] = (64, 64),
-        activation: Callable[[Array], Array] = tanh,
+        activation: str | Callable[[Array], Array] = "tanh",
         final_scale: float = 1.0,
         key: PRNGKeyArray,
     ):
@@ -172,7 +208,7 @@ class MLP(eqx.Module):
             (last.weight * final_scale, jnp.zeros_like(last.bias)),
         )
         self.layers = tuple(layers)
-        self.activation = activation
+        self.activation = get_activation(activation)
 
     def __call__(self, x: Float[Array, " in"]) -> Float[Array, " out"]:
         for layer in self.layers[:-1]:
@@ -186,7 +222,9 @@ class GaussianPolicy(eqx.Module):
     **Arguments:**
 
     - `obs_size`, `action_size`: env sizes (`env.observation_size`, `env.action_size`).
-    - `hidden`: hidden widths of the mean network (default `(64, 64)`, tanh).
+    - `hidden`: hidden widths of the mean network (default `(64, 64)`).
+    - `activation`: its activation, a name in `ACTIVATIONS` or a function (default
+      `"tanh"`; SHAC's paper uses `"elu"`).
     - `init_std`: initial standard deviation of the pre-squash Gaussian.
     - `state_dependent_std`: if True the network also outputs the log-std per
       observation; otherwise the log-std is one trainable vector.
@@ -216,6 +254,7 @@ class GaussianPolicy(eqx.Module):
         action_size: int,
         *,
         hidden: Sequence[int] = (64, 64),
+        activation: str | Callable[[Array], Array] = "tanh",
         init_std: float = 0.6,
         state_dependent_std: bool = False,
         key: PRNGKeyArray,
@@ -224,7 +263,9 @@ class GaussianPolicy(eqx.Module):
             raise ValueError(f"init_std must be > 0, got {init_std!r}")
         out = 2 * action_size if state_dependent_std else action_size
         self.norm = RunningNorm(obs_size)
-        self.net = MLP(obs_size, out, hidden=hidden, final_scale=0.01, key=key)
+        self.net = MLP(
+            obs_size, out, hidden=hidden, activation=activation, final_scale=0.01, key=key
+        )
         if state_dependent_std:
             # Start every observation at init_std: the output bias carries log(init_std).
             last = self.net.layers[-1]
@@ -288,7 +329,8 @@ class GaussianPolicy(eqx.Module):
 class DeterministicPolicy(eqx.Module):
     """`action = tanh(MLP(normalised obs))`; the key, if given, is ignored.
 
-    **Arguments:** `obs_size`, `action_size`, `hidden=(64, 64)`, `key` (keyword-only).
+    **Arguments:** `obs_size`, `action_size`, `hidden=(64, 64)`, `activation="tanh"` (a
+    name in `ACTIVATIONS` or a function), `key` (keyword-only).
 
     `Float[Array, "obs"] -> Float[Array, "act"]`.
 
@@ -309,10 +351,13 @@ class DeterministicPolicy(eqx.Module):
         action_size: int,
         *,
         hidden: Sequence[int] = (64, 64),
+        activation: str | Callable[[Array], Array] = "tanh",
         key: PRNGKeyArray,
     ):
         self.norm = RunningNorm(obs_size)
-        self.net = MLP(obs_size, action_size, hidden=hidden, final_scale=0.01, key=key)
+        self.net = MLP(
+            obs_size, action_size, hidden=hidden, activation=activation, final_scale=0.01, key=key
+        )
 
     def __call__(
         self, obs: Float[Array, " obs"], *, key: PRNGKeyArray | None = None
@@ -324,7 +369,8 @@ class DeterministicPolicy(eqx.Module):
 class ValueFunction(eqx.Module):
     """A state-value critic `V(obs)`: `Float[Array, "obs"] -> Float[Array, ""]`.
 
-    **Arguments:** `obs_size`, `hidden=(64, 64)`, `key` (keyword-only).
+    **Arguments:** `obs_size`, `hidden=(64, 64)`, `activation="tanh"` (a name in
+    `ACTIVATIONS` or a function), `key` (keyword-only).
 
     **Example:**
 
@@ -337,9 +383,16 @@ class ValueFunction(eqx.Module):
     norm: RunningNorm
     net: MLP
 
-    def __init__(self, obs_size: int, *, hidden: Sequence[int] = (64, 64), key: PRNGKeyArray):
+    def __init__(
+        self,
+        obs_size: int,
+        *,
+        hidden: Sequence[int] = (64, 64),
+        activation: str | Callable[[Array], Array] = "tanh",
+        key: PRNGKeyArray,
+    ):
         self.norm = RunningNorm(obs_size)
-        self.net = MLP(obs_size, 1, hidden=hidden, key=key)
+        self.net = MLP(obs_size, 1, hidden=hidden, activation=activation, key=key)
 
     def __call__(self, obs: Float[Array, " obs"]) -> Float[Array, ""]:
         return self.net(self.norm(obs))[0]

@@ -178,7 +178,15 @@ def _broadcast(like, lead: tuple[int, ...]):
 
 
 def hyperparameters(strategy) -> dict:
-    """The strategy's fields as plain JSON values (what `run.config` records)."""
+    """The strategy's fields as plain JSON values (what `run.config["hyperparameters"]`
+    records).
+
+    **Example:**
+
+    ```python
+    hyperparameters(diffsim.PPO())["learning_rate"]   # 0.0003
+    ```
+    """
     fields = dataclasses.fields(strategy)
     return json.loads(json.dumps({f.name: _jsonable(getattr(strategy, f.name)) for f in fields}))
 

@@ -16,7 +16,7 @@ from brax.envs.base import Env
 from jaxtyping import PRNGKeyArray
 
 from ._checkpoint import check_writable as _check_writable
-from .results import Run, hyperparameters, load_run
+from .results import Run, hyperparameters as _strategy_fields, load_run
 from .strategies.base import AbstractStrategy
 from .train import train_seeds
 
@@ -150,7 +150,7 @@ def _finished(cell: Cell, wanted: dict, roots: list[Path], study: str) -> Path |
 def _hyperparameters(cell: Cell) -> dict:
     """The cell's hyperparameters as `run.config` records them (after `train` fills in
     what the env and the budget decide)."""
-    return hyperparameters(cell.strategy.for_env(cell.env).for_budget(cell.total_steps))
+    return _strategy_fields(cell.strategy.for_env(cell.env).for_budget(cell.total_steps))
 
 
 def load_study(path: str | Path) -> dict[tuple[str, str], Run]:
@@ -276,7 +276,14 @@ def summary(runs: dict[tuple[str, str], Run], references: Sequence[str] = ("PPO"
 
 
 def format_summary(rows: list[dict], references: Sequence[str] = ("PPO",)) -> str:
-    """`summary`'s rows as a fixed-width text table."""
+    """`summary`'s rows as a fixed-width text table, one column group per reference.
+
+    **Example:**
+
+    ```python
+    print(format_summary(summary(runs, references=("PPO",)), references=("PPO",)))
+    ```
+    """
 
     def fmt(value, spec: str) -> str:
         return "never" if value is None else "-" if value == "" else format(value, spec)

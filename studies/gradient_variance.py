@@ -1,6 +1,8 @@
 """Variance of first-order (analytic) vs zeroth-order (ES) policy gradients vs horizon.
 
     python studies/gradient_variance.py [--envs pendulum inverted_pendulum] [--samples 32]
+    python studies/gradient_variance.py --env halfcheetah ant     # Brax bodies, with contact
+    python studies/gradient_variance.py --env reacher --horizons 1 4 --samples 4  # a smoke run
 
 For each env, a freshly initialised deterministic policy, and horizons H up to the
 longest: the mean and the total variance across env samples of the analytic gradient of
@@ -13,6 +15,16 @@ analytic gradient's variance grows fast with H; on inverted_pendulum (reward +1 
 alive, episode ends when the pole falls) the analytic gradient is exactly zero: the
 return changes only through the discrete episode end, which only the zeroth-order
 estimate sees.
+
+On the Brax bodies (`halfcheetah`, `ant`, `hopper`; `reacher` has no contacts) the question
+is how the analytic gradient's variance grows with H through contact, against ES's, which
+sets the window length of APG and SHAC: the horizon where first-order variance overtakes
+zeroth-order variance (or the cosine between the two means collapses) bounds useful windows.
+`num_finite` counts the samples in each row: a rollout whose gradient overflows is left out
+and counted, not allowed to turn the row into NaN. The study differentiates
+`max(horizons)` steps of `samples` envs at once (reverse mode keeps every step), so on ant
+with the default horizons expect minutes and a few GB; `--samples`, `--horizons` and
+`--hidden` trade precision for time.
 """
 
 import argparse
@@ -34,6 +46,10 @@ HORIZONS = {
     "reach": [1, 2, 4, 8, 16, 32, 64, 100],
     "ball": [12, 16, 24, 32, 48, 60],
     "inverted_pendulum": [1, 2, 4, 8, 16, 32, 64],
+    "reacher": [1, 2, 4, 8, 16, 32, 64, 128],
+    "halfcheetah": [1, 2, 4, 8, 16, 32, 64, 128],
+    "hopper": [1, 2, 4, 8, 16, 32, 64, 128],
+    "ant": [1, 2, 4, 8, 16, 32, 64, 128],
 }
 COLUMNS = [
     "horizon",
@@ -43,21 +59,23 @@ COLUMNS = [
     "zeroth_order_mean_norm",
     "cosine",
     "bias",
+    "num_finite",
 ]
 FLOOR = 1e-12  # exact zeros drawn here on the log axis
 
 
 def study(name: str, args) -> dict[str, np.ndarray]:
-    env = diffsim.make_env(name)
+    env = diffsim.make_env(name)  # Brax bodies: the spring backend, Brax's rewards
     policy = diffsim.DeterministicPolicy(
-        env.observation_size, env.action_size, hidden=(32, 32), key=jr.key(args.seed)
+        env.observation_size, env.action_size, hidden=tuple(args.hidden), key=jr.key(args.seed)
     )
+    horizons = args.horizons or HORIZONS[name]
     tic = time.perf_counter()
     stats = diffsim.diagnostics.gradient_stats(
         env,
         policy,
         key=jr.key(args.seed + 1),
-        horizons=HORIZONS[name],
+        horizons=horizons,
         num_samples=args.samples,
         num_perturbations=args.perturbations,
         sigma=args.sigma,
@@ -65,8 +83,9 @@ def study(name: str, args) -> dict[str, np.ndarray]:
     seconds = time.perf_counter() - tic
     table = {c: np.asarray(getattr(stats, "horizons" if c == "horizon" else c)) for c in COLUMNS}
     print(
-        f"\n{name}: {args.samples} env samples, {args.perturbations} antithetic pairs,"
-        f" sigma {args.sigma}; {seconds:.1f} s including compile"
+        f"\n{name} ({env.backend} backend): {args.samples} env samples, {args.perturbations}"
+        f" antithetic pairs, sigma {args.sigma}, policy {tuple(args.hidden)};"
+        f" {seconds:.1f} s including compile"
     )
     print(" ".join(f"{c:>22}" for c in COLUMNS))
     for i in range(len(table["horizon"])):
@@ -118,15 +137,33 @@ def plot(tables: dict[str, dict[str, np.ndarray]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--envs", nargs="+", default=["pendulum", "inverted_pendulum"], choices=sorted(HORIZONS)
+        "--envs",
+        "--env",
+        nargs="+",
+        default=["pendulum", "inverted_pendulum"],
+        choices=sorted(HORIZONS),
     )
+    parser.add_argument(
+        "--horizons", nargs="+", type=int, default=None, help="default: per env (HORIZONS)"
+    )
+    parser.add_argument("--hidden", nargs="+", type=int, default=[32, 32])
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--perturbations", type=int, default=64)
     parser.add_argument("--sigma", type=float, default=0.02)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("results/gradient_variance"))
-    parser.add_argument("--figure", type=Path, default=Path("figures/gradient_variance.png"))
+    parser.add_argument(
+        "--figure",
+        type=Path,
+        default=None,
+        help="default figures/gradient_variance.png, or gradient_variance_<envs>.png for other"
+        " envs than the default ones",
+    )
     args = parser.parse_args()
+    if args.figure is None:
+        default = args.envs == parser.get_default("envs")
+        suffix = "" if default else "_" + "_".join(args.envs)
+        args.figure = Path(f"figures/gradient_variance{suffix}.png")
     tables = {}
     for name in args.envs:
         tables[name] = study(name, args)

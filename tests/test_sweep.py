@@ -115,6 +115,19 @@ def test_ppo_learning_rate_decay_starts_from_each_traced_rate(envs, keys):
     assert_same_runs(point(run, 1), alone)
 
 
+def test_shac_sweeps_over_discount_and_gradient_clip(envs, keys):
+    """Fields that reach typed helpers (`gae`, the window loss, the optimiser) as traced
+    scalars under the test-time type checker."""
+    env = envs("reach")
+    shac = diffsim.SHAC(num_envs=4, horizon=10, critic_epochs=1, critic_minibatches=1)
+    sweep = {"discount": [0.9, 0.99], "max_grad_norm": [0.5, 2.0]}
+    run = diffsim.train_sweep(
+        shac, env, lambda k: deterministic(env, k), sweep=sweep, keys=keys, **budget(shac)
+    )
+    assert run.curve.eval_return.shape[:2] == (4, len(keys))
+    assert np.all(np.isfinite(np.asarray(run.metrics["loss"])))
+
+
 def test_a_sweep_round_trips_through_save_and_load(es_sweep, tmp_path):
     es_sweep.save(tmp_path / "sweep")
     header = (tmp_path / "sweep" / "curve.csv").read_text().splitlines()[0]

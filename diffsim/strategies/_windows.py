@@ -11,19 +11,30 @@ two ways:
   env's backward pass is its own. Envs whose window diverged (a non-finite reward or
   observation, or a non-finite loss or gradient) drop out of the mean; the others update.
 
+A window can run in float64 (`float64_env`: the policy, the env state and the Brax system's
+constants are cast for the window) and rematerialise each env step in the backward pass
+(`rematerialized`: `jax.checkpoint` around `env.step`). `check_window` rejects, before
+anything compiles, what a window cannot do: a backend that cannot be reverse-differentiated,
+a horizon longer than the episode, and remat or float64 where they cannot apply.
+
 The critic helpers (`critic_batch`, `fit_critic`, `polyak`) are SHAC's, also used by
 GuidedES's critic-bootstrapped gradient.
 """
+
+import copy
+import weakref
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import numpy as np
 import optax
-from brax.envs.base import Env, State
+from brax.base import System
+from brax.envs.base import Env, State, Wrapper
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-from .._types import Trajectory
+from .._types import Scalar, Trajectory
 from ..policies import ValueFunction, trainable, update_normalizers
 from ..rollout import reset, rollout
 from ..sharding import shard_batch
@@ -46,11 +57,11 @@ class Window(eqx.Module):
 def optimizer(
     learning_rate,
     *,
-    max_grad_norm: float,
-    max_grad_value: float | None,
-    b1: float,
-    b2: float,
-    eps: float,
+    max_grad_norm: Scalar,
+    max_grad_value: Scalar | None,
+    b1: Scalar,
+    b2: Scalar,
+    eps: Scalar,
 ) -> optax.GradientTransformation:
     """Adam after an optional elementwise clip and a global-norm clip."""
     clips = [] if max_grad_value is None else [optax.clip(max_grad_value)]
@@ -98,7 +109,7 @@ def check_x64(float64: bool) -> None:
 
 
 def check_common(strategy) -> None:
-    """The checks of the fields every APG-like strategy has."""
+    """The checks of the fields APG and SHAC share."""
     check.positive_int("num_envs", strategy.num_envs)
     check.positive_int("horizon", strategy.horizon)
     check.positive("max_grad_norm", strategy.max_grad_norm)
@@ -107,7 +118,7 @@ def check_common(strategy) -> None:
     check.in_range("adam_b1", strategy.adam_b1, 0.0, 1.0)
     check.in_range("adam_b2", strategy.adam_b2, 0.0, 1.0)
     check.positive("adam_eps", strategy.adam_eps)
-    check_flags(strategy, "stochastic", "float64", "mask_nonfinite_envs")
+    check_flags(strategy, "stochastic", "float64", "remat", "mask_nonfinite_envs")
 
 
 def check_flags(strategy, *names: str) -> None:
@@ -130,21 +141,185 @@ def check_policy(strategy, env: Env, policy: eqx.Module) -> None:
             ) from error
 
 
+# --------------------------------------------------------------------------- window envs
+
+# Backends whose step JAX cannot reverse-differentiate, and why.
+NOT_DIFFERENTIABLE = {
+    "mjx": (
+        "whose constraint solver runs in a lax.while_loop, which JAX cannot reverse-differentiate"
+    ),
+}
+
+_FLOAT64_ENVS: "weakref.WeakKeyDictionary[Env, Env]" = weakref.WeakKeyDictionary()
+
+
+def _to_float64_constant(x):
+    if isinstance(x, (np.ndarray, jax.Array)) and jnp.issubdtype(x.dtype, jnp.floating):
+        return jnp.asarray(np.asarray(x, np.float64))
+    return x
+
+
+def _cast_system(env: Env) -> Env:
+    """A shallow copy of the wrapper chain down to the Brax env holding `sys`, whose `sys` has
+    float64 floating leaves; an env without a Brax system (a toy env) is returned as is."""
+    if isinstance(env, Wrapper):
+        inner = _cast_system(env.env)
+        if inner is env.env:
+            return env
+        out = copy.copy(env)
+        out.env = inner
+        return out
+    system = vars(env).get("sys")
+    if not isinstance(system, System):
+        return env
+    out = copy.copy(env)
+    out.sys = jax.tree.map(_to_float64_constant, system)
+    return out
+
+
+def float64_env(env: Env) -> Env:
+    """`env` with its Brax system's constants (`env.unwrapped.sys`: masses, inertias,
+    geometry, gains, ...) in float64, so that a float64 state is stepped in float64.
+
+    A copy down the wrapper chain (the original is untouched), built once per env and
+    cached. A toy env (no Brax system; its constants are Python floats) comes back as is.
+    x64 must be on.
+
+    **Example:**
+
+    ```python
+    jax.config.update("jax_enable_x64", True)
+    env64 = float64_env(diffsim.make_env("reacher"))
+    env64.unwrapped.sys.link.inertia.mass.dtype   # float64
+    ```
+    """
+    check_x64(True)
+    cached = _FLOAT64_ENVS.get(env)
+    if cached is None:
+        with jax.ensure_compile_time_eval():
+            cached = _cast_system(env)
+        if cached is env:
+            return env
+        _FLOAT64_ENVS[env] = cached
+    return cached
+
+
+class Rematerialized(Wrapper):
+    """`env` whose `step` is wrapped in `jax.checkpoint`: reverse mode keeps only each step's
+    inputs (the env state and the action) and recomputes the step's internals (the physics
+    substeps, contacts) during the backward pass. Everything else is `env`'s.
+
+    **Example:**
+
+    ```python
+    _, traj = diffsim.rollout(Rematerialized(env), policy, state, key=key, length=128)
+    ```
+    """
+
+    def step(self, state: State, action: jax.Array, starts=None) -> State:
+        step = jax.checkpoint(self.env.step, prevent_cse=False)  # inside a scan: no CSE risk
+        return step(state, action) if starts is None else step(state, action, starts)
+
+
+def env_backend(env: Env) -> str | None:
+    """The Brax backend `env` steps with (`"jax"` for toy envs), or None if it has none."""
+    try:
+        return env.backend
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def _float64_problem(env: Env) -> str | None:
+    """Why a float64 reset, start pool and step of `env` is not float64 throughout (the
+    first line of its jaxpr that computes in float32, or the error tracing it raised), or
+    None. Traced only (nothing is compiled)."""
+
+    def one_step(key):
+        state = to_float64(env.reset(key))
+        action = jnp.zeros(env.action_size, jnp.float64)
+        if hasattr(env, "starts"):
+            state, starts = env.starts(state, 1)
+            return env.step(state, action, starts)
+        return env.step(state, action)
+
+    try:
+        jaxpr = jax.make_jaxpr(one_step)(jr.key(0))
+    except Exception as error:  # e.g. a float32 constant that breaks a scan's carry types
+        return f"its float64 step fails to trace: {type(error).__name__}: {error}"[:300]
+    for line in str(jaxpr).splitlines():
+        if "f32" in line:
+            return f"its float64 step still computes in float32 (`{line.strip()[:120]}`)"
+    return None
+
+
+def check_window(strategy, env: Env) -> None:
+    """Reject, before compiling, a window `strategy` cannot differentiate on `env`:
+
+    - an env whose backend JAX cannot reverse-differentiate (Brax `mjx`);
+    - `horizon` longer than the env's episode;
+    - `remat=True` with `horizon=1` (a window of one step has nothing to rematerialise);
+    - `float64=True` without x64, or on an env that still computes in float32 once its state
+      and Brax system are float64 (traced, not compiled).
+    """
+    label, name = type(strategy).__name__, getattr(env, "name", "")
+    backend = env_backend(env)
+    if backend in NOT_DIFFERENTIABLE:
+        raise ValueError(
+            f"{label} differentiates through the simulator, but env {name!r} uses Brax's"
+            f" {backend!r} backend, {NOT_DIFFERENTIABLE[backend]}; build it with"
+            f" diffsim.make_env({name!r}, backend='spring') (or 'generalized', 'positional')"
+        )
+    length = env.episode_length
+    if strategy.horizon > length:
+        raise ValueError(
+            f"horizon={strategy.horizon} (the gradient window) exceeds the episode_length"
+            f" {length} of env {name!r}; pass {label}(horizon={length}) or less"
+        )
+    if strategy.remat and strategy.horizon == 1:
+        raise ValueError(
+            f"remat=True with horizon=1: a one-step window keeps the same memory with or"
+            f" without rematerialisation and only pays a second forward pass; pass"
+            f" {label}(remat=False), or a longer horizon"
+        )
+    check_x64(strategy.float64)
+    if strategy.float64:
+        problem = _float64_problem(float64_env(env))
+        if problem is not None:
+            raise ValueError(
+                f"float64=True cannot apply to env {name!r}: with its state and Brax system"
+                f" in float64, {problem}; make the env's own constants and dtypes follow its"
+                f" inputs, or pass float64=False"
+            )
+
+
 # --------------------------------------------------------------------------- the window
 
 
 def window(
-    env: Env, policy, env_state: State, *, key, horizon: int, stochastic: bool, float64: bool
+    env: Env,
+    policy,
+    env_state: State,
+    *,
+    key,
+    horizon: int,
+    stochastic: bool,
+    float64: bool,
+    remat: bool = False,
 ) -> Window:
     """The differentiable window: `horizon` steps of `rollout` from a gradient-cut state.
 
-    With `float64` the policy and the env state are cast to float64 for the window (x64
-    must be on); the env state after it is cast back, so the carried state keeps its dtype.
+    With `float64` the policy, the env state and the env's Brax system (`float64_env`) are
+    float64 for the window (x64 must be on); the env state after it is cast back, so the
+    carried state keeps its dtype. With `remat` each env step is rematerialised in the
+    backward pass (`Rematerialized`).
     """
     start = jax.lax.stop_gradient(env_state)  # truncated BPTT: nothing flows to past windows
     start = shard_batch(start)
     if float64:
+        env = float64_env(env)
         policy, start = to_float64((policy, start))
+    if remat:
+        env = Rematerialized(env)
     end, traj = rollout(env, policy, start, key=key, length=horizon, deterministic=not stochastic)
     return Window(like(end, env_state) if float64 else end, traj)
 
@@ -203,7 +378,7 @@ class _Segments(eqx.Module):
 
 
 def shac_loss(
-    traj: Trajectory, critic: ValueFunction, *, discount: float, reward_scale: float = 1.0
+    traj: Trajectory, critic: ValueFunction, *, discount: Scalar, reward_scale: Scalar = 1.0
 ) -> Float[Array, " B"]:
     """SHAC's actor loss of each env (the batch loss is the mean over envs):
 
@@ -396,8 +571,8 @@ def critic_batch(
     traj: Trajectory,
     kept: Bool[Array, " B"],
     *,
-    discount: float,
-    gae_lambda: float,
+    discount: Scalar,
+    gae_lambda: Scalar,
     reward_scale: float = 1.0,
 ) -> CriticBatch:
     """TD(lambda) targets of the target critic on the window (`gae`), flattened; the rows of

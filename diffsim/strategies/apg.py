@@ -18,7 +18,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from .._types import Metrics
 from ..policies import trainable
 from ..rollout import episode_stats
-from . import _checks as check, _windows as windows
+from . import _checks as check, _schedules as schedules, _windows as windows
 from ._guard import guarded_update
 from .base import AbstractStrategy
 
@@ -42,9 +42,13 @@ class APG(AbstractStrategy[APGState]):
     differentiating through the simulator. Gradients also stop at auto-resets, so a window
     never credits an action with the next episode's reward. Episodes start staggered
     (each env is first stepped `U[0, episode_length)` times with the initial policy)
-    unless `horizon` is a multiple of the episode length, where windows align with
-    episodes: `horizon=env.episode_length` is full-episode BPTT. The observation
-    statistics are frozen within the window and updated after the update.
+    unless `horizon` equals the episode length, where windows align with episodes
+    (full-episode BPTT). The observation statistics are frozen within the window and
+    updated after the update.
+
+    `train` rejects before compiling an env whose backend cannot be reverse-differentiated
+    (Brax `mjx`), a `horizon` longer than the episode, and `remat` or `float64` where they
+    cannot apply (`windows.check_window`).
 
     Defaults: Brax's window (h=32, 64 envs, Adam (0.7, 0.95)) with global-norm clip 1.0
     and lr 3e-3, which solves the toy `reach` (-12 after 100k steps) and `pendulum`
@@ -65,10 +69,17 @@ class APG(AbstractStrategy[APGState]):
     - `adam_b1`, `adam_b2`, `adam_eps`: Adam's constants (`(0.7, 0.95)` as in Brax/SHAC).
     - `stochastic`: act with reparameterised samples `policy(obs, key=k)` (e.g. a
       `GaussianPolicy`); False acts with `policy(obs)`.
-    - `float64`: run the window in float64 (policy and env state cast for the window;
-      parameters keep their dtype). Needs `jax.config.update("jax_enable_x64", True)`
-      before training: x64 cannot be switched on inside jit, so `train` rejects
-      `float64=True` without it.
+    - `float64`: run the window in float64: the policy, the env state and the Brax system's
+      constants are cast for the window (`windows.float64_env`); parameters keep their
+      dtype. Needs `jax.config.update("jax_enable_x64", True)` before training: x64 cannot
+      be switched on inside jit, so `train` rejects `float64=True` without it, and an env
+      whose step still computes in float32.
+    - `remat`: rematerialise each env step in the backward pass (`jax.checkpoint`), so
+      reverse mode stores each step's inputs instead of all of the simulator's
+      intermediates: long windows fit in memory, for a second forward pass of the physics.
+    - `lr_decay`, `lr_decay_steps`: decay the learning rate linearly to 0 over
+      `lr_decay_steps` env steps (one update per `num_envs * horizon`), which `train` sets
+      to the run's budget unless given, as in `PPO`. Off by default.
     - `mask_nonfinite_envs`: differentiate each env's window on its own (`jax.vmap` of
       `jax.grad` over envs) and drop diverged envs from the mean. It costs throughput
       (per-env parameter gradients), so it is off by default; a stochastic policy then
@@ -93,25 +104,43 @@ class APG(AbstractStrategy[APGState]):
     adam_eps: float = 1e-8
     stochastic: bool = False
     float64: bool = False
+    remat: bool = False
     mask_nonfinite_envs: bool = False
+    lr_decay: bool = False
+    lr_decay_steps: int | None = None
 
     def __check_init__(self):
         windows.check_common(self)
         check.learning_rate("learning_rate", self.learning_rate)
+        schedules.check_decay(self, "learning_rate")
 
     @property
     def steps_per_iteration(self) -> int:
         return self.num_envs * self.horizon
+
+    def for_budget(self, total_steps: int) -> "APG":
+        """With `lr_decay`, decay over the run's `total_steps` unless `lr_decay_steps` is set."""
+        return schedules.with_budget(self, total_steps, "learning_rate")
+
+    def _optimizer(self) -> optax.GradientTransformation:
+        learning_rate = schedules.decayed(
+            self.learning_rate,
+            lr_decay=self.lr_decay,
+            lr_decay_steps=self.lr_decay_steps,
+            steps_per_iteration=self.steps_per_iteration,
+        )
+        return windows.strategy_optimizer(self, learning_rate)
 
     @property
     def batch_size(self) -> int:
         return self.num_envs
 
     def check(self, env: Env, policy: eqx.Module) -> None:
+        windows.check_window(self, env)
         windows.check_policy(self, env, policy)
 
     def init(self, env: Env, policy: eqx.Module, *, key: PRNGKeyArray) -> APGState:
-        optimizer = windows.strategy_optimizer(self, self.learning_rate)
+        optimizer = self._optimizer()
         return APGState(
             policy=policy,
             opt_state=optimizer.init(eqx.filter(policy, trainable(policy))),
@@ -134,6 +163,7 @@ class APG(AbstractStrategy[APGState]):
             horizon=self.horizon,
             stochastic=self.stochastic,
             float64=self.float64,
+            remat=self.remat,
         )
         return windows.apg_loss(window.traj), window
 
@@ -157,7 +187,7 @@ class APG(AbstractStrategy[APGState]):
             key=key,
             per_env=self.mask_nonfinite_envs,
         )
-        optimizer = windows.strategy_optimizer(self, self.learning_rate)
+        optimizer = self._optimizer()
         policy, opt_state = guarded_update(
             state.policy, grad.grads, state.opt_state, optimizer, grad.ok
         )

@@ -246,7 +246,8 @@ class GuidedES(AbstractStrategy[GuidedESState]):
     - `stochastic`: the window acts with reparameterised samples `policy(obs, key=k)`;
       False needs a deterministic policy (a `GaussianPolicy`'s std would be searched but
       never used). Members are always evaluated by their deterministic action.
-    - `float64`: the window in float64, as in `APG`.
+    - `float64`, `remat`: the window in float64, and rematerialised in the backward pass, as
+      in `APG`.
     - `discount`, `gae_lambda`, `target_alpha`, `critic_epochs`, `critic_minibatches`,
       `critic_learning_rate`, `value_hidden`: SHAC's critic (`gradient="shac"` only).
 
@@ -274,6 +275,7 @@ class GuidedES(AbstractStrategy[GuidedESState]):
     alpha: float = 0.999
     stochastic: bool = eqx.field(default=False, static=True)
     float64: bool = eqx.field(default=False, static=True)
+    remat: bool = eqx.field(default=False, static=True)
     discount: float = 0.95
     gae_lambda: float = 0.95
     target_alpha: float = 0.2
@@ -310,7 +312,7 @@ class GuidedES(AbstractStrategy[GuidedESState]):
         check.positive("std", self.std)
         check.learning_rate("learning_rate", self.learning_rate)
         check.in_range("alpha", self.alpha, 0.0, 1.0)
-        windows.check_flags(self, "stochastic", "float64")
+        windows.check_flags(self, "stochastic", "float64", "remat")
         check.in_range("discount", self.discount, 0.0, 1.0, low_open=True)
         check.in_range("gae_lambda", self.gae_lambda, 0.0, 1.0)
         check.in_range("target_alpha", self.target_alpha, 0.0, 1.0)
@@ -351,11 +353,7 @@ class GuidedES(AbstractStrategy[GuidedESState]):
 
     def check(self, env: Env, policy: eqx.Module) -> None:
         length, name = env.episode_length, getattr(env, "name", "")
-        if self.horizon > length:
-            raise ValueError(
-                f"horizon={self.horizon} (the gradient window) exceeds the episode_length"
-                f" {length} of env {name!r}; pass GuidedES(horizon={length}) or less"
-            )
+        windows.check_window(self, env)  # backend, horizon, remat, float64
         if self.rollout_length is not None and self.rollout_length > length:
             raise ValueError(
                 f"rollout_length={self.rollout_length} exceeds the episode_length {length}"
@@ -476,6 +474,7 @@ class GuidedES(AbstractStrategy[GuidedESState]):
             horizon=self.horizon,
             stochastic=self.stochastic,
             float64=self.float64,
+            remat=self.remat,
         )
         if critic is None:
             return windows.apg_loss(window.traj), window

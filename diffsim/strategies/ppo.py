@@ -11,12 +11,13 @@ import optax
 from brax.envs.base import Env, State
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._types import Metrics, Trajectory
+from .._types import Metrics, Scalar, Trajectory
 from ..policies import ValueFunction, trainable, update_normalizers
 from ..rollout import episode_stats, reset, rollout
 from ..sharding import shard_batch
 from . import _checks as check
 from ._guard import all_finite, guarded_update, select
+from ._schedules import decayed
 from .base import AbstractStrategy
 from .returns import gae
 
@@ -43,7 +44,7 @@ class _Batch(eqx.Module):
     value: Float[Array, "*n"]
 
 
-def _optimizer(learning_rate, max_grad_norm: float, eps: float) -> optax.GradientTransformation:
+def _optimizer(learning_rate, max_grad_norm: Scalar, eps: Scalar) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adam(learning_rate, eps=eps))
 
 
@@ -167,11 +168,13 @@ class PPO(AbstractStrategy[PPOState]):
             )
 
     def _optimizer(self) -> optax.GradientTransformation:
-        learning_rate = self.learning_rate
-        if self.lr_decay and self.lr_decay_steps is not None:  # optax counts minibatch updates
-            updates = self.lr_decay_steps / self.steps_per_iteration
-            updates *= self.num_epochs * self.num_minibatches
-            learning_rate = optax.linear_schedule(learning_rate, 0.0, max(1, round(updates)))
+        learning_rate = decayed(  # optax counts minibatch updates
+            self.learning_rate,
+            lr_decay=self.lr_decay,
+            lr_decay_steps=self.lr_decay_steps,
+            steps_per_iteration=self.steps_per_iteration,
+            updates_per_iteration=self.num_epochs * self.num_minibatches,
+        )
         return _optimizer(learning_rate, self.max_grad_norm, self.adam_eps)
 
     def init(self, env: Env, policy: eqx.Module, *, key: PRNGKeyArray) -> PPOState:

@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from .._types import Scalar
+
 
 class Targets(eqx.Module):
     """`advantage`: GAE(lambda) advantages; `value_target`: TD(lambda) returns
@@ -21,8 +23,8 @@ def gae(
     done: Float[Array, "T ..."],
     truncation: Float[Array, "T ..."],
     *,
-    discount: float,
-    lam: float,
+    discount: Scalar,
+    lam: Scalar,
 ) -> Targets:
     """GAE over a time-major batch that may cross episode boundaries.
 

@@ -16,9 +16,9 @@ from brax.envs.base import Env, State
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._types import Metrics
-from ..policies import ValueFunction, trainable
+from ..policies import ACTIVATIONS, ValueFunction, trainable
 from ..rollout import episode_stats
-from . import _checks as check, _windows as windows
+from . import _checks as check, _schedules as schedules, _windows as windows
 from ._guard import all_finite, guarded_update, select
 from .base import AbstractStrategy
 
@@ -60,7 +60,22 @@ class SHAC(AbstractStrategy[SHACState]):
     updates (`metrics["skipped_updates"]`, 1.0 in an iteration that skipped); with
     `mask_nonfinite_envs` a diverged env drops out of the actor's mean, the critic's data
     and the statistics instead (`metrics["masked_envs"]`). Clipping, Adam constants,
-    `stochastic`, `float64` and `mask_nonfinite_envs` are as in `APG`.
+    `stochastic`, `float64`, `remat`, `mask_nonfinite_envs` and the checks before
+    compiling are as in `APG`.
+
+    As published (Xu et al.), SHAC's actor is stochastic: `stochastic=True` with a
+    `GaussianPolicy` acts with reparameterised samples `tanh(mean + std * eps)`, so the
+    window's gradient also trains the (state-independent, learned) std; the paper's
+    networks are ELUs (`GaussianPolicy(..., activation="elu")`,
+    `value_activation="elu"`), and both learning rates decay linearly
+    (`lr_decay=True`). A deterministic actor (`stochastic=False`) stays available.
+
+    - `value_hidden`, `value_activation`: the critic's hidden widths and activation (a
+      name in `diffsim.policies.ACTIVATIONS`).
+    - `lr_decay`, `lr_decay_steps`: decay both learning rates linearly to 0 over
+      `lr_decay_steps` env steps (the actor's over its one update per iteration, the
+      critic's over its `critic_epochs * critic_minibatches`), which `train` sets to the
+      run's budget unless given, as in `PPO`. Off by default.
 
     Defaults follow Xu et al. (h=32, 64 envs, lambda 0.95, target_alpha 0.2, 16 x 4 critic
     steps, Adam (0.7, 0.95), clip 1.0, actor lr 2e-3) except `discount=0.95` (paper: 0.99):
@@ -87,6 +102,7 @@ class SHAC(AbstractStrategy[SHACState]):
     critic_minibatches: int = 4
     reward_scale: float = 1.0
     value_hidden: tuple[int, ...] = (64, 64)
+    value_activation: str = "tanh"
     max_grad_norm: float = 1.0
     max_grad_value: float | None = None
     adam_b1: float = 0.7
@@ -94,12 +110,21 @@ class SHAC(AbstractStrategy[SHACState]):
     adam_eps: float = 1e-8
     stochastic: bool = False
     float64: bool = False
+    remat: bool = False
     mask_nonfinite_envs: bool = False
+    lr_decay: bool = False
+    lr_decay_steps: int | None = None
 
     def __check_init__(self):
         windows.check_common(self)
         check.learning_rate("actor_learning_rate", self.actor_learning_rate)
         check.learning_rate("critic_learning_rate", self.critic_learning_rate)
+        schedules.check_decay(self, "actor_learning_rate", "critic_learning_rate")
+        if self.value_activation not in ACTIVATIONS:
+            raise ValueError(
+                f"value_activation must be one of {sorted(ACTIVATIONS)}, got"
+                f" {self.value_activation!r}"
+            )
         check.in_range("discount", self.discount, 0.0, 1.0, low_open=True)
         check.in_range("gae_lambda", self.gae_lambda, 0.0, 1.0)
         check.in_range("target_alpha", self.target_alpha, 0.0, 1.0)
@@ -116,18 +141,48 @@ class SHAC(AbstractStrategy[SHACState]):
     def steps_per_iteration(self) -> int:
         return self.num_envs * self.horizon
 
+    def for_budget(self, total_steps: int) -> "SHAC":
+        """With `lr_decay`, decay over the run's `total_steps` unless `lr_decay_steps` is set."""
+        return schedules.with_budget(
+            self, total_steps, "actor_learning_rate", "critic_learning_rate"
+        )
+
+    def _optimizers(self) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
+        """The actor's optimiser and the critic's, each with its decay (if any)."""
+
+        def optimizer(rate, updates_per_iteration: int) -> optax.GradientTransformation:
+            rate = schedules.decayed(
+                rate,
+                lr_decay=self.lr_decay,
+                lr_decay_steps=self.lr_decay_steps,
+                steps_per_iteration=self.steps_per_iteration,
+                updates_per_iteration=updates_per_iteration,
+            )
+            return windows.strategy_optimizer(self, rate)
+
+        critic_updates = self.critic_epochs * self.critic_minibatches
+        return (
+            optimizer(self.actor_learning_rate, 1),
+            optimizer(self.critic_learning_rate, critic_updates),
+        )
+
     @property
     def batch_size(self) -> int:
         return self.num_envs
 
     def check(self, env: Env, policy: eqx.Module) -> None:
+        windows.check_window(self, env)
         windows.check_policy(self, env, policy)
 
     def init(self, env: Env, policy: eqx.Module, *, key: PRNGKeyArray) -> SHACState:
         value_key, env_key = jr.split(key)
-        value = ValueFunction(env.observation_size, hidden=self.value_hidden, key=value_key)
-        actor_opt = windows.strategy_optimizer(self, self.actor_learning_rate)
-        critic_opt = windows.strategy_optimizer(self, self.critic_learning_rate)
+        value = ValueFunction(
+            env.observation_size,
+            hidden=self.value_hidden,
+            activation=self.value_activation,
+            key=value_key,
+        )
+        actor_opt, critic_opt = self._optimizers()
         return SHACState(
             policy=policy,
             value=value,
@@ -160,6 +215,7 @@ class SHAC(AbstractStrategy[SHACState]):
             horizon=self.horizon,
             stochastic=self.stochastic,
             float64=self.float64,
+            remat=self.remat,
         )
         critic = jax.lax.stop_gradient(windows.to_float64(critic) if self.float64 else critic)
         losses = windows.shac_loss(
@@ -198,7 +254,7 @@ class SHAC(AbstractStrategy[SHACState]):
             key=rollout_key,
             per_env=self.mask_nonfinite_envs,
         )
-        actor_opt = windows.strategy_optimizer(self, self.actor_learning_rate)
+        actor_opt, critic_opt = self._optimizers()
         policy, policy_opt = guarded_update(
             state.policy, grad.grads, state.policy_opt, actor_opt, grad.ok
         )
@@ -220,7 +276,7 @@ class SHAC(AbstractStrategy[SHACState]):
             batch,
             ok,
             key=critic_key,
-            optimizer=windows.strategy_optimizer(self, self.critic_learning_rate),
+            optimizer=critic_opt,
             epochs=self.critic_epochs,
             minibatches=self.critic_minibatches,
         )
