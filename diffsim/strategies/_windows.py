@@ -295,24 +295,19 @@ def check_window(strategy, env: Env) -> None:
 # --------------------------------------------------------------------------- the window
 
 
-def window(
-    env: Env,
-    policy,
-    env_state: State,
-    *,
-    key,
-    horizon: int,
-    stochastic: bool,
-    float64: bool,
-    remat: bool = False,
-) -> Window:
-    """The differentiable window: `horizon` steps of `rollout` from a gradient-cut state.
+def window(strategy, env: Env, policy, env_state: State, *, key) -> Window:
+    """The differentiable window of `strategy` (APG, SHAC, GuidedES): `strategy.horizon`
+    steps of `rollout` from a gradient-cut state, acting with reparameterised samples if
+    `strategy.stochastic`.
 
-    With `float64` the policy, the env state and the env's Brax system (`float64_env`) are
-    float64 for the window (x64 must be on); the env state after it is cast back, so the
-    carried state keeps its dtype. With `remat` each env step is rematerialised in the
-    backward pass (`Rematerialized`).
+    With `strategy.float64` the policy, the env state and the env's Brax system
+    (`float64_env`) are float64 for the window (x64 must be on); the env state after it is
+    cast back, so the carried state keeps its dtype. With `strategy.remat` each env step is
+    rematerialised in the backward pass (`Rematerialized`).
     """
+    check_x64(strategy.float64)
+    horizon, stochastic = strategy.horizon, strategy.stochastic
+    float64, remat = strategy.float64, strategy.remat
     start = jax.lax.stop_gradient(env_state)  # truncated BPTT: nothing flows to past windows
     start = shard_batch(start)
     if float64:
@@ -486,7 +481,7 @@ def window_gradient(
 
     ```python
     def losses(pol, env_state, key):
-        w = window(env, pol, env_state, key=key, horizon=32, stochastic=False, float64=False)
+        w = window(strategy, env, pol, env_state, key=key)
         return apg_loss(w.traj), w
 
     params, static = eqx.partition(policy, diffsim.trainable(policy))

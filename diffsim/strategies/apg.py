@@ -154,17 +154,7 @@ class APG(AbstractStrategy[APGState]):
         self, env: Env, policy: eqx.Module, env_state: State, *, key: PRNGKeyArray
     ) -> tuple[Float[Array, " B"], windows.Window]:
         """The window loss of each env, `-1/H sum_t r_t^b`, and the window itself."""
-        windows.check_x64(self.float64)
-        window = windows.window(
-            env,
-            policy,
-            env_state,
-            key=key,
-            horizon=self.horizon,
-            stochastic=self.stochastic,
-            float64=self.float64,
-            remat=self.remat,
-        )
+        window = windows.window(self, env, policy, env_state, key=key)
         return windows.apg_loss(window.traj), window
 
     def loss(

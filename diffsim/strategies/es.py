@@ -239,18 +239,11 @@ class ES(AbstractStrategy[ESState]):
 
     def for_env(self, env: Env) -> "ES":
         """This ES with `rollout_length` set to the env's episode length if it was None."""
-        if self.rollout_length is not None:
-            return self
-        return dataclasses.replace(self, rollout_length=env.episode_length)
+        return with_episode_length(self, env)
 
     @property
     def steps_per_iteration(self) -> int:
-        if self.rollout_length is None:
-            raise ValueError(
-                "ES(rollout_length=None) takes its length from the env: call"
-                " es.for_env(env) first (train does)"
-            )
-        return self.population_size * self.episodes_per_member * self.rollout_length
+        return population_steps(self)
 
     @property
     def min_steps_per_iteration(self) -> int:
@@ -395,6 +388,24 @@ class ES(AbstractStrategy[ESState]):
         if hasattr(es_state, "std"):  # a scalar or one per parameter (before CMA's scaling)
             metrics["std"] = jnp.mean(es_state.std)
         return new_state, metrics
+
+
+def with_episode_length(strategy, env: Env):
+    """`strategy` (ES or GuidedES) with `rollout_length` set to the env's episode length if
+    it is None."""
+    if strategy.rollout_length is not None:
+        return strategy
+    return dataclasses.replace(strategy, rollout_length=env.episode_length)
+
+
+def population_steps(strategy) -> int:
+    """The most env steps a generation's population can count: `P x E x rollout_length`."""
+    if strategy.rollout_length is None:
+        raise ValueError(
+            f"{type(strategy).__name__}(rollout_length=None) takes its length from the env:"
+            " call strategy.for_env(env) first (train does)"
+        )
+    return strategy.population_size * strategy.episodes_per_member * strategy.rollout_length
 
 
 def population_episodes(

@@ -1,7 +1,6 @@
 """Evolution strategies guided by simulator gradients: the population's fitness and the
 analytic gradient of a differentiable window, in one update."""
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +22,7 @@ from ..rollout import Episodes
 from . import _checks as check, _windows as windows
 from ._guard import all_finite, select
 from .base import AbstractStrategy
-from .es import population_episodes
+from .es import population_episodes, population_steps, with_episode_length
 
 MODES = ("blend", "subspace")
 GRADIENTS = ("apg", "shac")
@@ -329,19 +328,11 @@ class GuidedES(AbstractStrategy[GuidedESState]):
 
     def for_env(self, env: Env) -> "GuidedES":
         """This GuidedES with `rollout_length` set to the env's episode length if None."""
-        if self.rollout_length is not None:
-            return self
-        return dataclasses.replace(self, rollout_length=env.episode_length)
+        return with_episode_length(self, env)
 
     @property
     def steps_per_iteration(self) -> int:
-        if self.rollout_length is None:
-            raise ValueError(
-                "GuidedES(rollout_length=None) takes its length from the env: call"
-                " strategy.for_env(env) first (train does)"
-            )
-        members = self.population_size * self.episodes_per_member
-        return members * self.rollout_length + self.num_envs * self.horizon
+        return population_steps(self) + self.num_envs * self.horizon
 
     @property
     def min_steps_per_iteration(self) -> int:
@@ -465,17 +456,7 @@ class GuidedES(AbstractStrategy[GuidedESState]):
         key: PRNGKeyArray,
     ) -> tuple[Float[Array, " B"], windows.Window]:
         """The window loss of each env (APG's, or SHAC's with `critic.target` as `V'`)."""
-        windows.check_x64(self.float64)
-        window = windows.window(
-            env,
-            policy,
-            env_state,
-            key=key,
-            horizon=self.horizon,
-            stochastic=self.stochastic,
-            float64=self.float64,
-            remat=self.remat,
-        )
+        window = windows.window(self, env, policy, env_state, key=key)
         if critic is None:
             return windows.apg_loss(window.traj), window
         target = windows.to_float64(critic.target) if self.float64 else critic.target

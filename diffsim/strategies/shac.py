@@ -206,17 +206,7 @@ class SHAC(AbstractStrategy[SHACState]):
     ) -> tuple[Float[Array, " B"], windows.Window]:
         """The actor's window loss of each env (the equation above, per `b`) with `critic`
         as `V'`, and the window."""
-        windows.check_x64(self.float64)
-        window = windows.window(
-            env,
-            policy,
-            env_state,
-            key=key,
-            horizon=self.horizon,
-            stochastic=self.stochastic,
-            float64=self.float64,
-            remat=self.remat,
-        )
+        window = windows.window(self, env, policy, env_state, key=key)
         critic = jax.lax.stop_gradient(windows.to_float64(critic) if self.float64 else critic)
         losses = windows.shac_loss(
             window.traj, critic, discount=self.discount, reward_scale=self.reward_scale
