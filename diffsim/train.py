@@ -16,6 +16,7 @@ import re
 import time
 import typing
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -164,7 +165,11 @@ class _Program(eqx.Module):
     carry_sharding: Any  # where each leaf of the carry lives (None on one device)
 
 
-_PROGRAMS: dict[Any, _Program] = {}
+# Compiled runs kept for reuse by a later identical call, newest last. Bounded: each XLA CPU
+# executable holds hundreds of memory maps, and a process past the kernel's
+# vm.max_map_count (65,530 by default) aborts in its next compile.
+_PROGRAMS: OrderedDict[Any, _Program] = OrderedDict()
+_MAX_PROGRAMS = 8
 
 
 def _compile(
@@ -204,6 +209,10 @@ def _compile(
         )
         if memo is not None:
             _PROGRAMS[memo] = program
+            while len(_PROGRAMS) > _MAX_PROGRAMS:
+                _PROGRAMS.popitem(last=False)
+    elif memo is not None:
+        _PROGRAMS.move_to_end(memo)
     return program, params
 
 

@@ -5,6 +5,9 @@ os.environ.setdefault(
     "DIFFSIM_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".venv", "jax-cache")
 )
 
+import importlib  # noqa: E402
+
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import jax.random as jr  # noqa: E402
 import pytest  # noqa: E402
@@ -18,6 +21,26 @@ class NaNReach(Reach):
 
     def reward(self, s, action, next_s):
         return jnp.where(next_s["pos"][0] > 0.5, jnp.nan, super().reward(s, action, next_s))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Free each test module's compiled programs when the module ends. One process that keeps
+    every XLA executable of the suite alive holds tens of thousands of memory maps, and
+    past the kernel's `vm.max_map_count` (65,530 here) XLA aborts in the middle of a compile."""
+    yield
+    importlib.import_module("diffsim.train")._PROGRAMS.clear()
+    jax.clear_caches()
+
+
+def _maps() -> int:
+    with open("/proc/self/maps") as f:
+        return sum(1 for _ in f)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if os.path.exists("/proc/self/maps"):
+        print(f"\nmemory maps at the end of the session: {_maps()}")
 
 
 @pytest.fixture
