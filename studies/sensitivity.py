@@ -61,6 +61,11 @@ def main():
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--out", default="results")
     parser.add_argument("--tiny", action="store_true", help="2 values, 2 seeds, 10k steps")
+    parser.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="report the sweeps already saved, train nothing (the rest are listed as not run)",
+    )
     args = parser.parse_args()
 
     name = "sensitivity_tiny" if args.tiny else "sensitivity"
@@ -98,6 +103,9 @@ def main():
                 path = out / env_name / f"{label}-{param}"
                 if (path / "config.json").exists():
                     run = diffsim.load_run(path)
+                elif args.finished_only:
+                    print(f"not run: {env_name} {label} {param}")
+                    continue
                 else:
                     run = diffsim.train_sweep(
                         strategy,
