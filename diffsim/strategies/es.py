@@ -320,16 +320,17 @@ class ES(AbstractStrategy[ESState]):
         member sees the same episodes. With `rollout_length == env.episode_length`, entry
         `i` equals `diffsim.evaluate(env, member_i, key=key, num_episodes=E).mean()`.
         """
-        es = self.for_env(env)
-        episodes = population_episodes(
+        return jnp.mean(self.for_env(env)._episodes(env, state, population, key).returns, -1)
+
+    def _episodes(self, env: Env, state: ESState, population, key: PRNGKeyArray) -> Episodes:
+        return population_episodes(
             env,
             state.policy,
             population,
             key=key,
-            num_episodes=es.episodes_per_member,
-            max_length=es.rollout_length,
+            num_episodes=self.episodes_per_member,
+            max_length=self.rollout_length,
         )
-        return jnp.mean(episodes.returns, axis=-1)
 
     def step(self, env: Env, state: ESState, *, key: PRNGKeyArray) -> tuple[ESState, Metrics]:
         ask_key, eval_key, tell_key = jr.split(key, 3)
@@ -337,14 +338,7 @@ class ES(AbstractStrategy[ESState]):
         es = self._evosax(params)
         hp = self._hyperparams(es)
         population, es_state = es.ask(ask_key, state.evosax, hp)  # leaves [P, ...]
-        episodes = population_episodes(
-            env,
-            state.policy,
-            population,
-            key=eval_key,
-            num_episodes=self.episodes_per_member,
-            max_length=self.rollout_length,
-        )
+        episodes = self._episodes(env, state, population, eval_key)
         returns = jnp.mean(episodes.returns, axis=-1)
         # A member whose rollout went non-finite ranks with the worst finite one; if the
         # update itself is not finite (or no member was), the generation is skipped.
