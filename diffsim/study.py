@@ -27,7 +27,7 @@ class Cell:
 
     **Fields:** `env` (from `make_env`), `label` (e.g. `"PPO"`), `strategy`,
     `make_policy` (`(env, key) -> policy`; each seed gets its own initialisation),
-    `total_steps`.
+    `total_steps`, and `num_seeds` (None: the study's; e.g. fewer on a slow env).
 
     **Example:**
 
@@ -42,6 +42,7 @@ class Cell:
     strategy: AbstractStrategy
     make_policy: Callable[[Env, PRNGKeyArray], eqx.Module]
     total_steps: int
+    num_seeds: int | None = None
 
     @property
     def name(self) -> str:
@@ -60,7 +61,8 @@ def run_study(
     progress: bool = True,
     reuse: Sequence[str | Path] = (),
 ) -> dict[tuple[str, str], Run]:
-    """Train every cell with `train_seeds` over `num_seeds` seeds; resume finished cells.
+    """Train every cell with `train_seeds` over `num_seeds` seeds (or the cell's own
+    `num_seeds`); resume finished cells.
 
     Seeds are `jax.random.split(key(seed), num_seeds)`, the same for every cell. A cell
     whose folder (or the same cell's folder in one of the `reuse` studies, e.g.
@@ -87,11 +89,12 @@ def run_study(
     except OSError as error:
         raise OSError(f"cannot write study results: {error}") from error
     (root / "cells.json").write_text(json.dumps(labels))  # the grid's order, for load_study
-    keys = jr.split(jr.key(seed), num_seeds)
     runs = {}
     for cell in cells:
         path = root / cell.name
-        wanted = _settings(cell, num_seeds, seed, num_evals, num_eval_episodes)
+        seeds = cell.num_seeds or num_seeds
+        keys = jr.split(jr.key(seed), seeds)  # the same first keys for every cell
+        wanted = _settings(cell, seeds, seed, num_evals, num_eval_episodes)
         found = _finished(cell, wanted, [root, *map(Path, reuse)], name)
         if found is not None:
             print(f"[{name}] {cell.name}: finished earlier, loaded from {found}")

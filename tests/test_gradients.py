@@ -312,3 +312,23 @@ def test_rejects_float64_on_an_env_that_stays_float32(key):
 def test_rejects_bad_hyperparameters(make, bad):
     with pytest.raises(ValueError, match=bad):
         make()
+
+
+def test_gait_stats_on_reacher(key):
+    """Reacher never terminates: every episode runs its full length, the fingertip ends a
+    finite distance from the target, and the body statistics do not apply (NaN)."""
+    env = diffsim.make_env("reacher", episode_length=40)
+    stats = diffsim.diagnostics.gait_stats(env, deterministic(env), key=key, num_envs=4)
+    assert set(stats) == set(diffsim.diagnostics.GAIT_FIELDS)
+    assert float(stats["episode_length"]) == 40.0
+    assert 0.0 < float(stats["final_distance"]) < 0.5  # the arena is 0.4 m across
+    assert -40.0 < float(stats["return"]) < 0.0  # -distance - control cost per step
+    for name in ("forward_velocity", "torso_height", "upright_fraction"):
+        assert jnp.isnan(stats[name]), name
+
+
+def test_gait_stats_rejects_an_env_it_cannot_read(key, envs):
+    with pytest.raises(ValueError, match="gait_stats knows the bodies .* got env 'pendulum'"):
+        diffsim.diagnostics.gait_stats(envs("pendulum"), None, key=key)
+    with pytest.raises(ValueError, match="num_envs must be a positive int, got 0"):
+        diffsim.diagnostics.gait_stats(envs("reacher"), None, key=key, num_envs=0)

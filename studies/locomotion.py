@@ -1,0 +1,213 @@
+"""Analytic gradients on Brax bodies: PPO, APG, SHAC, ES and GuidedES on locomotion.
+
+    python studies/locomotion.py [--envs reacher halfcheetah hopper ant] [--out results]
+
+Brax `reacher` (no contacts), `halfcheetah`, `hopper` and `ant` (contact), spring backend,
+Brax's reward definitions unchanged, 1000-step episodes. Every strategy on an env gets the
+same env-step budget (`ENVS`), 5 seeds (3 on ant), and the same 8 evaluation episodes at
+7 points. Each finished cell is saved to results/locomotion/<env>/<strategy>/ at once, so
+an interrupted run resumes where it stopped.
+
+After training, every cell's final policies are scored for how they move
+(`diffsim.diagnostics.gait_stats`: forward velocity, torso height, upright fraction and
+episode length, 8 deterministic episodes per seed). Prints one table of returns (final IQM,
+95% bootstrap CI, env steps and training seconds to reach PPO's final IQM) and one of gaits,
+and writes results/locomotion/{table,gait}.{txt,json}, figures/locomotion_*.png.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.random as jr
+import numpy as np
+
+import diffsim
+from diffsim.diagnostics import GAIT_FIELDS, gait_stats
+from diffsim.plotting import final_scores, study_figure
+from diffsim.study import Cell, format_summary, run_study, summary
+
+# env: (env steps per seed, seeds). One budget for every strategy on an env.
+ENVS = {
+    "reacher": (200_000, 5),
+    "halfcheetah": (150_000, 5),
+    "ant": (150_000, 3),
+    "hopper": (150_000, 5),
+}
+
+# env: (envs, horizon) of the differentiated windows. The horizon is the longest power of
+# two at which the analytic gradient's variance stays below ES's (studies/gradient_variance.py,
+# results/gradient_variance/<env>.csv): halfcheetah crosses between 8 and 16 (at 32 it is
+# 9e11 against ES's 2e5), ant between 64 and 128 (SHAC's published 32 kept), reacher has
+# no contacts (32).
+WINDOWS = {"reacher": (16, 32), "halfcheetah": (64, 8), "ant": (16, 32), "hopper": (64, 8)}
+
+# PPO: Brax's published per-env settings scaled from 2048 envs to 64-100 (the same
+# discount, unroll, entropy bonus, reward scaling and epochs; fewer envs and minibatches).
+# halfcheetah: unroll 20, 8 epochs, discount 0.95, entropy 1e-3; reacher: unroll 50,
+# 8 epochs, discount 0.95, entropy 1e-3, reward scaling 5 (Brax also repeats each action 4
+# times, which diffsim does not). ant: the settings studies/ant_ppo.py measured on this
+# machine (3,660 after 1M steps; Brax's unroll 5 / entropy 1e-2 / reward scaling 10 are
+# tuned for 2048 envs). Brax publishes no PPO settings for hopper (SAC only): ant's.
+PPO = {
+    "reacher": diffsim.PPO(
+        num_envs=64,
+        unroll_length=50,
+        num_minibatches=8,
+        num_epochs=8,
+        discount=0.95,
+        entropy_coef=1e-3,
+        reward_scale=5.0,
+    ),
+    "halfcheetah": diffsim.PPO(
+        num_envs=64,
+        unroll_length=20,
+        num_minibatches=4,
+        num_epochs=8,
+        discount=0.95,
+        entropy_coef=1e-3,
+    ),
+    "hopper": diffsim.PPO(
+        num_envs=100,
+        unroll_length=10,
+        num_minibatches=4,
+        num_epochs=8,
+        discount=0.97,
+        entropy_coef=1e-3,
+        value_hidden=(128, 128),
+    ),
+    "ant": diffsim.PPO(  # studies/ant_ppo.py's settings: 3,660 after 1M steps
+        num_envs=100,
+        unroll_length=10,
+        num_minibatches=4,
+        num_epochs=8,
+        discount=0.97,
+        entropy_coef=1e-3,
+        value_hidden=(128, 128),
+    ),
+}
+
+
+def gaussian(env, key):
+    return diffsim.GaussianPolicy(env.observation_size, env.action_size, key=key)
+
+
+def gaussian_elu(env, key):
+    return diffsim.GaussianPolicy(env.observation_size, env.action_size, activation="elu", key=key)
+
+
+def deterministic(env, key):
+    return diffsim.DeterministicPolicy(env.observation_size, env.action_size, key=key)
+
+
+def contenders(name: str):
+    """(label, strategy, policy) in plot order.
+
+    APG, SHAC and GuidedES differentiate windows of `WINDOWS[name]` (envs, horizon): 512
+    env steps per window, so ~290 updates in 150k steps. SHAC as published (stochastic ELU
+    actor, ELU critic, discount 0.99, linear LR decay). ES and GuidedES score their
+    members on 100-step episodes."""
+    num_envs, horizon = WINDOWS[name]
+    window = dict(num_envs=num_envs, horizon=horizon)
+    shac = diffsim.SHAC(
+        **window, stochastic=True, value_activation="elu", lr_decay=True, discount=0.99
+    )
+    return [
+        ("PPO", PPO[name], gaussian),
+        ("APG", diffsim.APG(**window, learning_rate=1e-3, lr_decay=True), deterministic),
+        ("SHAC", shac, gaussian_elu),
+        ("ES", diffsim.ES(population_size=32, rollout_length=100), deterministic),
+        ("GuidedES", diffsim.GuidedES(**window, rollout_length=100), deterministic),
+    ]
+
+
+def cells(names):
+    grid = []
+    for name in names:
+        steps, seeds = ENVS[name]
+        env = diffsim.make_env(name)  # spring backend, Brax's reward
+        grid += [Cell(env, label, s, p, steps, seeds) for label, s, p in contenders(name)]
+    return grid
+
+
+@eqx.filter_jit
+def _gaits(env, policies, num_envs: int):
+    """`gait_stats` of every seed's policy (leading axis), one compile per env and policy kind."""
+    return eqx.filter_vmap(lambda p: gait_stats(env, p, key=jr.key(7), num_envs=num_envs))(policies)
+
+
+def gaits(runs, *, num_envs: int = 8) -> list[dict]:
+    """`gait_stats` of each cell's final policies, one row per cell: means over seeds of
+    `num_envs` deterministic episodes each, and the per-seed values."""
+    rows, envs = [], {}
+    for (name, label), run in runs.items():
+        env = envs.setdefault(name, diffsim.make_env(name))
+        stats = {k: np.asarray(v) for k, v in _gaits(env, run.policy, num_envs).items()}
+        row = {"env": name, "strategy": label}
+        for k in GAIT_FIELDS:
+            row[k] = float(np.mean(stats[k]))
+            row[f"{k}_per_seed"] = stats[k].tolist()
+        rows.append(row)
+    return rows
+
+
+def format_gaits(rows: list[dict]) -> str:
+    head = (
+        f"{'env':<13}{'strategy':<10}{'return':>9}{'ep. length':>11}{'fwd m/s':>9}"
+        f"{'height m':>10}{'upright':>9}{'tip dist':>10}"
+    )
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"{r['env']:<13}{r['strategy']:<10}{r['return']:>9.1f}{r['episode_length']:>11.0f}"
+            f"{r['forward_velocity']:>9.2f}{r['torso_height']:>10.2f}"
+            f"{r['upright_fraction']:>9.2f}{r['final_distance']:>10.3f}"
+        )
+    return "\n".join(lines).replace("nan", "  -")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--envs", nargs="+", default=list(ENVS), choices=list(ENVS))
+    parser.add_argument("--out", default="results")
+    args = parser.parse_args()
+
+    tic = time.perf_counter()
+    runs = run_study(
+        "locomotion",
+        cells(args.envs),
+        num_seeds=5,
+        out=args.out,
+        num_evals=7,
+        num_eval_episodes=8,
+    )
+    study_s = time.perf_counter() - tic
+    root = Path(args.out) / "locomotion"
+    rows = summary(runs, references=("PPO",))
+    text = format_summary(rows, references=("PPO",))
+    print("\n" + text)
+    (root / "table.txt").write_text(text + "\n")
+    (root / "table.json").write_text(json.dumps(rows, indent=2))
+
+    gait_rows = gaits(runs)
+    gait_text = format_gaits(gait_rows)
+    print("\nfinal policies, 8 deterministic episodes per seed (means over seeds):")
+    print(gait_text)
+    (root / "gait.txt").write_text(gait_text + "\n")
+    (root / "gait.json").write_text(json.dumps(gait_rows, indent=2))
+
+    for x in ("env_steps", "wall_time"):
+        study_figure(runs, x=x).savefig(f"figures/locomotion_{x}.png", dpi=120)
+    final_scores(runs).savefig("figures/locomotion_final.png", dpi=120)
+    total = time.perf_counter() - tic
+    print(
+        f"\nthis call: {study_s:.0f} s training and loading cells, {total:.0f} s in all"
+        f" (devices: {jax.devices()}); wrote figures/locomotion_*.png"
+    )
+
+
+if __name__ == "__main__":
+    main()
