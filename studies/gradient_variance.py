@@ -3,6 +3,7 @@
     python studies/gradient_variance.py [--envs pendulum inverted_pendulum] [--samples 32]
     python studies/gradient_variance.py --env halfcheetah ant     # Brax bodies, with contact
     python studies/gradient_variance.py --env reacher --horizons 1 4 --samples 4  # a smoke run
+    python studies/gradient_variance.py --env halfcheetah ant hopper --replot  # from the CSVs
 
 For each env, a freshly initialised deterministic policy, and horizons H up to the
 longest: the mean and the total variance across env samples of the analytic gradient of
@@ -93,6 +94,12 @@ def study(name: str, args) -> dict[str, np.ndarray]:
     return table
 
 
+def read_csv(path: Path) -> dict[str, np.ndarray]:
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    return {c: np.array([float(r[c]) for r in rows]) for c in COLUMNS}
+
+
 def write_csv(path: Path, table: dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
@@ -153,6 +160,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("results/gradient_variance"))
     parser.add_argument(
+        "--replot", action="store_true", help="draw the figure from the CSVs in --out, no compute"
+    )
+    parser.add_argument(
         "--figure",
         type=Path,
         default=None,
@@ -166,6 +176,9 @@ def main() -> None:
         args.figure = Path(f"figures/gradient_variance{suffix}.png")
     tables = {}
     for name in args.envs:
+        if args.replot:
+            tables[name] = read_csv(args.out / f"{name}.csv")
+            continue
         tables[name] = study(name, args)
         write_csv(args.out / f"{name}.csv", tables[name])
     plot(tables, args.figure)
