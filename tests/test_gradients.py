@@ -329,6 +329,8 @@ def test_gait_stats_on_reacher(key):
 
 def test_gait_stats_rejects_an_env_it_cannot_read(key, envs):
     with pytest.raises(ValueError, match="gait_stats knows the bodies .* got env 'pendulum'"):
-        diffsim.diagnostics.gait_stats(envs("pendulum"), None, key=key)
+        diffsim.diagnostics.gait_stats(envs("pendulum"), deterministic(envs("pendulum")), key=key)
     with pytest.raises(ValueError, match="num_envs must be a positive int, got 0"):
-        diffsim.diagnostics.gait_stats(envs("reacher"), None, key=key, num_envs=0)
+        diffsim.diagnostics.gait_stats(
+            envs("reacher"), deterministic(envs("reacher")), key=key, num_envs=0
+        )
