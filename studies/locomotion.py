@@ -34,8 +34,8 @@ from diffsim.study import Cell, format_summary, run_study, summary
 ENVS = {
     "reacher": (200_000, 5),
     "halfcheetah": (150_000, 5),
-    "ant": (150_000, 3),
-    "hopper": (150_000, 5),
+    "ant": (100_000, 3),
+    "hopper": (100_000, 5),
 }
 
 # env: (envs, horizon) of the differentiated windows. The horizon is the longest power of
@@ -107,7 +107,7 @@ def contenders(name: str):
     """(label, strategy, policy) in plot order.
 
     APG, SHAC and GuidedES differentiate windows of `WINDOWS[name]` (envs, horizon): 512
-    env steps per window, so ~290 updates in 150k steps. SHAC as published (stochastic ELU
+    env steps per window, so ~290 updates in 150k steps, ~195 in 100k. SHAC as published (stochastic ELU
     actor, ELU critic, discount 0.99, linear LR decay). ES and GuidedES score their
     members on 100-step episodes."""
     num_envs, horizon = WINDOWS[name]
