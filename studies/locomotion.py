@@ -220,7 +220,10 @@ def main():
     tic = time.perf_counter()
     root = Path(args.out) / "locomotion"
     if args.report_only:
-        runs = {k: r for k, r in load_study(root).items() if k[0] in args.envs}
+        labels = ["PPO", "APG", "SHAC", "ES", "GuidedES", "SHAC-det"]  # the grid's order
+        found = [(k, r) for k, r in load_study(root).items() if k[0] in args.envs]
+        found.sort(key=lambda kr: (list(ENVS).index(kr[0][0]), labels.index(kr[0][1])))
+        runs = dict(found)
     else:
         runs = run_study(
             "locomotion",
