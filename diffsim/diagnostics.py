@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import jax.random as jr
 from brax.envs.base import Env
 from jax.flatten_util import ravel_pytree
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from .policies import trainable
 from .rollout import reset, rollout
@@ -83,6 +83,11 @@ def _stats(horizons: Array, fo: Float[Array, "S K P"], zo: Float[Array, "S K P"]
         bias=jnp.linalg.norm(fo_mean - zo_mean, axis=-1),
         num_finite=count,
     )
+
+
+def _first_episode(done: Float[Array, " T *batch"]) -> Bool[Array, " T *batch"]:
+    """True at the steps of each env's first episode, up to and including its end."""
+    return (jnp.cumsum(done, 0) - done) == 0
 
 
 def gradient_stats(
@@ -153,8 +158,7 @@ def gradient_stats(
             env, pol, env_state, key=act_key, length=length, deterministic=deterministic
         )
         reward, done = traj.reward[:, 0], traj.done[:, 0]
-        in_episode = (jnp.cumsum(done) - done) == 0  # up to and including the first end
-        return jnp.cumsum(reward * in_episode)[index]
+        return jnp.cumsum(reward * _first_episode(done))[index]
 
     def one_sample(key: PRNGKeyArray) -> tuple[Float[Array, "K P"], Float[Array, "K P"]]:
         reset_key, act_key, eps_key = jr.split(key, 3)
@@ -243,7 +247,7 @@ def gait_stats(
         env, policy, env_state, key=act_key, length=env.episode_length, deterministic=True
     )
     obs, done = traj.obs, traj.done  # [T, B, obs], [T, B]
-    alive = (jnp.cumsum(done, 0) - done) == 0  # up to and including the first end
+    alive = _first_episode(done)
     steps = jnp.sum(alive, 0)  # [B]
 
     def mean(x: Float[Array, "T B"]) -> Float[Array, ""]:

@@ -47,6 +47,7 @@ ENVS = {
 # published 32 kept for both), reacher has no contacts (32).
 WINDOWS = {"reacher": (16, 32), "halfcheetah": (64, 8), "ant": (16, 32), "hopper": (16, 32)}
 
+
 # PPO: Brax's published per-env settings scaled from 2048 envs to 64-100 (the same
 # discount, unroll, entropy bonus, reward scaling and epochs; fewer envs and minibatches).
 # halfcheetah: unroll 20, 8 epochs, discount 0.95, entropy 1e-3; reacher: unroll 50,
@@ -54,42 +55,21 @@ WINDOWS = {"reacher": (16, 32), "halfcheetah": (64, 8), "ant": (16, 32), "hopper
 # times, which diffsim does not). ant: the settings studies/ant_ppo.py measured on this
 # machine (3,660 after 1M steps; Brax's unroll 5 / entropy 1e-2 / reward scaling 10 are
 # tuned for 2048 envs). Brax publishes no PPO settings for hopper (SAC only): ant's.
+def _ppo(**settings) -> diffsim.PPO:
+    """Brax's epochs and entropy bonus, shared by every env here."""
+    return diffsim.PPO(num_epochs=8, entropy_coef=1e-3, **settings)
+
+
+ANT_PPO = _ppo(  # studies/ant_ppo.py's settings: 3,660 after 1M steps
+    num_envs=100, unroll_length=10, num_minibatches=4, discount=0.97, value_hidden=(128, 128)
+)
 PPO = {
-    "reacher": diffsim.PPO(
-        num_envs=64,
-        unroll_length=50,
-        num_minibatches=8,
-        num_epochs=8,
-        discount=0.95,
-        entropy_coef=1e-3,
-        reward_scale=5.0,
+    "reacher": _ppo(
+        num_envs=64, unroll_length=50, num_minibatches=8, discount=0.95, reward_scale=5.0
     ),
-    "halfcheetah": diffsim.PPO(
-        num_envs=64,
-        unroll_length=20,
-        num_minibatches=4,
-        num_epochs=8,
-        discount=0.95,
-        entropy_coef=1e-3,
-    ),
-    "hopper": diffsim.PPO(
-        num_envs=100,
-        unroll_length=10,
-        num_minibatches=4,
-        num_epochs=8,
-        discount=0.97,
-        entropy_coef=1e-3,
-        value_hidden=(128, 128),
-    ),
-    "ant": diffsim.PPO(  # studies/ant_ppo.py's settings: 3,660 after 1M steps
-        num_envs=100,
-        unroll_length=10,
-        num_minibatches=4,
-        num_epochs=8,
-        discount=0.97,
-        entropy_coef=1e-3,
-        value_hidden=(128, 128),
-    ),
+    "halfcheetah": _ppo(num_envs=64, unroll_length=20, num_minibatches=4, discount=0.95),
+    "ant": ANT_PPO,
+    "hopper": ANT_PPO,
 }
 
 
@@ -220,7 +200,7 @@ def main():
     tic = time.perf_counter()
     root = Path(args.out) / "locomotion"
     if args.report_only:
-        labels = ["PPO", "APG", "SHAC", "ES", "GuidedES", "SHAC-det"]  # the grid's order
+        labels = [label for label, *_ in contenders("ant")]  # the grid's order (all labels)
         found = [(k, r) for k, r in load_study(root).items() if k[0] in args.envs]
         found.sort(key=lambda kr: (list(ENVS).index(kr[0][0]), labels.index(kr[0][1])))
         runs = dict(found)
