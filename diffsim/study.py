@@ -27,7 +27,8 @@ class Cell:
 
     **Fields:** `env` (from `make_env`), `label` (e.g. `"PPO"`), `strategy`,
     `make_policy` (`(env, key) -> policy`; each seed gets its own initialisation),
-    `total_steps`, and `num_seeds` (None: the study's; e.g. fewer on a slow env).
+    `total_steps`, `num_seeds` (None: the study's; e.g. fewer on a slow env) and
+    `num_evals` (None: the study's; e.g. a finer grid where the steps to a return matter).
 
     **Example:**
 
@@ -43,6 +44,7 @@ class Cell:
     make_policy: Callable[[Env, PRNGKeyArray], eqx.Module]
     total_steps: int
     num_seeds: int | None = None
+    num_evals: int | None = None
 
     @property
     def name(self) -> str:
@@ -61,8 +63,8 @@ def run_study(
     progress: bool = True,
     reuse: Sequence[str | Path] = (),
 ) -> dict[tuple[str, str], Run]:
-    """Train every cell with `train_seeds` over `num_seeds` seeds (or the cell's own
-    `num_seeds`); resume finished cells.
+    """Train every cell with `train_seeds` over `num_seeds` seeds and `num_evals`
+    evaluation points (or the cell's own `num_seeds`, `num_evals`); resume finished cells.
 
     Seeds are `jax.random.split(key(seed), num_seeds)`, the same for every cell. A cell
     whose folder (or the same cell's folder in one of the `reuse` studies, e.g.
@@ -93,8 +95,9 @@ def run_study(
     for cell in cells:
         path = root / cell.name
         seeds = cell.num_seeds or num_seeds
+        evals = cell.num_evals or num_evals
         keys = jr.split(jr.key(seed), seeds)  # the same first keys for every cell
-        wanted = _settings(cell, seeds, seed, num_evals, num_eval_episodes)
+        wanted = _settings(cell, seeds, seed, evals, num_eval_episodes)
         found = _finished(cell, wanted, [root, *map(Path, reuse)], name)
         if found is not None:
             print(f"[{name}] {cell.name}: finished earlier, loaded from {found}")
@@ -108,11 +111,11 @@ def run_study(
             lambda k, c=cell: c.make_policy(c.env, k),
             keys=keys,
             total_steps=cell.total_steps,
-            num_evals=num_evals,
+            num_evals=evals,
             num_eval_episodes=num_eval_episodes,
             progress=progress,
         )
-        run.config["study"] = {"seed": seed, "num_evals_requested": num_evals}
+        run.config["study"] = {"seed": seed, "num_evals_requested": evals}
         run.save(path)
         runs[cell.env.name, cell.label] = run
     return runs

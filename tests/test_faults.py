@@ -125,6 +125,22 @@ def test_unwritable_study_folder_fails_before_training(tmp_path):
         diffsim.study.run_study("s", [cell], out=blocker, num_seeds=2, progress=False)
 
 
+def test_study_cells_take_their_own_seeds_and_evaluations_and_resume(tmp_path, capsys):
+    env, steps = diffsim.make_env("reach"), 4 * TINY.steps_per_iteration
+    cells = [
+        diffsim.study.Cell(env, "few", TINY, gaussian, steps, num_seeds=2, num_evals=3),
+        diffsim.study.Cell(env, "fine", TINY, gaussian, steps, num_evals=5),
+    ]
+    study = dict(out=tmp_path, num_seeds=3, num_evals=2, num_eval_episodes=2, progress=False)
+    runs = diffsim.study.run_study("s", cells, **study)
+    assert runs["reach", "few"].curve.eval_return.shape == (2, 3, 2)
+    assert runs["reach", "fine"].curve.eval_return.shape == (3, 5, 2)
+    again = diffsim.study.run_study("s", cells, **study)
+    assert capsys.readouterr().out.count("finished earlier") == 2
+    for key, run in runs.items():
+        np.testing.assert_array_equal(again[key].curve.eval_return, run.curve.eval_return)
+
+
 def _full_disk(folder):
     """A folder whose writability probe hits a full device: the kernel's /dev/full returns
     ENOSPC for every write, as a full disk does."""
