@@ -1,6 +1,7 @@
 """Analytic gradients on Brax bodies: PPO, APG, SHAC, ES and GuidedES on locomotion.
 
-    python studies/locomotion.py [--envs reacher halfcheetah ant hopper] [--out results]
+    python studies/locomotion.py [--envs reacher halfcheetah ant hopper]
+                                 [--strategies PPO APG SHAC ES GuidedES SHAC-det] [--out results]
     python studies/locomotion.py --report-only   # tables and figures of the finished cells
 
 Brax `reacher` (no contacts), `halfcheetah`, `hopper` and `ant` (contact), spring backend,
@@ -8,7 +9,7 @@ Brax's reward definitions unchanged, 1000-step episodes. Every strategy on an en
 same env-step budget (`ENVS`), 5 seeds (3 on ant), and the same 8 evaluation episodes at
 7 points (21 on reacher). Each finished cell is saved to results/locomotion/<env>/<strategy>/
 at once, so an interrupted run resumes where it stopped; several processes may train
-different envs.
+different cells (`--envs`, `--strategies`).
 
 After training, every cell's final policies are scored for how they move
 (`diffsim.diagnostics.gait_stats`: forward velocity, torso height, upright fraction and
@@ -139,13 +140,18 @@ def contenders(name: str):
     return grid
 
 
-def cells(names):
+def cells(names, labels):
+    """The grid's cells on the envs `names` whose strategy label is in `labels`."""
     grid = []
     for name in names:
         steps, seeds = ENVS[name]
         env = diffsim.make_env(name)  # spring backend, Brax's reward
         evals = EVALS.get(name)
-        grid += [Cell(env, label, s, p, steps, seeds, evals) for label, s, p in contenders(name)]
+        grid += [
+            Cell(env, label, s, p, steps, seeds, evals)
+            for label, s, p in contenders(name)
+            if label in labels
+        ]
     return grid
 
 
@@ -195,6 +201,8 @@ def format_gaits(rows: list[dict]) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--envs", nargs="+", default=list(ENVS), choices=list(ENVS))
+    labels = [label for label, *_ in contenders("ant")]  # the grid's order (all labels)
+    parser.add_argument("--strategies", nargs="+", default=labels, choices=labels)
     parser.add_argument("--out", default="results")
     parser.add_argument(
         "--report-only",
@@ -206,14 +214,17 @@ def main():
     tic = time.perf_counter()
     root = Path(args.out) / "locomotion"
     if args.report_only:
-        labels = [label for label, *_ in contenders("ant")]  # the grid's order (all labels)
-        found = [(k, r) for k, r in load_study(root).items() if k[0] in args.envs]
+        found = [
+            (k, r)
+            for k, r in load_study(root).items()
+            if k[0] in args.envs and k[1] in args.strategies
+        ]
         found.sort(key=lambda kr: (list(ENVS).index(kr[0][0]), labels.index(kr[0][1])))
         runs = dict(found)
     else:
         runs = run_study(
             "locomotion",
-            cells(args.envs),
+            cells(args.envs, args.strategies),
             num_seeds=5,
             out=args.out,
             num_evals=7,
