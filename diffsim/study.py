@@ -90,7 +90,9 @@ def run_study(
         _check_writable(root)  # fail before any training
     except OSError as error:
         raise OSError(f"cannot write study results: {error}") from error
-    (root / "cells.json").write_text(json.dumps(labels))  # the grid's order, for load_study
+    listed = root / "cells.json"  # the grid's order, for load_study; a process training
+    known = json.loads(listed.read_text()) if listed.exists() else []  # part of it adds its cells
+    listed.write_text(json.dumps(known + [c for c in labels if c not in known]))
     runs = {}
     for cell in cells:
         path = root / cell.name

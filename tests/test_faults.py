@@ -139,6 +139,8 @@ def test_study_cells_take_their_own_seeds_and_evaluations_and_resume(tmp_path, c
     assert capsys.readouterr().out.count("finished earlier") == 2
     for key, run in runs.items():
         np.testing.assert_array_equal(again[key].curve.eval_return, run.curve.eval_return)
+    diffsim.study.run_study("s", cells[1:], **study)  # a process training part of the grid
+    assert list(diffsim.study.load_study(tmp_path / "s")) == [("reach", "few"), ("reach", "fine")]
 
 
 def _full_disk(folder):
