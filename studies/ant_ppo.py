@@ -35,6 +35,7 @@ import numpy as np
 
 import diffsim
 import diffsim.plotting
+from diffsim.diagnostics import gait_stats
 from diffsim.stats import iqm, iqm_ci
 
 TUTORIAL = dict(
@@ -44,35 +45,6 @@ TUTORIAL = dict(
     initial_return=-286.0,
     final_return=-5.5,
 )
-
-
-def gait(env, policy, *, num_envs: int = 16) -> dict:
-    """How the final policy moves: one deterministic 1000-step rollout of `num_envs` envs.
-
-    Brax ant observations are `q[2:]` (torso height, torso quaternion w x y z, 8 joint
-    angles) then `qd` (torso x, y, z velocity, ...). The healthy check only bounds the
-    torso height (0.2..1.0), so a high return could come from an upside-down or bouncing
-    gait; "upright" is the fraction of steps whose torso up-axis points up.
-    """
-    policy = jax.tree.map(lambda x: x[0] if eqx.is_array(x) else x, policy)  # seed 0
-
-    @eqx.filter_jit
-    def run(policy, key):
-        state = diffsim.reset(env, key=key, num_envs=num_envs)
-        _, traj = diffsim.rollout(
-            env, policy, state, key=key, length=env.episode_length, deterministic=True
-        )
-        obs = traj.obs
-        qx, qy = obs[..., 2], obs[..., 3]
-        return dict(
-            torso_height_mean=obs[..., 0].mean(),
-            x_velocity_mean=obs[..., 13].mean(),
-            upright_fraction=(1 - 2 * (qx**2 + qy**2) > 0).mean(),
-            episodes_ended_per_env=traj.done.sum(0).mean(),
-            return_per_env=traj.reward.sum(0).mean(),
-        )
-
-    return {k: float(v) for k, v in run(policy, jr.key(123)).items()}
 
 
 def main():
@@ -174,12 +146,13 @@ def main():
     for i, s in enumerate(np.asarray(run.curve.env_steps)[0]):
         print(f"  {int(s):>9,} steps  " + "  ".join(f"{r:8.1f}" for r in returns[:, i]))
 
-    moves = gait(env, run.policy)
+    seed0 = jax.tree.map(lambda x: x[0] if eqx.is_array(x) else x, run.policy)
+    moves = eqx.filter_jit(gait_stats)(env, seed0, key=jr.key(123), num_envs=16)
+    moves = {k: float(v) for k, v in moves.items()}
     print(
-        "\nfinal policy, 16 envs x 1000 steps: torso height {torso_height_mean:.2f} m,"
-        " forward velocity {x_velocity_mean:.2f} m/s, upright {upright_fraction:.0%} of"
-        " steps, {episodes_ended_per_env:.2f} episode ends per env, return per env"
-        " {return_per_env:.0f}".format(**moves)
+        "\nfinal policy of seed 0, 16 deterministic episodes: torso height {torso_height:.2f} m,"
+        " forward velocity {forward_velocity:.2f} m/s, upright {upright_fraction:.0%} of"
+        " steps, episode length {episode_length:.0f}, return {return:.0f}".format(**moves)
     )
     ours["final_policy_gait"] = moves
 
