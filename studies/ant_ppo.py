@@ -151,7 +151,7 @@ def main():
     moves = {k: float(v) for k, v in moves.items()}
     print(
         "\nfinal policy of seed 0, 16 deterministic episodes: torso height {torso_height:.2f} m,"
-        " forward velocity {forward_velocity:.2f} m/s, upright {upright_fraction:.0%} of"
+        " forward velocity {forward_velocity:.2f} m/s, upright {upright_fraction:.1%} of"
         " steps, episode length {episode_length:.0f}, return {return:.0f}".format(**moves)
     )
     ours["final_policy_gait"] = moves
