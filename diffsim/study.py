@@ -90,8 +90,9 @@ def run_study(
         _check_writable(root)  # fail before any training
     except OSError as error:
         raise OSError(f"cannot write study results: {error}") from error
-    listed = root / "cells.json"  # the grid's order, for load_study; a process training
-    known = json.loads(listed.read_text()) if listed.exists() else []  # part of it adds its cells
+    # The grid's order, for load_study; a process training part of the grid adds its cells.
+    listed = root / "cells.json"
+    known = json.loads(listed.read_text()) if listed.exists() else []
     listed.write_text(json.dumps(known + [c for c in labels if c not in known]))
     runs = {}
     for cell in cells:

@@ -201,7 +201,7 @@ def format_gaits(rows: list[dict]) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--envs", nargs="+", default=list(ENVS), choices=list(ENVS))
-    labels = [label for label, *_ in contenders("ant")]  # the grid's order (all labels)
+    labels = list(dict.fromkeys(label for name in ENVS for label, *_ in contenders(name)))
     parser.add_argument("--strategies", nargs="+", default=labels, choices=labels)
     parser.add_argument("--out", default="results")
     parser.add_argument(
@@ -213,14 +213,10 @@ def main():
 
     tic = time.perf_counter()
     root = Path(args.out) / "locomotion"
-    if args.report_only:
-        found = [
-            (k, r)
-            for k, r in load_study(root).items()
-            if k[0] in args.envs and k[1] in args.strategies
-        ]
-        found.sort(key=lambda kr: (list(ENVS).index(kr[0][0]), labels.index(kr[0][1])))
-        runs = dict(found)
+    if args.report_only:  # the finished cells of the grid, in the grid's order
+        found = load_study(root)
+        grid = [(n, label) for n in args.envs for label, *_ in contenders(n)]
+        runs = {k: found[k] for k in grid if k in found and k[1] in args.strategies}
     else:
         runs = run_study(
             "locomotion",
