@@ -27,6 +27,7 @@ from .render import render as render
 from .results import Run as Run, load_run as load_run
 from .rollout import evaluate as evaluate, reset as reset, rollout as rollout
 from .sharding import shard_batch as shard_batch
+from .strategies import helpers as helpers, registry as _registry
 from .strategies.apg import APG as APG, APGState as APGState
 from .strategies.base import AbstractStrategy as AbstractStrategy
 from .strategies.es import ES as ES, ESState as ESState
@@ -34,6 +35,10 @@ from .strategies.guided_es import GuidedES as GuidedES, GuidedESState as GuidedE
 from .strategies.ppo import PPO as PPO, PPOState as PPOState
 from .strategies.shac import SHAC as SHAC, SHACState as SHACState
 from .train import train as train, train_seeds as train_seeds, train_sweep as train_sweep
+
+register_strategy = _registry.register
+for _cls in (PPO, APG, SHAC, ES, GuidedES):
+    register_strategy(_cls)
 
 _config.enable_compilation_cache()
 __version__ = "0.1.0"

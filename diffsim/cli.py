@@ -14,14 +14,12 @@ import diffsim
 
 from ._checkpoint import check_writable
 from .stats import iqm_ci, threshold_crossing
+from .strategies import registry
 
 
 def strategies() -> dict[str, type]:
-    """Strategy classes by command-line name: `ppo`, and `apg`, `shac`, `es`, `guided-es`
-    where present."""
-    names = ("PPO", "APG", "SHAC", "ES", "GuidedES")
-    command = {"GuidedES": "guided-es"}
-    return {command.get(n, n.lower()): getattr(diffsim, n) for n in names if hasattr(diffsim, n)}
+    """Strategy classes by command-line name, from `diffsim.strategies.registry`."""
+    return registry.strategies()
 
 
 def _add_hyperparameters(parser: argparse.ArgumentParser, cls: type) -> list[str]:

@@ -29,7 +29,7 @@ import numpy as np
 
 import diffsim
 from diffsim.strategies.es import population_episodes
-from diffsim.strategies.returns import gae
+from diffsim.strategies.helpers import gae
 
 
 def timed(fn, *args, repeats: int) -> float:

@@ -7,7 +7,7 @@ import pytest
 from conftest import deterministic, gaussian
 
 import diffsim
-from diffsim.strategies.returns import gae
+from diffsim.strategies.helpers import gae
 
 TINY = diffsim.PPO(num_envs=8, unroll_length=16, num_epochs=2, num_minibatches=4)
 

@@ -38,9 +38,8 @@ from .._types import Scalar, Trajectory
 from ..policies import ValueFunction, trainable, update_normalizers
 from ..rollout import reset, rollout
 from ..sharding import shard_batch
-from . import _checks as check
-from ._guard import all_finite, guarded_update, select
-from .returns import gae
+from . import helpers
+from .helpers import all_finite, gae, guarded_update, select
 
 
 class Window(eqx.Module):
@@ -110,14 +109,14 @@ def check_x64(float64: bool) -> None:
 
 def check_common(strategy) -> None:
     """The checks of the fields APG and SHAC share."""
-    check.positive_int("num_envs", strategy.num_envs)
-    check.positive_int("horizon", strategy.horizon)
-    check.positive("max_grad_norm", strategy.max_grad_norm)
+    helpers.positive_int("num_envs", strategy.num_envs)
+    helpers.positive_int("horizon", strategy.horizon)
+    helpers.positive("max_grad_norm", strategy.max_grad_norm)
     if strategy.max_grad_value is not None:
-        check.positive("max_grad_value", strategy.max_grad_value)
-    check.in_range("adam_b1", strategy.adam_b1, 0.0, 1.0)
-    check.in_range("adam_b2", strategy.adam_b2, 0.0, 1.0)
-    check.positive("adam_eps", strategy.adam_eps)
+        helpers.positive("max_grad_value", strategy.max_grad_value)
+    helpers.in_range("adam_b1", strategy.adam_b1, 0.0, 1.0)
+    helpers.in_range("adam_b2", strategy.adam_b2, 0.0, 1.0)
+    helpers.positive("adam_eps", strategy.adam_eps)
     check_flags(strategy, "stochastic", "float64", "remat", "mask_nonfinite_envs")
 
 

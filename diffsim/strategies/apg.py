@@ -17,10 +17,9 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._types import Metrics
 from ..policies import trainable
-from ..rollout import episode_stats
-from . import _checks as check, _schedules as schedules, _windows as windows
-from ._guard import guarded_update
+from . import _windows as windows, helpers
 from .base import AbstractStrategy
+from .helpers import episode_stats, guarded_update
 
 
 class APGState(eqx.Module):
@@ -111,8 +110,8 @@ class APG(AbstractStrategy[APGState]):
 
     def __check_init__(self):
         windows.check_common(self)
-        check.learning_rate("learning_rate", self.learning_rate)
-        schedules.check_decay(self, "learning_rate")
+        helpers.learning_rate("learning_rate", self.learning_rate)
+        helpers.check_decay(self, "learning_rate")
 
     @property
     def steps_per_iteration(self) -> int:
@@ -120,10 +119,10 @@ class APG(AbstractStrategy[APGState]):
 
     def for_budget(self, total_steps: int) -> "APG":
         """With `lr_decay`, decay over the run's `total_steps` unless `lr_decay_steps` is set."""
-        return schedules.with_budget(self, total_steps, "learning_rate")
+        return helpers.with_budget(self, total_steps, "learning_rate")
 
     def _optimizer(self) -> optax.GradientTransformation:
-        learning_rate = schedules.decayed(
+        learning_rate = helpers.decayed(
             self.learning_rate,
             lr_decay=self.lr_decay,
             lr_decay_steps=self.lr_decay_steps,

@@ -21,9 +21,9 @@ from .._types import Metrics
 from ..policies import trainable, update_normalizers
 from ..rollout import Episodes, first_episodes, reset
 from ..sharding import shard_batch
-from . import _checks as check
-from ._guard import all_finite, select
+from . import helpers
 from .base import AbstractStrategy
+from .helpers import all_finite, select
 
 # Algorithms whose ask/tell does not fit "sample a population around one mean, rank it":
 # several means (SV_*), a surrogate gradient to supply (GuidedES), or unrolled partial
@@ -180,12 +180,12 @@ class ES(AbstractStrategy[ESState]):
 
     def __check_init__(self):
         for name in ("population_size", "episodes_per_member"):
-            check.positive_int(name, getattr(self, name))
+            helpers.positive_int(name, getattr(self, name))
         if self.rollout_length is not None:
-            check.positive_int("rollout_length", self.rollout_length)
-        check.positive("std", self.std)
-        check.learning_rate("learning_rate", self.learning_rate)
-        check.in_range("weight_decay", self.weight_decay, 0.0, float("inf"))
+            helpers.positive_int("rollout_length", self.rollout_length)
+        helpers.positive("std", self.std)
+        helpers.learning_rate("learning_rate", self.learning_rate)
+        helpers.in_range("weight_decay", self.weight_decay, 0.0, float("inf"))
         if not isinstance(self.antithetic, bool):
             raise ValueError(f"antithetic must be a bool, got {self.antithetic!r}")
         cls = self._algorithm_class()

@@ -19,10 +19,10 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 from .._types import Metrics
 from ..policies import ValueFunction, trainable, update_normalizers
 from ..rollout import Episodes
-from . import _checks as check, _windows as windows
-from ._guard import all_finite, select
+from . import _windows as windows, helpers
 from .base import AbstractStrategy
 from .es import population_episodes, population_steps, with_episode_length
+from .helpers import all_finite, select
 
 MODES = ("blend", "subspace")
 GRADIENTS = ("apg", "shac")
@@ -289,9 +289,9 @@ class GuidedES(AbstractStrategy[GuidedESState]):
         if self.gradient not in GRADIENTS:
             raise ValueError(f"gradient must be one of {list(GRADIENTS)}, got {self.gradient!r}")
         for name in ("population_size", "episodes_per_member", "num_envs", "horizon"):
-            check.positive_int(name, getattr(self, name))
+            helpers.positive_int(name, getattr(self, name))
         if self.rollout_length is not None:
-            check.positive_int("rollout_length", self.rollout_length)
+            helpers.positive_int("rollout_length", self.rollout_length)
         if self.population_size % 2:
             raise ValueError(
                 f"population_size={self.population_size} must be even (antithetic pairs)"
@@ -302,22 +302,22 @@ class GuidedES(AbstractStrategy[GuidedESState]):
                 f" >= 4 and num_envs >= 2; got population_size={self.population_size},"
                 f" num_envs={self.num_envs}"
             )
-        check.positive_int("subspace_dims", self.subspace_dims)
+        helpers.positive_int("subspace_dims", self.subspace_dims)
         if self.subspace_dims > self.population_size // 2:
             raise ValueError(
                 f"subspace_dims={self.subspace_dims} exceeds the {self.population_size // 2}"
                 f" antithetic pairs of population_size={self.population_size}"
             )
-        check.positive("std", self.std)
-        check.learning_rate("learning_rate", self.learning_rate)
-        check.in_range("alpha", self.alpha, 0.0, 1.0)
+        helpers.positive("std", self.std)
+        helpers.learning_rate("learning_rate", self.learning_rate)
+        helpers.in_range("alpha", self.alpha, 0.0, 1.0)
         windows.check_flags(self, "stochastic", "float64", "remat")
-        check.in_range("discount", self.discount, 0.0, 1.0, low_open=True)
-        check.in_range("gae_lambda", self.gae_lambda, 0.0, 1.0)
-        check.in_range("target_alpha", self.target_alpha, 0.0, 1.0)
-        check.positive_int("critic_epochs", self.critic_epochs)
-        check.positive_int("critic_minibatches", self.critic_minibatches)
-        check.learning_rate("critic_learning_rate", self.critic_learning_rate)
+        helpers.in_range("discount", self.discount, 0.0, 1.0, low_open=True)
+        helpers.in_range("gae_lambda", self.gae_lambda, 0.0, 1.0)
+        helpers.in_range("target_alpha", self.target_alpha, 0.0, 1.0)
+        helpers.positive_int("critic_epochs", self.critic_epochs)
+        helpers.positive_int("critic_minibatches", self.critic_minibatches)
+        helpers.learning_rate("critic_learning_rate", self.critic_learning_rate)
         if self.gradient == "shac" and (self.num_envs * self.horizon) % self.critic_minibatches:
             raise ValueError(
                 f"critic_minibatches={self.critic_minibatches} must divide num_envs * horizon"

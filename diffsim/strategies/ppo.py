@@ -13,13 +13,11 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._types import Metrics, Scalar, Trajectory
 from ..policies import ValueFunction, trainable, update_normalizers
-from ..rollout import episode_stats, reset, rollout
+from ..rollout import reset, rollout
 from ..sharding import shard_batch
-from . import _checks as check
-from ._guard import all_finite, guarded_update, select
-from ._schedules import decayed
+from . import helpers
 from .base import AbstractStrategy
-from .returns import gae
+from .helpers import all_finite, decayed, episode_stats, gae, guarded_update, select
 
 
 class PPOState(eqx.Module):
@@ -113,7 +111,7 @@ class PPO(AbstractStrategy[PPOState]):
 
     def __check_init__(self):
         for name in ("num_envs", "unroll_length", "num_epochs", "num_minibatches"):
-            check.positive_int(name, getattr(self, name))
+            helpers.positive_int(name, getattr(self, name))
         batch = self.num_envs * self.unroll_length
         if batch % self.num_minibatches:
             raise ValueError(
@@ -129,21 +127,21 @@ class PPO(AbstractStrategy[PPOState]):
                 f" shuffle='samples' or another num_minibatches"
             )
         if self.value_clip is not None:
-            check.positive("value_clip", self.value_clip)
+            helpers.positive("value_clip", self.value_clip)
         if self.lr_decay_steps is not None:
-            check.positive_int("lr_decay_steps", self.lr_decay_steps)
+            helpers.positive_int("lr_decay_steps", self.lr_decay_steps)
             if self.lr_decay and callable(self.learning_rate):
                 raise ValueError(
                     "lr_decay_steps needs a float learning_rate (the decay's start), got a"
                     f" schedule {self.learning_rate!r}"
                 )
-        check.learning_rate("learning_rate", self.learning_rate)
+        helpers.learning_rate("learning_rate", self.learning_rate)
         for name in ("max_grad_norm", "adam_eps", "clip_epsilon", "reward_scale"):
-            check.positive(name, getattr(self, name))
-        check.in_range("discount", self.discount, 0.0, 1.0, low_open=True)
-        check.in_range("gae_lambda", self.gae_lambda, 0.0, 1.0)
-        check.in_range("value_coef", self.value_coef, 0.0, float("inf"))
-        check.in_range("entropy_coef", self.entropy_coef, 0.0, float("inf"))
+            helpers.positive(name, getattr(self, name))
+        helpers.in_range("discount", self.discount, 0.0, 1.0, low_open=True)
+        helpers.in_range("gae_lambda", self.gae_lambda, 0.0, 1.0)
+        helpers.in_range("value_coef", self.value_coef, 0.0, float("inf"))
+        helpers.in_range("entropy_coef", self.entropy_coef, 0.0, float("inf"))
 
     @property
     def steps_per_iteration(self) -> int:

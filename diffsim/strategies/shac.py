@@ -17,10 +17,9 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._types import Metrics
 from ..policies import ACTIVATIONS, ValueFunction, trainable
-from ..rollout import episode_stats
-from . import _checks as check, _schedules as schedules, _windows as windows
-from ._guard import all_finite, guarded_update, select
+from . import _windows as windows, helpers
 from .base import AbstractStrategy
+from .helpers import all_finite, episode_stats, guarded_update, select
 
 
 class SHACState(eqx.Module):
@@ -117,20 +116,20 @@ class SHAC(AbstractStrategy[SHACState]):
 
     def __check_init__(self):
         windows.check_common(self)
-        check.learning_rate("actor_learning_rate", self.actor_learning_rate)
-        check.learning_rate("critic_learning_rate", self.critic_learning_rate)
-        schedules.check_decay(self, "actor_learning_rate", "critic_learning_rate")
+        helpers.learning_rate("actor_learning_rate", self.actor_learning_rate)
+        helpers.learning_rate("critic_learning_rate", self.critic_learning_rate)
+        helpers.check_decay(self, "actor_learning_rate", "critic_learning_rate")
         if self.value_activation not in ACTIVATIONS:
             raise ValueError(
                 f"value_activation must be one of {sorted(ACTIVATIONS)}, got"
                 f" {self.value_activation!r}"
             )
-        check.in_range("discount", self.discount, 0.0, 1.0, low_open=True)
-        check.in_range("gae_lambda", self.gae_lambda, 0.0, 1.0)
-        check.in_range("target_alpha", self.target_alpha, 0.0, 1.0)
-        check.positive("reward_scale", self.reward_scale)
-        check.positive_int("critic_epochs", self.critic_epochs)
-        check.positive_int("critic_minibatches", self.critic_minibatches)
+        helpers.in_range("discount", self.discount, 0.0, 1.0, low_open=True)
+        helpers.in_range("gae_lambda", self.gae_lambda, 0.0, 1.0)
+        helpers.in_range("target_alpha", self.target_alpha, 0.0, 1.0)
+        helpers.positive("reward_scale", self.reward_scale)
+        helpers.positive_int("critic_epochs", self.critic_epochs)
+        helpers.positive_int("critic_minibatches", self.critic_minibatches)
         if (self.num_envs * self.horizon) % self.critic_minibatches:
             raise ValueError(
                 f"critic_minibatches={self.critic_minibatches} must divide num_envs * horizon"
@@ -143,15 +142,13 @@ class SHAC(AbstractStrategy[SHACState]):
 
     def for_budget(self, total_steps: int) -> "SHAC":
         """With `lr_decay`, decay over the run's `total_steps` unless `lr_decay_steps` is set."""
-        return schedules.with_budget(
-            self, total_steps, "actor_learning_rate", "critic_learning_rate"
-        )
+        return helpers.with_budget(self, total_steps, "actor_learning_rate", "critic_learning_rate")
 
     def _optimizers(self) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
         """The actor's optimiser and the critic's, each with its decay (if any)."""
 
         def optimizer(rate, updates_per_iteration: int) -> optax.GradientTransformation:
-            rate = schedules.decayed(
+            rate = helpers.decayed(
                 rate,
                 lr_decay=self.lr_decay,
                 lr_decay_steps=self.lr_decay_steps,
