@@ -1,5 +1,6 @@
-"""Process-wide JAX settings diffsim turns on at import: the persistent compilation cache
-and XLA's CPU optimisation level."""
+"""JAX settings diffsim uses: the persistent compilation cache (turned on at import, the
+one process-wide setting `import diffsim` makes) and the XLA compiler options diffsim's own
+programs are compiled with (per program, never through `XLA_FLAGS`)."""
 
 import contextlib
 import io
@@ -7,19 +8,35 @@ import os
 import warnings
 from pathlib import Path
 
-# LLVM's optimisation level 1 for XLA's CPU code: measured on the 8-seed PPO
-# inverted_pendulum run, a cold compile of 25 s instead of 33 s at the same or a better
-# training speed (95k vs 93k env steps/s; level 0 compiles in 14 s but trains 5x slower).
-# Read when JAX starts its CPU backend, so it applies if diffsim is imported before any
-# computation; a level set in XLA_FLAGS by the user is left alone.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=1"
-    ).strip()
-
-import jax  # noqa: E402
+import jax
 
 from . import _gl  # noqa: F401  (sets MUJOCO_GL=egl when headless, before brax imports mujoco)
+
+# LLVM's optimisation level for XLA's CPU code in the programs `train` compiles. Level 1
+# compiles faster than XLA's default at about the same training speed (level 0 compiles
+# faster still but trains several times slower). Passed per program as a compiler option, so
+# neither the process's `XLA_FLAGS` nor anyone else's JAX programs are touched.
+CPU_OPTIMIZATION_LEVEL = 1
+
+
+def compiler_options() -> dict[str, int]:
+    """XLA compiler options for diffsim's own compiled programs, for
+    `jax.jit(f).lower(...).compile(compiler_options=...)`.
+
+    On a CPU backend: `{"xla_backend_optimization_level": 1}`, unless the user set a level
+    in `$XLA_FLAGS` (then `{}`, and theirs applies). On other backends: `{}`.
+
+    **Example:**
+
+    ```python
+    compiled = jax.jit(f).lower(x).compile(compiler_options=compiler_options())
+    ```
+    """
+    if "xla_backend_optimization_level" in os.environ.get("XLA_FLAGS", ""):
+        return {}
+    if jax.default_backend() != "cpu":
+        return {}
+    return {"xla_backend_optimization_level": CPU_OPTIMIZATION_LEVEL}
 
 
 def cache_dir() -> Path | None:
@@ -38,6 +55,10 @@ def cache_dir() -> Path | None:
 
 
 def enable_compilation_cache() -> None:
+    """Turn on JAX's persistent compilation cache at `cache_dir()` (nothing if that is None).
+
+    `import diffsim` calls it: the one process-wide setting diffsim makes at import.
+    """
     path = cache_dir()
     if path is None:
         return
@@ -49,7 +70,8 @@ def enable_compilation_cache() -> None:
 # Import Brax once with stdout muted: MuJoCo's MJX prints "Failed to import warp" (an
 # optional GPU backend) on import. Real errors still raise. `diffsim/__init__.py` imports
 # this module first. Brax imports JAXopt, whose DeprecationWarning ("no longer maintained")
-# users cannot act on and which would stop `import diffsim` under `python -W error`.
+# users cannot act on and which would stop `import diffsim` under `python -W error`; the
+# filter lives only while Brax is imported (`catch_warnings` restores the process's own).
 with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
     warnings.filterwarnings("ignore", "JAXopt is no longer maintained", DeprecationWarning)
     import brax.envs  # noqa: F401

@@ -2,19 +2,22 @@
 
 import argparse
 import dataclasses
+import os
 import runpy
 import sys
 import warnings
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import numpy as np
 
 import diffsim
 
 from ._checkpoint import check_writable
-from .stats import iqm_ci, threshold_crossing
 from .strategies import registry
+
+STUDIES_ENV = "DIFFSIM_STUDIES"  # extra folders of study scripts, `os.pathsep`-separated
 
 
 def strategies() -> dict[str, type]:
@@ -41,7 +44,7 @@ def _add_hyperparameters(parser: argparse.ArgumentParser, cls: type) -> list[str
         elif isinstance(default, tuple) and all(isinstance(v, int) for v in default):
             parser.add_argument(
                 flag,
-                type=lambda s: tuple(int(v) for v in s.split(",")),
+                type=_int_tuple,
                 default=default,
                 metavar="N,N,...",
                 help=f"default {','.join(map(str, default))}",
@@ -52,7 +55,60 @@ def _add_hyperparameters(parser: argparse.ArgumentParser, cls: type) -> list[str
     return added
 
 
-def _parser() -> argparse.ArgumentParser:
+def _add_train_parser(kinds, name: str, cls: type) -> None:
+    """`diffsim train NAME`: the strategy's fields, then the run's options."""
+    sub = kinds.add_parser(
+        name,
+        help=f"{cls.__name__}; hyperparameters as options",
+        description=(cls.__doc__ or "").split("\n\n")[0],
+    )
+    sub.set_defaults(hyperparameters=_add_hyperparameters(sub, cls), cls=cls)
+    sub.add_argument(
+        "--env", default="pendulum", help="env name (see `diffsim envs`); default pendulum"
+    )
+    sub.add_argument("--backend", default=None, help="Brax backend (default spring)")
+    sub.add_argument("--episode-length", type=int, default=None)
+    sub.add_argument("--steps", type=int, default=200_000, help="env-step budget; default 200000")
+    sub.add_argument(
+        "--seeds", type=int, default=1, help="number of seeds, trained at once; default 1"
+    )
+    sub.add_argument("--seed", type=int, default=0, help="base seed; default 0")
+    sub.add_argument("--num-evals", type=int, default=20)
+    sub.add_argument("--eval-episodes", type=int, default=16)
+    sub.add_argument(
+        "--policy",
+        choices=["gaussian", "deterministic"],
+        default=None,
+        help="default: deterministic, or gaussian where the strategy's check() rejects it",
+    )
+    sub.add_argument(
+        "--hidden",
+        type=_int_tuple,
+        default=(64, 64),
+        metavar="N,N,...",
+        help="policy hidden widths; default 64,64",
+    )
+    sub.add_argument("--out", default=None, help="save the run to this folder")
+    sub.add_argument(
+        "--log-dir",
+        default=None,
+        help="write LOG_DIR/log.jsonl, one JSON line per evaluation, as the run goes",
+    )
+    sub.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="report when the IQM first reaches this return",
+    )
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    """`"64,64"` -> `(64, 64)`; argparse reports a `ValueError` as an invalid value."""
+    return tuple(int(v) for v in text.split(","))
+
+
+def _parser(user: dict[str, type] | None = None) -> argparse.ArgumentParser:
+    """The command's parser; `user` adds `train` sub-commands for `MODULE:CLASS` specs."""
     parser = argparse.ArgumentParser(
         prog="diffsim", description="Optimize control policies in differentiable physics."
     )
@@ -61,58 +117,28 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train",
         help="train one strategy on one env (seeds vmapped)",
-        description="Train one strategy on one env; seeds run in one compiled program.",
+        description=(
+            "Train one strategy on one env; seeds run in one compiled program. STRATEGY is a"
+            " registered name below or MODULE:CLASS, a strategy class of your own (importable"
+            " from the current directory or sys.path), e.g. `diffsim train my_algos:MyStrategy"
+            " --env reach`; `--strategy MODULE:CLASS` says the same. Each takes its"
+            " hyperparameters as options: `diffsim train ppo --help`."
+        ),
     )
     kinds = train.add_subparsers(dest="strategy", required=True, metavar="STRATEGY")
-    for name, cls in strategies().items():
-        sub = kinds.add_parser(
-            name,
-            help=f"{cls.__name__}; hyperparameters as options",
-            description=(cls.__doc__ or "").split("\n\n")[0],
-        )
-        sub.set_defaults(hyperparameters=_add_hyperparameters(sub, cls), cls=cls)
-        sub.add_argument(
-            "--env", default="pendulum", help="env name (see `diffsim envs`); default pendulum"
-        )
-        sub.add_argument("--backend", default=None, help="Brax backend (default spring)")
-        sub.add_argument("--episode-length", type=int, default=None)
-        sub.add_argument(
-            "--steps", type=int, default=200_000, help="env-step budget; default 200000"
-        )
-        sub.add_argument(
-            "--seeds", type=int, default=1, help="number of seeds, trained at once; default 1"
-        )
-        sub.add_argument("--seed", type=int, default=0, help="base seed; default 0")
-        sub.add_argument("--num-evals", type=int, default=20)
-        sub.add_argument("--eval-episodes", type=int, default=16)
-        sub.add_argument(
-            "--policy",
-            choices=["gaussian", "deterministic"],
-            default=None,
-            help="default: gaussian for PPO, deterministic otherwise",
-        )
-        sub.add_argument(
-            "--hidden",
-            type=lambda s: tuple(int(v) for v in s.split(",")),
-            default=(64, 64),
-            metavar="N,N,...",
-            help="policy hidden widths; default 64,64",
-        )
-        sub.add_argument("--out", default=None, help="save the run to this folder")
-        sub.add_argument(
-            "--log-dir",
-            default=None,
-            help="write LOG_DIR/log.jsonl, one JSON line per evaluation, as the run goes",
-        )
-        sub.add_argument(
-            "--threshold",
-            type=float,
-            default=None,
-            help="report when the IQM first reaches this return",
-        )
+    for name, cls in {**registry.strategies(), **(user or {})}.items():
+        _add_train_parser(kinds, name, cls)
 
-    study = commands.add_parser("study", help="run a study script (a path, or a name in ./studies)")
-    study.add_argument("script", help="e.g. compare, or studies/compare.py")
+    study = commands.add_parser(
+        "study",
+        help="run a study script (a path, or a name such as compare)",
+        description=(
+            "Run a study script with the given arguments. NAME is looked up, in order, in"
+            " ./studies, in the studies/ folder next to the installed diffsim package (a source"
+            f" checkout) and in the folders of ${STUDIES_ENV} (separated by {os.pathsep!r})."
+        ),
+    )
+    study.add_argument("script", metavar="NAME|PATH", help="e.g. compare, or studies/compare.py")
     study.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script")
 
     plot = commands.add_parser(
@@ -160,13 +186,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> None:
+    from .stats import iqm_ci, threshold_crossing
+
     env = diffsim.make_env(args.env, backend=args.backend, episode_length=args.episode_length)
     strategy = args.cls(**{name: getattr(args, name) for name in args.hyperparameters})
-    kind = args.policy or ("gaussian" if args.cls.__name__ == "PPO" else "deterministic")
-    cls = diffsim.GaussianPolicy if kind == "gaussian" else diffsim.DeterministicPolicy
-    make = lambda key: cls(env.observation_size, env.action_size, hidden=args.hidden, key=key)
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    policy_cls = _policy_class(args.policy, strategy, env, args.hidden)
+    make = lambda key: policy_cls(
+        env.observation_size, env.action_size, hidden=args.hidden, key=key
+    )
     if args.out:
         check_writable(args.out)  # not after an hour of training
     keys = jax.random.split(jax.random.key(args.seed), args.seeds)
@@ -199,24 +228,77 @@ def _train(args) -> None:
         print(f"saved to {run.save(args.out)}")
 
 
+def _policy_class(kind: str | None, strategy, env, hidden: tuple[int, ...]) -> type:
+    """`--policy`'s class; by default deterministic, unless the strategy's `check` rejects
+    a deterministic policy (PPO, REINFORCE: they need `log_prob`), then Gaussian."""
+    if kind is not None:
+        return diffsim.GaussianPolicy if kind == "gaussian" else diffsim.DeterministicPolicy
+    example = eqx.filter_eval_shape(
+        diffsim.DeterministicPolicy,
+        env.observation_size,
+        env.action_size,
+        hidden=hidden,
+        key=jax.random.key(0),
+    )
+    try:
+        strategy.check(env, example)
+    except ValueError:
+        return diffsim.GaussianPolicy
+    return diffsim.DeterministicPolicy
+
+
+def study_dirs() -> list[tuple[str, Path]]:
+    """Where `diffsim study NAME` looks for `NAME.py`, in order, as `(origin, folder)`:
+    `./studies`, the `studies/` folder next to the installed package (a source checkout), and
+    each folder in `$DIFFSIM_STUDIES` (separated by `os.pathsep`).
+
+    **Example:** `[str(d) for _, d in study_dirs()][0] == "studies"`.
+    """
+    dirs = [("./studies", Path("studies"))]
+    dirs.append(
+        ("next to the diffsim package", Path(diffsim.__file__).resolve().parents[1] / "studies")
+    )
+    dirs += [
+        (f"${STUDIES_ENV}", Path(d)) for d in os.environ.get(STUDIES_ENV, "").split(os.pathsep) if d
+    ]
+    return dirs
+
+
+def find_study(name: str) -> Path:
+    """The script `diffsim study NAME` runs: a path as given (`studies/compare.py`), or the
+    first `NAME.py` in `study_dirs()`. Raises `FileNotFoundError` listing where it looked
+    and the studies it found there.
+
+    **Example:** `find_study("compare")` from a checkout is `studies/compare.py`.
+    """
+    given = Path(name)
+    if given.suffix or len(given.parts) > 1:
+        if not given.is_file():
+            raise FileNotFoundError(f"no study script {name!r}")
+        return given
+    looked = []
+    for origin, folder in study_dirs():
+        if (folder / f"{name}.py").is_file():
+            return folder / f"{name}.py"
+        found = sorted(p.stem for p in folder.glob("*.py")) if folder.is_dir() else None
+        what = "no such folder" if found is None else (", ".join(found) or "no scripts")
+        looked.append(f"{folder} ({origin}): {what}")
+    if not os.environ.get(STUDIES_ENV):
+        looked.append(f"${STUDIES_ENV}: unset")
+    raise FileNotFoundError(f"no study {name!r}; looked in\n  " + "\n  ".join(looked))
+
+
 def _study(args) -> None:
-    script = Path(args.script)
-    if not script.suffix:
-        script = Path("studies") / f"{args.script}.py"
-    if not script.exists():
-        found = (
-            sorted(p.stem for p in Path("studies").glob("*.py")) if Path("studies").is_dir() else []
-        )
-        raise FileNotFoundError(
-            f"no study script {script}; studies here: {found or 'none (run from the repo root)'}"
-        )
+    script = find_study(args.script)
     sys.argv = [str(script), *args.args]
-    runpy.run_path(str(script), run_name="__main__")
+    sys.path.insert(0, str(script.parent))  # as `python studies/NAME.py` would: sibling imports
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.path.remove(str(script.parent))
 
 
 def _plot(args) -> None:
-    import matplotlib.pyplot as plt
-
     from . import plotting
     from .study import load_runs
 
@@ -226,7 +308,6 @@ def _plot(args) -> None:
     )
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.output, dpi=120)
-    plt.close(fig)
     print(f"wrote {args.output} ({len(runs)} runs)")
 
 
@@ -282,14 +363,48 @@ def main(argv: list[str] | None = None) -> int:
 
     ```bash
     diffsim train ppo --env pendulum --steps 200000 --seeds 4 --learning-rate 3e-4
+    diffsim train my_algos:MyStrategy --env reach --steps 20000   # a class of your own
     diffsim plot results/compare -o figures/compare.png
     diffsim plot results/ppo_run results/apg_run -o curves.png   # `train --out` folders
     ```
     """
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv, user = _user_strategy(argv)
+    except ValueError as error:
+        print(f"diffsim: error: {error}", file=sys.stderr)
+        return 2
+    args = _parser(user).parse_args(argv)
     with warnings.catch_warnings():  # restores the process's own display afterwards
         warnings.showwarning = _show_warning
         return _dispatch(args)
+
+
+def _user_strategy(argv: list[str]) -> tuple[list[str], dict[str, type]]:
+    """`train MODULE:CLASS ...` (or `train --strategy SPEC ...`): the class it names,
+    resolved before parsing so that its fields become options. Returns the arguments with
+    the spec in the strategy's place, and `{spec: class}` (empty without a spec)."""
+    if len(argv) < 2 or argv[0] != "train":
+        return argv, {}
+    rest = argv[1:]
+    if rest[0] == "--strategy" and len(rest) > 1:
+        rest = [rest[1], *rest[2:]]
+    elif rest[0].startswith("--strategy="):
+        rest = [rest[0].partition("=")[2], *rest[1:]]
+    spec = rest[0]
+    if spec.startswith("-"):
+        return argv, {}
+    if ":" not in spec:
+        return ["train", *rest], {}  # a registered name, or argparse lists the valid ones
+    here = os.getcwd()
+    added = here not in sys.path
+    if added:  # the console script's sys.path lacks the current directory; `python -m` has it
+        sys.path.insert(0, here)
+    try:
+        return ["train", *rest], {spec: registry.resolve(spec)}
+    finally:
+        if added:
+            sys.path.remove(here)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

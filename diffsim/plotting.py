@@ -1,12 +1,23 @@
-"""Learning curves with IQM lines and 95% bootstrap bands across seeds (matplotlib only)."""
+"""Learning curves with IQM lines and 95% bootstrap bands across seeds (matplotlib only).
+
+The figures are `matplotlib.figure.Figure`s made without pyplot (save them with
+`fig.savefig`); matplotlib is imported when a function here first draws, not by
+`import diffsim`.
+"""
+
+from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-import matplotlib.pyplot as plt
 import numpy as np
 
 from .results import Run
 from .stats import iqm_ci
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 _X_LABELS = {"env_steps": "env steps", "wall_time": "wall-clock time (s, compile excluded)"}
 STRATEGY_COLORS = {"PPO": "tab:blue", "APG": "tab:orange", "SHAC": "tab:green", "ES": "tab:red"}
@@ -28,10 +39,10 @@ def learning_curves(
     runs_by_label: Mapping[str, Run],
     *,
     x: str = "env_steps",
-    ax: plt.Axes | None = None,
+    ax: Axes | None = None,
     title: str | None = None,
     confidence: float = 0.95,
-) -> plt.Figure:
+) -> Figure:
     """Plot each run's IQM evaluation return across seeds with a bootstrap band.
 
     **Arguments:**
@@ -56,7 +67,7 @@ def learning_curves(
     if not runs_by_label:
         raise ValueError("runs_by_label is empty: nothing to plot")
     if ax is None:
-        _, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
+        ax = _figure(figsize=(6, 4)).subplots()
     seeds, budget, env = set(), 0, set()
     for i, (label, run) in enumerate(runs_by_label.items()):
         scores = np.asarray(run.curve.eval_return).mean(-1)  # (seeds, E) or (E,)
@@ -81,10 +92,24 @@ def learning_curves(
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(frameon=False)
-    return ax.figure
+    return _root(ax)
 
 
-def study_figure(runs: Mapping[tuple[str, str], Run], *, x: str = "env_steps") -> plt.Figure:
+def _figure(figsize: tuple[float, float]) -> Figure:
+    """A new figure with constrained layout, made without pyplot (no global figure list)."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize, layout="constrained")
+
+
+def _root(ax: Axes) -> Figure:
+    """The top-level figure `ax` is drawn in (through any subfigures)."""
+    figure = ax.get_figure(root=True)
+    assert figure is not None, "an Axes in use belongs to a figure"
+    return figure
+
+
+def study_figure(runs: Mapping[tuple[str, str], Run], *, x: str = "env_steps") -> Figure:
     """One learning-curve panel per env, one line per strategy label.
 
     **Arguments:** `runs`: `{(env name, label): Run}`, as `run_study` or `load_study`
@@ -100,15 +125,14 @@ def study_figure(runs: Mapping[tuple[str, str], Run], *, x: str = "env_steps") -
     envs = list(dict.fromkeys(env for env, _ in runs))
     if not envs:
         raise ValueError("no runs to plot")
-    fig, axes = plt.subplots(
-        1, len(envs), figsize=(4.6 * len(envs), 3.8), constrained_layout=True, squeeze=False
-    )
+    fig = _figure(figsize=(4.6 * len(envs), 3.8))
+    axes = fig.subplots(1, len(envs), squeeze=False)
     for ax, env in zip(axes[0], envs, strict=True):
         learning_curves({label: run for (e, label), run in runs.items() if e == env}, x=x, ax=ax)
     return fig
 
 
-def final_scores(runs: Mapping[tuple[str, str], Run], *, confidence: float = 0.95) -> plt.Figure:
+def final_scores(runs: Mapping[tuple[str, str], Run], *, confidence: float = 0.95) -> Figure:
     """Final evaluation return per env and strategy: IQM across seeds with its interval.
 
     **Example:**
@@ -118,9 +142,8 @@ def final_scores(runs: Mapping[tuple[str, str], Run], *, confidence: float = 0.9
     ```
     """
     envs = list(dict.fromkeys(env for env, _ in runs))
-    fig, axes = plt.subplots(
-        1, len(envs), figsize=(3.6 * len(envs), 3.2), constrained_layout=True, squeeze=False
-    )
+    fig = _figure(figsize=(3.6 * len(envs), 3.2))
+    axes = fig.subplots(1, len(envs), squeeze=False)
     for ax, env in zip(axes[0], envs, strict=True):
         labels = [label for (e, label) in runs if e == env]
         for i, label in enumerate(labels):

@@ -1,10 +1,12 @@
 """The `diffsim` command, run in-process through `diffsim.cli.main` (issue 13, item 5)."""
 
+import json
 import re
 import shutil
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -122,3 +124,202 @@ def test_a_small_budget_runs_with_fewer_evaluation_points_and_says_so(capsys):
     note = out + err + "".join(str(w.message) for w in caught)
     assert code == 0 and "APG on reach" in out
     assert re.search(r"evaluat\w*", note) and re.search(r"fewer|reduced|instead", note)
+
+
+# A strategy of the user's own, outside the package: analytic gradients of a short window,
+# written only against diffsim's public API. Its fields cover every option type the CLI makes.
+USER_STRATEGY = '''
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+
+import diffsim
+
+
+class MyState(eqx.Module):
+    policy: eqx.Module
+    opt_state: optax.OptState
+    env_state: object
+
+
+class MyStrat(diffsim.AbstractStrategy[MyState]):
+    """A user's strategy: one Adam step on a short window's summed reward."""
+
+    num_envs: int = 8
+    horizon: int = 10
+    learning_rate: float = 1e-3
+    clip: bool = True
+    widths: tuple[int, ...] = (8,)
+    tag: str = "plain"
+
+    @property
+    def steps_per_iteration(self) -> int:
+        return self.num_envs * self.horizon
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_envs
+
+    def _optimizer(self):
+        adam = optax.adam(self.learning_rate)
+        return optax.chain(optax.clip_by_global_norm(1.0), adam) if self.clip else adam
+
+    def init(self, env, policy, *, key):
+        params = eqx.filter(policy, diffsim.trainable(policy))
+        env_state = diffsim.reset(env, key=key, num_envs=self.num_envs)
+        return MyState(policy, self._optimizer().init(params), env_state)
+
+    def step(self, env, state, *, key):
+        params, static = eqx.partition(state.policy, diffsim.trainable(state.policy))
+
+        def loss(params):
+            policy = eqx.combine(params, static)
+            end, traj = diffsim.rollout(
+                env, policy, state.env_state, key=key, length=self.horizon, deterministic=True
+            )
+            return -jnp.mean(traj.reward), end
+
+        (value, end), grads = eqx.filter_value_and_grad(loss, has_aux=True)(params)
+        updates, opt_state = self._optimizer().update(grads, state.opt_state, params)
+        policy = eqx.apply_updates(state.policy, updates)
+        return MyState(policy, opt_state, jax.lax.stop_gradient(end)), {"loss": value}
+
+    def policy(self, state):
+        return state.policy
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """`usermod_cli.py` in a temporary folder on sys.path (and the current directory
+    elsewhere, so the module is found through sys.path, not the working directory)."""
+    folder = tmp_path / "code"
+    folder.mkdir()
+    (folder / "usermod_cli.py").write_text(USER_STRATEGY)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.chdir(tmp_path)
+    yield "usermod_cli"
+    sys.modules.pop("usermod_cli", None)
+
+
+@pytest.mark.parametrize("form", ["positional", "option"])
+def test_a_user_strategy_class_trains_with_its_fields_as_options(
+    user_module, tmp_path, capsys, form
+):
+    spec = f"{user_module}:MyStrat"
+    options = ["--learning-rate", "0.01", "--horizon", "5", "--no-clip", "--widths", "4,4"]
+    options += ["--tag", "custom", "--num-envs", "4"]
+    run = ["--env", "reach", "--steps", "400", "--num-evals", "2", "--eval-episodes", "2"]
+    head = ["train", spec] if form == "positional" else ["train", "--strategy", spec]
+    out_dir = tmp_path / "run"
+    assert cli.main([*head, *options, *run, "--out", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(
+        r"^MyStrat on reach: 400 env steps x 1 seeds, final eval return IQM -?\d", out, re.M
+    )
+    config = json.loads((out_dir / "config.json").read_text())
+    assert config["strategy"] == "MyStrat" and config["total_steps"] == 400
+    hyper = config["hyperparameters"]
+    assert (hyper["learning_rate"], hyper["horizon"], hyper["num_envs"]) == (0.01, 5, 4)
+    assert (hyper["clip"], hyper["widths"], hyper["tag"]) == (False, [4, 4], "custom")
+
+
+def test_a_user_strategy_lists_its_fields_in_help(user_module, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", f"{user_module}:MyStrat", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for option in (
+        "--learning-rate FLOAT",
+        "--horizon INT",
+        "--clip, --no-clip",
+        "--widths N,N,...",
+    ):
+        assert option in out
+    assert "--tag STR" in out and "default plain" in out
+
+
+def test_train_help_lists_the_registered_strategies(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = capsys.readouterr().out
+    for name in ("ppo", "apg", "shac", "es", "guided-es"):
+        assert re.search(rf"^\s+{name}\s", out, re.M), name
+    assert "MODULE:CLASS" in out
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        (
+            "no_such_module_xyz:Thing",
+            r"strategy 'no_such_module_xyz:Thing': cannot load 'Thing' from module 'no_such_module_xyz'",
+        ),
+        ("json:Nothing", r"cannot load 'Nothing' from module 'json'"),
+        (
+            "json:JSONDecoder",
+            r"strategy 'json:JSONDecoder' is .*JSONDecoder.*not a diffsim.AbstractStrategy subclass",
+        ),
+    ],
+)
+def test_a_bad_strategy_spec_is_a_one_line_error(spec, match, capsys):
+    assert cli.main(["train", spec, "--env", "reach"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("diffsim: error: ") and err.count("\n") == 1
+    assert re.search(match, err), err
+
+
+def test_an_unknown_strategy_name_lists_the_known_ones(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "nope", "--env", "reach"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'nope'" in err and "'ppo'" in err and "'guided-es'" in err
+
+
+STUDY_SCRIPT = """
+import sys
+from helper_mod import WORD  # a sibling module, as `python studies/NAME.py` finds it
+print(WORD, sys.argv[1:])
+"""
+
+
+def test_study_is_found_from_another_directory(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "probe_study.py").write_text(STUDY_SCRIPT)
+    (folder / "helper_mod.py").write_text("WORD = 'found'\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # no ./studies here
+    monkeypatch.setenv(cli.STUDIES_ENV, str(folder))
+    assert cli.find_study("probe_study") == folder / "probe_study.py"
+    assert cli.main(["study", "probe_study", "--flag", "3"]) == 0
+    assert capsys.readouterr().out == "found ['--flag', '3']\n"
+    # the repository's own studies, next to the package, from any directory
+    repo_studies = Path(cli.diffsim.__file__).resolve().parents[1] / "studies"
+    assert cli.find_study("compare") == repo_studies / "compare.py"
+
+
+def test_an_unknown_study_says_where_it_looked(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(cli.STUDIES_ENV, raising=False)
+    assert cli.main(["study", "no_such_study"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("diffsim: error: no study 'no_such_study'; looked in")
+    assert "studies (./studies): no such folder" in err
+    repo_studies = Path(cli.diffsim.__file__).resolve().parents[1] / "studies"
+    assert f"{repo_studies} (next to the diffsim package): " in err and "compare" in err
+    assert f"${cli.STUDIES_ENV}: unset" in err
+
+
+def test_envs_lists_sizes_without_mujocos_settotalmass_warning(monkeypatch, capfd):
+    """halfcheetah's model uses `settotalmass`, which MuJoCo calls deprecated from C (on the
+    process's stderr, hence `capfd`); `diffsim envs` must not show it."""
+    monkeypatch.setattr(cli.diffsim.envs, "names", lambda: ["reach", "halfcheetah"])
+    assert cli.main(["envs"]) == 0
+    out, err = capfd.readouterr()
+    assert re.search(r"^halfcheetah\s+brax\s+17\s+6\s+1000$", out, re.M), out
+    assert re.search(r"^reach\s+toy\s+6\s+2\s+100$", out, re.M)
+    assert "settotalmass" not in out + err

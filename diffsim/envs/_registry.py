@@ -1,8 +1,13 @@
 """`make_env`: one name space over Brax's environments and diffsim's toy envs."""
 
+import contextlib
+import sys
 import warnings
+from collections.abc import Iterator
+from typing import Any
 
 import brax.envs
+import mujoco as _mujoco
 
 from ._toy import TOY_ENVS
 from ._wrapper import AutoResetEnv
@@ -10,21 +15,57 @@ from ._wrapper import AutoResetEnv
 BRAX_BACKENDS = ("spring", "generalized", "positional", "mjx")
 DEFAULT_BACKEND = "spring"  # differentiable and the fastest Brax backend on CPU
 DEFAULT_EPISODE_LENGTH = 1000
+# The environments Brax 0.14 ships. Brax has no public call that lists its registry, so the
+# names are listed here; an env added with `brax.envs.register_environment` is built by
+# `make_env` all the same (through the public `brax.envs.get_environment`), just not listed.
+_BRAX_ENVS = (
+    "ant",
+    "fast",
+    "halfcheetah",
+    "hopper",
+    "humanoid",
+    "humanoidstandup",
+    "inverted_double_pendulum",
+    "inverted_pendulum",
+    "pusher",
+    "reacher",
+    "swimmer",
+    "walker2d",
+)
 
 # Brax warns, for every env it builds (`brax.io.mjcf.load_model`, a UserWarning), that it is
 # no longer actively maintained. diffsim builds on Brax knowingly, so the warning is noise over
 # every command's first lines, and under `python -W error` it would make every Brax env
-# unbuildable. `make_env` hides exactly this message, only while Brax builds the env.
+# unbuildable. MuJoCo's compiler prints (from C, not through Python's warnings) that Brax's
+# half_cheetah.xml uses the deprecated `settotalmass`. Both are hidden only while `make_env`
+# builds a Brax env (`_quiet_build`); the user's own models keep their warnings.
 _BRAX_UNMAINTAINED = r"Brax System, \w+ and environments are not actively being maintained"
-# Brax's contact code reads `mjx.Data.ncon`, which MuJoCo deprecates; it warns each time a
-# Brax step is traced. Not shown by default (a DeprecationWarning outside `__main__`), but an
-# error under `-W error` that users cannot fix: ignore this one message when it comes from Brax.
-warnings.filterwarnings(
-    "ignore",
-    message=r"Accessing `ncon` directly from `Data` is deprecated",
-    category=DeprecationWarning,
-    module=r"brax\.",
-)
+_SETTOTALMASS = "'settotalmass' is deprecated"
+
+
+@contextlib.contextmanager
+def _quiet_build() -> Iterator[None]:
+    """Hide Brax's "not maintained" warning and MuJoCo's `settotalmass` deprecation while
+    the body of the `with` runs; every other MuJoCo warning passes on to the handler in
+    place before (MuJoCo's own, which prints it, if none)."""
+    mujoco: Any = _mujoco  # a compiled module: its attributes are not visible to pyright
+    previous = mujoco.get_mju_user_warning()
+
+    def handler(message: str) -> None:
+        if _SETTOTALMASS in message:
+            return
+        if previous is not None:
+            previous(message)
+        else:  # what MuJoCo's default handler prints
+            print(f"WARNING: {message}\n", file=sys.stderr, flush=True)
+
+    mujoco.set_mju_user_warning(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", _BRAX_UNMAINTAINED, UserWarning)
+            yield
+    finally:
+        mujoco.set_mju_user_warning(previous)
 
 
 def toy_names() -> list[str]:
@@ -33,12 +74,13 @@ def toy_names() -> list[str]:
 
 
 def brax_names() -> list[str]:
-    """Every environment in Brax's registry (`brax.envs`)."""
-    return sorted(brax.envs._envs)
+    """The environments Brax ships (`ant`, `halfcheetah`, ...), all buildable by `make_env`."""
+    return sorted(_BRAX_ENVS)
 
 
 def names() -> list[str]:
-    """Every name `make_env` accepts: the toy envs, then Brax's."""
+    """Every name `make_env` lists: the toy envs, then Brax's. (An env registered with
+    `brax.envs.register_environment` is accepted too, though not listed.)"""
     return toy_names() + brax_names()
 
 
@@ -85,21 +127,28 @@ def make_env(
             )
         env = TOY_ENVS[name](**kwargs)
         length = episode_length or env.default_episode_length
-    elif name in brax.envs._envs:
+    else:
         backend = DEFAULT_BACKEND if backend is None else backend
         if backend not in BRAX_BACKENDS:
             raise ValueError(
                 f"unknown backend {backend!r} for {name!r}; valid backends: {list(BRAX_BACKENDS)}"
             )
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", _BRAX_UNMAINTAINED, UserWarning)
-                env = brax.envs.get_environment(name, backend=backend, **kwargs)
-        except (ValueError, TypeError, NotImplementedError) as error:
-            raise ValueError(
-                f"brax could not build {name!r} with backend {backend!r}: {error}"
-            ) from error
+        env = _build_brax(name, backend, kwargs)
         length = episode_length or DEFAULT_EPISODE_LENGTH
-    else:
-        raise ValueError(f"unknown environment {name!r}; valid names: {names()}")
     return AutoResetEnv(env, length, name=name)
+
+
+def _build_brax(name: str, backend: str, kwargs: dict) -> brax.envs.Env:
+    """`brax.envs.get_environment(name, backend=backend, **kwargs)`, quietly (`_quiet_build`),
+    with Brax's errors turned into `ValueError`s that name the env."""
+    try:
+        with _quiet_build():
+            return brax.envs.get_environment(name, backend=backend, **kwargs)
+    except KeyError as error:
+        if error.args != (name,):  # a KeyError from inside the env's constructor
+            raise
+        raise ValueError(f"unknown environment {name!r}; valid names: {names()}") from None
+    except (ValueError, TypeError, NotImplementedError) as error:
+        raise ValueError(
+            f"brax could not build {name!r} with backend {backend!r}: {error}"
+        ) from error

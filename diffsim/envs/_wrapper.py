@@ -1,5 +1,11 @@
 """The one wrapper every diffsim env wears: time limit, auto-reset, episode returns."""
 
+import contextlib
+import dataclasses
+import warnings
+from collections.abc import Iterator
+from typing import cast
+
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -15,6 +21,18 @@ _OWN_INFO = (
     "reused_start",
     "diverged",
 )
+# Brax's contact code reads `mjx.Data.ncon`, which MuJoCo deprecates: a DeprecationWarning
+# each time a Brax step is traced. Not shown by default, but an error under `-W error` that
+# users cannot fix. Ignored for this one message from Brax, only while diffsim traces its
+# wrapped env (`_quiet_brax`), so the user's own code keeps its warnings.
+_NCON = r"Accessing `ncon` directly from `Data` is deprecated"
+
+
+@contextlib.contextmanager
+def _quiet_brax() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", _NCON, DeprecationWarning, module=r"brax\.")
+        yield
 
 
 class AutoResetEnv(Wrapper):
@@ -71,13 +89,15 @@ class AutoResetEnv(Wrapper):
     def observation_size(self) -> int:
         # Brax's property runs an un-jitted reset on every access; trace it once instead.
         if self._obs_size is None:
-            obs = jax.eval_shape(self.env.reset, jr.key(0)).obs
+            with _quiet_brax():
+                obs = jax.eval_shape(self.env.reset, jr.key(0)).obs
             self._obs_size = int(obs.shape[-1])
         return self._obs_size
 
     def reset(self, rng: jax.Array) -> State:
         reset_key, key = jr.split(rng)
-        state = self.env.reset(key)
+        with _quiet_brax():
+            state = self.env.reset(key)
         zero = jnp.zeros(())  # the default float dtype: float64 under jax.enable_x64
         info = {
             **state.info,
@@ -90,7 +110,7 @@ class AutoResetEnv(Wrapper):
             "reused_start": zero,
             "diverged": zero,
         }
-        return state.replace(reward=zero, done=zero, info=info)
+        return dataclasses.replace(state, reward=zero, done=zero, info=info)
 
     def starts(self, state: State, num: int) -> tuple[State, State | tuple]:
         """`num` fresh starts for this env (leaves `[num, ...]`), and `state` with its
@@ -100,16 +120,18 @@ class AutoResetEnv(Wrapper):
         reset_key = keys[0]
         pool = jax.vmap(self.reset)(keys[1:]) if num else ()
         info = {**state.info, "reset_key": reset_key, "start_index": jnp.zeros((), jnp.int32)}
-        return state.replace(info=info), pool
+        return dataclasses.replace(state, info=info), pool
 
     def step(self, state: State, action: jax.Array, starts: State | tuple | None = None) -> State:
         info = state.info
-        stepped = self.env.step(state, action)
+        with _quiet_brax():
+            stepped = self.env.step(state, action)
         steps = info["steps"] + 1
         reward = jnp.asarray(stepped.reward, dtype=info["episode_return"].dtype)
-        finite = jnp.isfinite(reward) & jnp.all(jnp.isfinite(stepped.obs))
+        obs = cast(jax.Array, stepped.obs)  # diffsim's envs observe one flat array
+        finite = jnp.isfinite(reward) & jnp.all(jnp.isfinite(obs))
         reward = jnp.where(finite, reward, 0.0)
-        final_obs = jnp.where(finite, stepped.obs, state.obs)
+        final_obs = jnp.where(finite, obs, cast(jax.Array, state.obs))
         terminated = (stepped.done > 0) | ~finite
         time_up = steps >= self.episode_length
         done = terminated | time_up
@@ -120,7 +142,7 @@ class AutoResetEnv(Wrapper):
         if starts is None:  # the plain Brax API: one fresh draw per call
             reset_key, key = jr.split(reset_key)
             fresh, restart, reused = self.reset(key), done, no
-        elif jax.tree.leaves(starts):
+        elif isinstance(starts, State):  # a pool of starts (an empty one is `()`)
             num = starts.done.shape[0]
             fresh = jax.tree.map(lambda x: x[jnp.minimum(index, num - 1)], starts)
             restart, reused = done, done & (index >= num)
@@ -144,7 +166,8 @@ class AutoResetEnv(Wrapper):
             "reused_start": jnp.asarray(reused, dtype=reward.dtype),
             "diverged": jnp.asarray(~finite, dtype=reward.dtype),
         }
-        return stepped.replace(
+        return dataclasses.replace(
+            stepped,
             pipeline_state=pipeline_state,
             obs=obs,
             reward=reward,

@@ -1,0 +1,78 @@
+"""`import diffsim` changes no process-wide state beyond the compilation cache (issue 21,
+item 8), and diffsim's own Brax env builds are quiet without hiding the user's warnings."""
+
+import json
+import os
+import subprocess
+import sys
+
+IMPORT_PROBE = """
+import json, os, sys, warnings
+import numpy  # numpy adds its own filters on import; diffsim's share is what follows
+before_flags, before_filters = os.environ.get("XLA_FLAGS"), list(warnings.filters)
+before_gl = os.environ.get("MUJOCO_GL")
+import diffsim
+print(json.dumps({
+    "xla_flags": [before_flags, os.environ.get("XLA_FLAGS")],
+    "filters_unchanged": warnings.filters == before_filters,
+    "new_filters": [str(f) for f in warnings.filters if f not in before_filters],
+    "modules": {m: m in sys.modules for m in ("matplotlib", "matplotlib.pyplot", "scipy.stats")},
+}))
+"""
+
+# Brax's half_cheetah.xml uses `settotalmass`, which MuJoCo's compiler calls deprecated (a
+# message MuJoCo prints from C). diffsim's own build must not show it; the same attribute in
+# the user's own model, compiled afterwards, must still warn. (MuJoCo writes to stderr.)
+SETTOTALMASS_PROBE = """
+import sys
+import diffsim
+env = diffsim.make_env("halfcheetah")
+print("BUILT", env.observation_size, file=sys.stderr, flush=True)
+import mujoco
+mujoco.MjModel.from_xml_string(
+    '<mujoco><compiler settotalmass="3"/><worldbody><body><freejoint/>'
+    '<geom size="0.1"/></body></worldbody></mujoco>'
+)
+print("USER MODEL DONE", file=sys.stderr, flush=True)
+"""
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**environ, **env},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _probe(**env: str) -> dict:
+    return json.loads(_python(IMPORT_PROBE, **env).stdout.strip().splitlines()[-1])
+
+
+def test_import_leaves_xla_flags_and_warning_filters_alone():
+    report = _probe()
+    assert report["xla_flags"] == [None, None]
+    assert report["filters_unchanged"], report["new_filters"]
+    mine = _probe(XLA_FLAGS="--xla_cpu_enable_fast_math=false")
+    assert mine["xla_flags"] == ["--xla_cpu_enable_fast_math=false"] * 2
+
+
+def test_import_loads_neither_pyplot_nor_scipy_stats():
+    """matplotlib loads when a plot is drawn; scipy.stats when a confidence interval is
+    computed. (scipy itself comes with Brax: MuJoCo MJX imports `scipy.spatial`.)"""
+    modules = _probe()["modules"]
+    assert modules == {"matplotlib": False, "matplotlib.pyplot": False, "scipy.stats": False}
+
+
+def test_diffsims_brax_builds_hide_settotalmass_but_user_models_keep_it():
+    result = _python(SETTOTALMASS_PROBE)
+    built, _, after = result.stderr.partition("BUILT 17")
+    assert after, result.stderr[-2000:]  # halfcheetah observes 17 numbers
+    assert "settotalmass" not in built + result.stdout
+    user, done, _ = after.partition("USER MODEL DONE")
+    assert done and "WARNING: compiler attribute 'settotalmass' is deprecated" in user
