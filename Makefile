@@ -1,29 +1,40 @@
 # The two set-up commands (README.md): `make study` and `make test`.
-# Each creates .venv on first use and installs the project into it.
+# Each creates .venv on first use and installs the project into it, with the exact package
+# versions known to work (constraints.txt; pyproject.toml holds the compatible ranges).
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
-PYTEST_WORKERS ?= 2
 
-.PHONY: study test lint clean
+.PHONY: study test lint typecheck docs clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	python3 -m venv .venv
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,docs]'
 	touch $(STAMP)
 
 study: $(STAMP)
 	$(PY) studies/compare.py
 
-test: $(STAMP)
-	$(PY) -m ruff check .
-	$(PY) -m ruff format --check .
+# Lint, type check, then the test suite.
+test: lint typecheck
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+typecheck: $(STAMP)
 	$(PY) -m pyright
 
+# The documentation site, into site/; any warning fails the build.
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict
+
+# Removes what make and the tools create: .venv, caches, the built site, and the results
+# that are not committed (git's ignored files under results/). Tracked files stay.
 clean:
-	rm -rf .venv results .pytest_cache
+	rm -rf .venv .pytest_cache .ruff_cache site build diffsim.egg-info
+	find . -name __pycache__ -type d -not -path './.git/*' -prune -exec rm -rf {} +
+	if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+		git clean -fdX -- results; \
+	fi

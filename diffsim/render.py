@@ -3,9 +3,10 @@
 Brax envs are drawn by MuJoCo's offscreen renderer with a camera that tracks the root body
 (headless Linux: EGL, see `diffsim._gl`); `.html` is Brax's interactive viewer. The toy
 envs are drawn with matplotlib. Videos are encoded by imageio (GIF through Pillow, MP4
-through imageio-ffmpeg's bundled ffmpeg).
+through imageio-ffmpeg's bundled ffmpeg, from diffsim's `video` extra).
 """
 
+import importlib.util
 import os
 import warnings
 from collections.abc import Callable
@@ -165,7 +166,18 @@ def _check_path(path: Path) -> str:
             f"cannot render to {str(path)!r}: unknown extension {suffix or '(none)'!r};"
             f" valid extensions: {list(FORMATS)}"
         )
+    if suffix == ".mp4" and not _ffmpeg_available():
+        raise ValueError(
+            f"cannot render to {str(path)!r}: .mp4 needs imageio-ffmpeg, which diffsim's"
+            " `video` extra installs (pip install 'diffsim[video]'); .gif, .png and .html"
+            " need nothing more"
+        )
     return suffix
+
+
+def _ffmpeg_available() -> bool:
+    """Whether imageio-ffmpeg (its bundled ffmpeg encodes `.mp4`) is installed."""
+    return importlib.util.find_spec("imageio_ffmpeg") is not None
 
 
 def _check_policy(env, policy) -> None:

@@ -1,5 +1,6 @@
 """The `diffsim` command, run in-process through `diffsim.cli.main` (issue 13, item 5)."""
 
+import importlib
 import json
 import re
 import shutil
@@ -323,3 +324,14 @@ def test_envs_lists_sizes_without_mujocos_settotalmass_warning(monkeypatch, capf
     assert re.search(r"^halfcheetah\s+brax\s+17\s+6\s+1000$", out, re.M), out
     assert re.search(r"^reach\s+toy\s+6\s+2\s+100$", out, re.M)
     assert "settotalmass" not in out + err
+
+
+def test_render_to_mp4_without_imageio_ffmpeg_names_the_extra(monkeypatch, tmp_path, capsys):
+    """Checked before the run is loaded: the folder need not exist."""
+    render_module = importlib.import_module("diffsim.render")  # `diffsim.render` is the function
+    monkeypatch.setattr(render_module, "_ffmpeg_available", lambda: False)
+    out = tmp_path / "episode.mp4"
+    assert cli.main(["render", str(tmp_path / "no_run"), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"diffsim: error: cannot render to {str(out)!r}: .mp4 needs")
+    assert "pip install 'diffsim[video]'" in err and not out.exists()
