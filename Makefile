@@ -28,7 +28,7 @@ typecheck: $(STAMP)
 
 # The documentation site, into site/; any warning fails the build.
 docs: $(STAMP)
-	$(PY) -m mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 # Removes what make and the tools create: .venv, caches, the built site, and the results
 # that are not committed (git's ignored files under results/). Tracked files stay.
