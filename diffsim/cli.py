@@ -128,7 +128,13 @@ def _parser(user: dict[str, type] | None = None) -> argparse.ArgumentParser:
     kinds = train.add_subparsers(dest="strategy", required=True, metavar="STRATEGY")
     for name, cls in {**registry.strategies(), **(user or {})}.items():
         _add_train_parser(kinds, name, cls)
+    _add_study_plot_parsers(commands)
+    _add_render_parser(commands)
+    commands.add_parser("envs", help="list environments with observation and action sizes")
+    return parser
 
+
+def _add_study_plot_parsers(commands) -> None:
     study = commands.add_parser(
         "study",
         help="run a study script (a path, or a name such as compare)",
@@ -156,6 +162,8 @@ def _parser(user: dict[str, type] | None = None) -> argparse.ArgumentParser:
     plot.add_argument("-o", "--output", required=True, help="figure file (.png, .pdf, ...)")
     plot.add_argument("--x", choices=["env_steps", "wall_time", "final"], default="env_steps")
 
+
+def _add_render_parser(commands) -> None:
     render = commands.add_parser(
         "render",
         help="watch a saved run's policy: one episode as .gif, .mp4, .png strip or .html",
@@ -180,9 +188,6 @@ def _parser(user: dict[str, type] | None = None) -> argparse.ArgumentParser:
         metavar="K",
         help="key of the episode's initial state, jax.random.key(K); default 0",
     )
-
-    commands.add_parser("envs", help="list environments with observation and action sizes")
-    return parser
 
 
 def _train(args) -> None:
