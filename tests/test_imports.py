@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 IMPORT_PROBE = """
 import json, os, sys, warnings
@@ -16,6 +17,7 @@ print(json.dumps({
     "xla_flags": [before_flags, os.environ.get("XLA_FLAGS")],
     "filters_unchanged": warnings.filters == before_filters,
     "new_filters": [str(f) for f in warnings.filters if f not in before_filters],
+    "file": diffsim.__file__,
     "modules": {m: m in sys.modules for m in ("matplotlib", "matplotlib.pyplot", "scipy.stats")},
 }))
 """
@@ -37,40 +39,48 @@ print("USER MODEL DONE", file=sys.stderr, flush=True)
 """
 
 
-def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _python(code: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter importing this checkout's diffsim, in `cwd` (where
+    MuJoCo's default warning handler writes MUJOCO_LOG.TXT)."""
     environ = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    path = os.pathsep.join(filter(None, [str(ROOT), environ.get("PYTHONPATH")]))
     result = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
         timeout=600,
-        env={**environ, **env},
+        cwd=cwd,
+        env={**environ, "PYTHONPATH": path, **env},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
-def _probe(**env: str) -> dict:
-    return json.loads(_python(IMPORT_PROBE, **env).stdout.strip().splitlines()[-1])
+def _probe(cwd: Path, **env: str) -> dict:
+    return json.loads(_python(IMPORT_PROBE, cwd, **env).stdout.strip().splitlines()[-1])
 
 
-def test_import_leaves_xla_flags_and_warning_filters_alone():
-    report = _probe()
+def test_import_leaves_xla_flags_and_warning_filters_alone(tmp_path):
+    report = _probe(tmp_path)
+    assert report["file"] == str(ROOT / "diffsim" / "__init__.py")  # this checkout's
     assert report["xla_flags"] == [None, None]
     assert report["filters_unchanged"], report["new_filters"]
-    mine = _probe(XLA_FLAGS="--xla_cpu_enable_fast_math=false")
+    mine = _probe(tmp_path, XLA_FLAGS="--xla_cpu_enable_fast_math=false")
     assert mine["xla_flags"] == ["--xla_cpu_enable_fast_math=false"] * 2
 
 
-def test_import_loads_neither_pyplot_nor_scipy_stats():
+def test_import_loads_neither_pyplot_nor_scipy_stats(tmp_path):
     """matplotlib loads when a plot is drawn; scipy.stats when a confidence interval is
     computed. (scipy itself comes with Brax: MuJoCo MJX imports `scipy.spatial`.)"""
-    modules = _probe()["modules"]
+    modules = _probe(tmp_path)["modules"]
     assert modules == {"matplotlib": False, "matplotlib.pyplot": False, "scipy.stats": False}
 
 
-def test_diffsims_brax_builds_hide_settotalmass_but_user_models_keep_it():
-    result = _python(SETTOTALMASS_PROBE)
+def test_diffsims_brax_builds_hide_settotalmass_but_user_models_keep_it(tmp_path):
+    result = _python(SETTOTALMASS_PROBE, tmp_path)
     built, _, after = result.stderr.partition("BUILT 17")
     assert after, result.stderr[-2000:]  # halfcheetah observes 17 numbers
     assert "settotalmass" not in built + result.stdout
