@@ -244,7 +244,12 @@ def gait_stats(
     reset_key, act_key = jr.split(key)
     env_state = reset(env, key=reset_key, num_envs=num_envs)
     _, traj = rollout(
-        env, policy, env_state, key=act_key, length=env.episode_length, deterministic=True
+        env,
+        policy,
+        env_state,
+        key=act_key,
+        length=env.episode_length,  # pyright: ignore[reportAttributeAccessIssue]
+        deterministic=True,
     )
     obs, done = traj.obs, traj.done  # [T, B, obs], [T, B]
     alive = _first_episode(done)

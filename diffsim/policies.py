@@ -202,6 +202,7 @@ class MLP(eqx.Module):
             eqx.nn.Linear(a, b, key=k) for a, b, k in zip(sizes[:-1], sizes[1:], keys, strict=True)
         ]
         last = layers[-1]
+        assert last.bias is not None  # eqx.nn.Linear(use_bias=True)
         layers[-1] = eqx.tree_at(
             lambda lin: (lin.weight, lin.bias),
             last,
@@ -269,6 +270,7 @@ class GaussianPolicy(eqx.Module):
         if state_dependent_std:
             # Start every observation at init_std: the output bias carries log(init_std).
             last = self.net.layers[-1]
+            assert last.bias is not None  # eqx.nn.Linear(use_bias=True)
             bias = last.bias.at[action_size:].set(math.log(init_std))
             self.net = eqx.tree_at(lambda n: n.layers[-1].bias, self.net, bias)
             self.log_std = None

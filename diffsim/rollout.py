@@ -5,6 +5,8 @@ it, APG differentiates through it, ES `vmap`s it over a population, and `evaluat
 scores policies with it. Data reaches an update only through the `Trajectory` it returns.
 """
 
+from typing import Any, cast
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -116,21 +118,23 @@ def rollout(
     num_starts = default_pool_size(length) if num_starts is None else num_starts
     pooled = hasattr(env, "starts")  # a bare Brax env steps with its own API
     if pooled:
-        env_state, starts = jax.vmap(env.starts, in_axes=(0, None))(env_state, num_starts)
+        starts_of = env.starts  # pyright: ignore[reportAttributeAccessIssue]  (AutoResetEnv)
+        env_state, starts = jax.vmap(starts_of, in_axes=(0, None))(env_state, num_starts)
     else:
         starts = ()
 
     def one_env(state: State, starts, key: PRNGKeyArray) -> tuple[State, Trajectory]:
         """One step of one env: act, step, record the transition."""
         act = _act(policy, state.obs, key, deterministic)
-        next_state = env.step(state, act.action, starts) if pooled else env.step(state, act.action)
+        step: Any = env.step  # AutoResetEnv.step also takes the fresh-start pool
+        next_state = step(state, act.action, starts) if pooled else step(state, act.action)
         info = next_state.info
         zeros = jnp.zeros_like(next_state.reward)
         extras = {k: info.get(k, zeros) for k in ("episode_return", "reused_start", "diverged")}
         if hasattr(policy, "sample") and not deterministic:
             extras["pre_squash"] = act.pre_squash
         transition = Trajectory(
-            obs=state.obs,
+            obs=cast(Array, state.obs),  # diffsim envs observe one flat vector
             action=act.action,
             reward=next_state.reward,
             done=next_state.done,
@@ -230,7 +234,7 @@ def first_episodes(
     """
     chunk = min(chunk, max_length)
     num_envs = env_state.done.shape[0]
-    obs_size = env_state.obs.shape[-1]
+    obs_size = cast(Array, env_state.obs).shape[-1]
 
     def body(loop: _EpisodeLoop) -> _EpisodeLoop:
         key, act_key = jr.split(loop.key)
@@ -301,7 +305,7 @@ def evaluate(
         policy,
         state,
         key=act_key,
-        max_length=env.episode_length,
+        max_length=env.episode_length,  # pyright: ignore[reportAttributeAccessIssue]
         deterministic=deterministic,
     )
     return episodes.returns

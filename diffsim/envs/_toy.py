@@ -38,13 +38,14 @@ class AbstractToyEnv(Env):
     def reset(self, rng: jax.Array) -> State:
         s = self.init(rng)
         zero = jnp.zeros(())
-        return State(pipeline_state=s, obs=self.observe(s), reward=zero, done=zero)
+        # A toy env's pipeline state is its own dict of arrays, not a Brax pipeline State.
+        return State(pipeline_state=s, obs=self.observe(s), reward=zero, done=zero)  # pyright: ignore[reportArgumentType]
 
     def step(self, state: State, action: jax.Array) -> State:
         action = jnp.clip(action, -1.0, 1.0)
-        s = state.pipeline_state
+        s: PhysState = state.pipeline_state  # pyright: ignore[reportAssignmentType]
         next_s = self.dynamics(s, action)
-        return state.replace(
+        return state.replace(  # pyright: ignore[reportAttributeAccessIssue]  (flax dataclass)
             pipeline_state=next_s,
             obs=self.observe(next_s),
             reward=self.reward(s, action, next_s),
