@@ -4,6 +4,7 @@ import warnings
 
 import brax.envs
 
+from ._playground import is_playground_name, make_playground_env
 from ._toy import TOY_ENVS
 from ._wrapper import AutoResetEnv
 
@@ -100,6 +101,8 @@ def make_env(
                 f"brax could not build {name!r} with backend {backend!r}: {error}"
             ) from error
         length = episode_length or DEFAULT_EPISODE_LENGTH
+    elif is_playground_name(name):  # MuJoCo Playground's DM Control Suite, on MJX
+        return make_playground_env(name, backend=backend, episode_length=episode_length, **kwargs)
     else:
         raise ValueError(f"unknown environment {name!r}; valid names: {names()}")
     return AutoResetEnv(env, length, name=name)
