@@ -71,15 +71,20 @@ def test_unknown_camel_case_name_lists_the_valid_ones():
         diffsim.make_env("CartPole")
 
 
-def test_defaults_follow_playground_config():
+def test_defaults_follow_playground_config(cartpole):
     env = diffsim.make_env("PendulumSwingup")
     assert (env.episode_length, env.observation_size, env.action_size) == (1000, 3, 1)
     assert env.unwrapped.dt == pytest.approx(0.02)  # Playground's ctrl_dt, action_repeat 1
     assert int(env.unwrapped.mjx_model.opt.iterations) == 4
-    assert env.unwrapped.backend == "mjx"  # the solver's while_loop: not differentiable
-    one = diffsim.make_env("PendulumSwingup", solver_iterations=1)
-    assert (int(one.unwrapped.mjx_model.opt.iterations), one.unwrapped.backend) == (1, "mjx-1")
-    assert int(env.unwrapped.mjx_model.opt.iterations) == 4  # the first env is untouched
+    # No joint limits nor contacts: MJX skips its solver, so the step is differentiable.
+    assert (env.unwrapped.constraint_rows, env.unwrapped.backend) == (0, "mjx-differentiable")
+    # CartpoleBalance has a rail limit; one solver iteration (Playground's) is differentiable,
+    # two run the solver's while_loop.
+    assert cartpole.unwrapped.constraint_rows > 0
+    assert cartpole.unwrapped.backend == "mjx-differentiable"
+    two = diffsim.make_env("CartpoleBalance", solver_iterations=2)
+    assert (int(two.unwrapped.mjx_model.opt.iterations), two.unwrapped.backend) == (2, "mjx")
+    assert int(cartpole.unwrapped.mjx_model.opt.iterations) == 1  # the first env is untouched
 
 
 def _episodes(env, key, actions):
@@ -114,38 +119,44 @@ def test_auto_reset_fresh_starts_and_divergence(cartpole, key):
     np.testing.assert_array_equal(info["reused_start"], np.zeros(7))
 
 
-def _total(env, key, actions):
-    """The return of `actions` from `env.reset(key)`, nothing reset on the way."""
+def _rollout(env, key, actions):
+    """The observations of `actions` from `env.reset(key)`, nothing reset on the way."""
 
     def body(state, action):
         state = env.step(state, action, ())
-        return state, state.reward
+        return state, state.obs
 
-    return jax.lax.scan(body, env.reset(key), actions)[1].sum()
+    return jax.lax.scan(body, env.reset(key), actions)[1]
 
 
 def test_gradient_matches_finite_differences_float64(key):
-    """PendulumSwingup (no contacts) with a one-iteration solver, in float64: the analytic
-    gradient of a 10-step return along random directions matches central differences."""
+    """PendulumSwingup in float64 (no contacts; its reward is an indicator, flat almost
+    everywhere, so the objective is the pole's height and speed summed over 10 steps): the
+    analytic gradient along random directions matches central differences."""
+
+    def objective(env, actions):
+        obs = _rollout(env, key, actions)
+        return jnp.sum(obs[:, 1]) + 0.1 * jnp.sum(obs[:, 2] ** 2)
+
     with jax.enable_x64(True):
-        env = diffsim.make_env("PendulumSwingup", solver_iterations=1)
+        env = diffsim.make_env("PendulumSwingup")
         assert env.unwrapped.mjx_model.body_mass.dtype == jnp.float64
         actions = 0.5 * jnp.sin(jnp.arange(10.0))[:, None]
-        total = jax.jit(lambda a: _total(env, key, a))
-        grad = jax.jit(jax.grad(lambda a: _total(env, key, a)))(actions)
-        assert grad.dtype == jnp.float64 and float(jnp.abs(grad).max()) > 0.0
+        value = jax.jit(lambda a: objective(env, a))
+        grad = jax.jit(jax.grad(lambda a: objective(env, a)))(actions)
+        assert grad.dtype == jnp.float64 and float(jnp.abs(grad).max()) > 1e-3
         for direction in jr.normal(jr.key(1), (2, *actions.shape), jnp.float64):
             eps = 1e-6
-            fd = (total(actions + eps * direction) - total(actions - eps * direction)) / (2 * eps)
-            np.testing.assert_allclose(jnp.vdot(grad, direction), fd, rtol=1e-5)
+            fd = (value(actions + eps * direction) - value(actions - eps * direction)) / (2 * eps)
+            np.testing.assert_allclose(jnp.vdot(grad, direction), fd, rtol=1e-6)
 
 
-def test_solver_while_loop_blocks_reverse_mode(key):
-    """With Playground's own solver setting (4 iterations, a while_loop) reverse-mode fails
-    when traced; with one iteration it traces. Nothing is compiled."""
-    for iterations, works in ((None, False), (1, True)):
-        env = diffsim.make_env("PendulumSwingup", solver_iterations=iterations)
-        grad = jax.grad(lambda a, env=env: _total(env, key, a))
+def test_solver_while_loop_blocks_reverse_mode(cartpole, key):
+    """CartpoleBalance with two solver iterations (a while_loop): reverse-mode fails when
+    traced; with Playground's one iteration it traces. Nothing is compiled."""
+    two = diffsim.make_env("CartpoleBalance", episode_length=3, solver_iterations=2)
+    for env, works in ((cartpole, True), (two, False)):
+        grad = jax.grad(lambda a, env=env: _rollout(env, key, a)[:, 0].sum())
         if works:
             jax.make_jaxpr(grad)(jnp.zeros((2, 1)))
         else:

@@ -48,13 +48,10 @@ def playground_names() -> list[str]:
 
 
 def is_playground_name(name: str) -> bool:
-    """Whether `make_env` should hand `name` to Playground: any name in Playground's registry,
-    or, without `playground` installed, any CamelCase name (Playground's naming; Brax's and the
-    toy envs' names are lower case), so that it gets the install hint."""
-    pg = _playground()
-    if pg is None:
-        return name[:1].isupper()
-    return name in pg.registry.ALL_ENVS
+    """Whether `make_env` hands `name` to Playground: a CamelCase name (Playground's naming;
+    Brax's and the toy envs' names are lower case). Playground itself then says whether it
+    knows the name, needs a download for it, or is not installed."""
+    return name[:1].isupper()
 
 
 class PlaygroundEnv(Env):
@@ -86,6 +83,7 @@ class PlaygroundEnv(Env):
     def __init__(self, env, action_repeat: int = 1):
         self.env = env
         self.action_repeat = action_repeat
+        self._nefc: int | None = None
 
     def reset(self, rng: jax.Array) -> State:
         inner = self.env.reset(rng)
@@ -133,10 +131,20 @@ class PlaygroundEnv(Env):
 
     @property
     def backend(self) -> str:
-        """`"mjx"` where MJX's constraint solver runs its `lax.while_loop` (more than one
-        iteration: JAX cannot reverse-differentiate it); `"mjx-1"` with one iteration, whose
-        step `jax.grad` goes through."""
-        return "mjx-1" if int(self.mjx_model.opt.iterations) == 1 else "mjx"
+        """`"mjx"` where MJX's constraint solver runs its `lax.while_loop` (constraints, and
+        more than one solver iteration), which JAX cannot reverse-differentiate;
+        `"mjx-differentiable"` where it runs one iteration or none (no constraint rows)."""
+        solver_loops = int(self.mjx_model.opt.iterations) > 1 and self.constraint_rows > 0
+        return "mjx" if solver_loops else "mjx-differentiable"
+
+    @property
+    def constraint_rows(self) -> int:
+        """Rows of MJX's constraint Jacobian (joint limits, contacts, ...) after a reset;
+        with none, MJX skips its solver."""
+        if self._nefc is None:
+            data = jax.eval_shape(self.reset, jax.random.key(0)).pipeline_state
+            self._nefc = int(data._impl.efc_J.shape[0])
+        return self._nefc
 
     @property
     def dt(self) -> float:
@@ -251,7 +259,7 @@ def _load(suite, name: str, overrides: Mapping):
             f"impl={overrides['impl']!r}: diffsim runs Playground envs on MJX's JAX"
             f" implementation (impl={MJX_IMPL!r}), the one JAX can differentiate and run on CPU"
         )
-    config = suite.get_default_config(name)
+    config = suite.get_default_config(name).lock()  # locked: an unknown key raises
     try:
         config.update_from_flattened_dict({**overrides, "impl": MJX_IMPL})
     except (KeyError, AttributeError, TypeError) as error:
