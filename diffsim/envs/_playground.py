@@ -12,6 +12,7 @@ import importlib
 import math
 from collections.abc import Callable, Mapping
 from types import SimpleNamespace
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -86,40 +87,22 @@ class PlaygroundEnv(Env):
         self._nefc: int | None = None
 
     def reset(self, rng: jax.Array) -> State:
-        inner = self.env.reset(rng)
-        return State(
-            pipeline_state=inner.data,
-            obs=inner.obs,
-            reward=inner.reward,
-            done=inner.done,
-            metrics=inner.metrics,
-            info=inner.info,
-        )
+        return State(**_fields(self.env.reset(rng), pipeline_state="data"))
 
     def step(self, state: State, action: jax.Array) -> State:
-        state_cls = _playground().mjx_env.State
-
         def repeat(inner, _):
             inner = self.env.step(inner, action)
             return inner, (inner.reward, inner.done)
 
-        inner = state_cls(
-            data=state.pipeline_state,
-            obs=state.obs,
-            reward=state.reward,
-            done=state.done,
-            metrics=state.metrics,
-            info=state.info,
-        )
+        pg = _playground()
+        assert pg is not None  # a PlaygroundEnv holds a Playground env: playground is there
+        inner = pg.mjx_env.State(**_fields(state, data="pipeline_state"))
         inner, (rewards, dones) = jax.lax.scan(repeat, inner, length=self.action_repeat)
-        return state.replace(
-            pipeline_state=inner.data,
-            obs=inner.obs,
-            reward=jnp.sum(rewards, axis=0),
-            done=jnp.max(dones, axis=0),
-            metrics=inner.metrics,
-            info=inner.info,
-        )
+        summed: dict[str, Any] = {
+            "reward": jnp.sum(rewards, axis=0),
+            "done": jnp.max(dones, axis=0),
+        }
+        return State(**(_fields(inner, pipeline_state="data") | summed))
 
     @property
     def observation_size(self) -> int:
@@ -169,6 +152,13 @@ class PlaygroundEnv(Env):
         out = copy.copy(self)
         out.env = inner
         return out
+
+
+def _fields(state, **physics: str) -> dict[str, Any]:
+    """The fields Brax's and Playground's `State` share, plus the physics one renamed
+    (`pipeline_state="data"`: Brax's `pipeline_state` is Playground's `data`)."""
+    shared = {f: getattr(state, f) for f in ("obs", "reward", "done", "metrics", "info")}
+    return shared | {new: getattr(state, old) for new, old in physics.items()}
 
 
 def _download_error(name: str, names: list[str]) -> ValueError:
