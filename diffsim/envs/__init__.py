@@ -1,5 +1,10 @@
 """Environments: `make_env` and the registry of names."""
 
+from ._playground import (
+    PlaygroundEnv as PlaygroundEnv,
+    make_playground_env as make_playground_env,
+    playground_names as playground_names,
+)
 from ._registry import (
     BRAX_BACKENDS as BRAX_BACKENDS,
     brax_names as brax_names,

@@ -9,6 +9,7 @@ from typing import Any
 import brax.envs
 import mujoco as _mujoco
 
+from ._playground import is_playground_name, make_playground_env
 from ._toy import TOY_ENVS
 from ._wrapper import AutoResetEnv
 
@@ -127,6 +128,8 @@ def make_env(
             )
         env = TOY_ENVS[name](**kwargs)
         length = episode_length or env.default_episode_length
+    elif is_playground_name(name):  # MuJoCo Playground's DM Control Suite, on MJX
+        return make_playground_env(name, backend=backend, episode_length=episode_length, **kwargs)
     else:
         backend = DEFAULT_BACKEND if backend is None else backend
         if backend not in BRAX_BACKENDS:

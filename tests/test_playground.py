@@ -1,0 +1,164 @@
+"""MuJoCo Playground's DM Control Suite envs through `make_env`, on MJX's JAX implementation.
+
+Skipped without `playground` installed (an optional dependency). Each test compiles at most
+one small MJX program (CartpoleBalance, PendulumSwingup).
+"""
+
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+pytest.importorskip("mujoco_playground")
+
+import diffsim  # noqa: E402
+from diffsim import envs  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cartpole():
+    return diffsim.make_env("CartpoleBalance", episode_length=3)
+
+
+def test_names_are_the_bundled_dm_control_suite():
+    names = envs.playground_names()
+    assert {
+        "AcrobotSwingup",
+        "CartpoleBalance",
+        "CartpoleSwingup",
+        "CheetahRun",
+        "FingerSpin",
+        "HopperHop",
+        "PendulumSwingup",
+        "ReacherEasy",
+        "WalkerWalk",
+    } <= set(names)
+    assert not {n for n in names if n.startswith(("Go1", "G1", "Panda", "Aloha", "Spot"))}
+
+
+def test_download_only_name_is_refused_without_cloning(monkeypatch):
+    def no_subprocess(*args, **kwargs):
+        raise AssertionError(f"make_env started a process: {args}")
+
+    monkeypatch.setattr(subprocess, "Popen", no_subprocess)
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    with pytest.raises(ValueError, match=r"'Go1JoystickFlatTerrain'.*mujoco_menagerie.*git clone"):
+        diffsim.make_env("Go1JoystickFlatTerrain")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"backend": "spring"}, r"runs on MJX only; got backend='spring'"),
+        ({"solver_iterations": 0}, r"solver_iterations must be a positive int or None, got 0"),
+        ({"impl": "warp"}, r"impl='warp'.*impl='jax'"),
+        ({"no_such_key": 1}, r"bad config override for Playground env 'CartpoleBalance'"),
+        ({"episode_length": 0}, r"episode_length must be a positive int, got 0"),
+    ],
+)
+def test_bad_arguments_name_the_value(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        diffsim.make_env("CartpoleBalance", **kwargs)
+
+
+def test_unknown_camel_case_name_lists_the_valid_ones():
+    with pytest.raises(
+        ValueError, match=r"unknown Playground environment 'CartPole'.*'CheetahRun'"
+    ):
+        diffsim.make_env("CartPole")
+
+
+def test_defaults_follow_playground_config(cartpole):
+    env = diffsim.make_env("PendulumSwingup")
+    assert (env.episode_length, env.observation_size, env.action_size) == (1000, 3, 1)
+    assert env.unwrapped.dt == pytest.approx(0.02)  # Playground's ctrl_dt, action_repeat 1
+    assert int(env.unwrapped.mjx_model.opt.iterations) == 4
+    # No joint limits nor contacts: MJX skips its solver, so the step is differentiable.
+    assert (env.unwrapped.constraint_rows, env.unwrapped.backend) == (0, "mjx-differentiable")
+    # CartpoleBalance has a rail limit; one solver iteration (Playground's) is differentiable,
+    # two run the solver's while_loop.
+    assert cartpole.unwrapped.constraint_rows > 0
+    assert cartpole.unwrapped.backend == "mjx-differentiable"
+    two = diffsim.make_env("CartpoleBalance", solver_iterations=2)
+    assert (int(two.unwrapped.mjx_model.opt.iterations), two.unwrapped.backend) == (2, "mjx")
+    assert int(cartpole.unwrapped.mjx_model.opt.iterations) == 1  # the first env is untouched
+
+
+def _episodes(env, key, actions):
+    """Reset, draw a pool of 2 fresh starts, and step through `actions` (one env)."""
+    state, pool = env.starts(env.reset(key), 2)
+
+    def body(state, action):
+        state = env.step(state, action, pool)
+        info = state.info
+        return state, (state.obs, state.reward, state.done, info["episode_return"], info)
+
+    return pool, jax.lax.scan(body, state, actions)[1]
+
+
+def test_auto_reset_fresh_starts_and_divergence(cartpole, key):
+    """Episodes of 3 steps from a pool of 2 fresh starts; a NaN action at step 1 diverges."""
+    actions = jnp.zeros((7, 1)).at[1].set(jnp.nan)
+    pool, (obs, reward, done, ep_ret, info) = jax.jit(_episodes, static_argnums=0)(
+        cartpole, key, actions
+    )
+    np.testing.assert_array_equal(done, [0, 1, 0, 0, 1, 0, 0])
+    np.testing.assert_array_equal(info["diverged"], [0, 1, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(info["truncation"], [0, 0, 0, 0, 1, 0, 0])
+    assert np.all(np.isfinite(obs)) and np.all(np.isfinite(reward)) and reward[1] == 0.0
+    # The diverged episode restarts from the pool's first start, the next from its second.
+    np.testing.assert_allclose(obs[1], pool.obs[0])
+    np.testing.assert_allclose(obs[4], pool.obs[1])
+    assert not np.allclose(pool.obs[0], pool.obs[1])
+    np.testing.assert_allclose(ep_ret[1], reward[:2].sum(), rtol=1e-6)
+    np.testing.assert_allclose(ep_ret[4], reward[2:5].sum(), rtol=1e-6)
+    assert 0.0 < reward[0] <= 1.0  # DMC rewards are tolerances in [0, 1]
+    np.testing.assert_array_equal(info["reused_start"], np.zeros(7))
+
+
+def _rollout(env, key, actions):
+    """The observations of `actions` from `env.reset(key)`, nothing reset on the way."""
+
+    def body(state, action):
+        state = env.step(state, action, ())
+        return state, state.obs
+
+    return jax.lax.scan(body, env.reset(key), actions)[1]
+
+
+def test_gradient_matches_finite_differences_float64(key):
+    """PendulumSwingup in float64 (no contacts; its reward is an indicator, flat almost
+    everywhere, so the objective is the pole's height and speed summed over 10 steps): the
+    analytic gradient along random directions matches central differences."""
+
+    def objective(env, actions):
+        obs = _rollout(env, key, actions)
+        return jnp.sum(obs[:, 1]) + 0.1 * jnp.sum(obs[:, 2] ** 2)
+
+    with jax.enable_x64(True):
+        env = diffsim.make_env("PendulumSwingup")
+        assert env.unwrapped.mjx_model.body_mass.dtype == jnp.float64
+        actions = 0.5 * jnp.sin(jnp.arange(10.0))[:, None]
+        value = jax.jit(lambda a: objective(env, a))
+        grad = jax.jit(jax.grad(lambda a: objective(env, a)))(actions)
+        assert grad.dtype == jnp.float64 and float(jnp.abs(grad).max()) > 1e-3
+        for direction in jr.normal(jr.key(1), (2, *actions.shape), jnp.float64):
+            eps = 1e-6
+            fd = (value(actions + eps * direction) - value(actions - eps * direction)) / (2 * eps)
+            np.testing.assert_allclose(jnp.vdot(grad, direction), fd, rtol=1e-6)
+
+
+def test_solver_while_loop_blocks_reverse_mode(cartpole, key):
+    """CartpoleBalance with two solver iterations (a while_loop): reverse-mode fails when
+    traced; with Playground's one iteration it traces. Nothing is compiled."""
+    two = diffsim.make_env("CartpoleBalance", episode_length=3, solver_iterations=2)
+    for env, works in ((cartpole, True), (two, False)):
+        grad = jax.grad(lambda a, env=env: _rollout(env, key, a)[:, 0].sum())
+        if works:
+            jax.make_jaxpr(grad)(jnp.zeros((2, 1)))
+        else:
+            with pytest.raises(ValueError, match="Reverse-mode differentiation does not work"):
+                jax.make_jaxpr(grad)(jnp.zeros((2, 1)))
