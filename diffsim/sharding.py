@@ -10,7 +10,9 @@ import math
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec as P
 
 SEEDS, BATCH = "seeds", "batch"
@@ -55,6 +57,22 @@ def shard_seeds(tree):
     return jax.tree.map(constrain, tree)
 
 
+def gather(tree):
+    """`tree` with each array that spans devices of other processes (`jax.distributed`)
+    replaced by its whole value, on this process. A no-op in one process.
+
+    Every process must call it with the same tree (it is a collective)."""
+    if jax.process_count() == 1:
+        return tree
+
+    def whole(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jnp.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return x
+
+    return jax.tree.map(whole, tree)
+
+
 def _axis_size(name: str) -> int:
     """Devices along axis `name` of the current mesh (1 outside a mesh or without it)."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -62,7 +80,11 @@ def _axis_size(name: str) -> int:
 
 
 def make_mesh(
-    devices: Sequence[jax.Device] | None, *, num_seeds: int | None, batch_size: int, owner: str
+    devices: Sequence[jax.Device] | None,  # pyright: ignore[reportInvalidTypeForm]
+    *,
+    num_seeds: int | None,
+    batch_size: int,
+    owner: str,
 ) -> Mesh | None:
     """The `("seeds", "batch")` mesh of a run, or None on one device.
 

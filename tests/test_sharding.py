@@ -53,7 +53,7 @@ CHILD = textwrap.dedent(
                         one_devices=len(jax.tree.leaves(one.policy)[0].sharding.device_set))
     two = diffsim.train_seeds(ppo, env, gauss, keys=keys[:2], **args(ppo))
     two_one = diffsim.train_seeds(ppo, env, gauss, keys=keys[:2], devices=one_device, **args(ppo))
-    carry = list(importlib.import_module("diffsim.train")._PROGRAMS.values())[-2].carry_sharding
+    carry = list(importlib.import_module("diffsim._program").PROGRAMS.values())[-2].carry_sharding
     out["two_seeds"] = dict(diff=diff(two, two_one), mesh=two.config["mesh"],
                             env_spec=str(carry.state.env_state.obs.spec))
 
