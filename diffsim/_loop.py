@@ -26,7 +26,7 @@ from ._program import Job, Program
 from ._sweep import Grid
 from ._types import LearningCurve
 from .results import Run, run_config
-from .sharding import SEEDS, gather, make_mesh
+from .sharding import SEEDS, gather, make_mesh, put
 from .strategies.base import AbstractStrategy
 
 
@@ -155,12 +155,12 @@ def _setup(strategy, env, policy, keys, options: Options) -> Setup:
     meta = _meta(job, keys)
     if mesh is not None:  # across processes too: every process holds the same host values
         where = NamedSharding(mesh, P(SEEDS) if options.seeds else P())
-        keys, hyper, index = jax.device_put((keys, hyper, index), where)
+        keys, hyper, index = put((keys, hyper, index), where)
     tic = time.perf_counter()
     program, params = _compile(job, keys, hyper, grid)
     seconds = time.perf_counter() - tic  # tracing + XLA (or cache loading); 0 if reused
     if mesh is not None:
-        params = jax.device_put(params, NamedSharding(mesh, P()))
+        params = put(params, NamedSharding(mesh, P()))
     return Setup(job, options, program, params, keys, hyper, index, lead, meta, log, seconds)
 
 

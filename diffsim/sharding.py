@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import jax.random as jr
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec as P
@@ -55,6 +56,20 @@ def shard_seeds(tree):
         return jax.lax.with_sharding_constraint(x, P(SEEDS, *[P.UNCONSTRAINED] * (x.ndim - 1)))
 
     return jax.tree.map(constrain, tree)
+
+
+def put(tree, sharding):
+    """`jax.device_put(tree, sharding)`, also where `sharding` spans the devices of
+    several processes (`jax.distributed`): then every process passes the same values."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def one(x):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jr.wrap_key_data(one(jr.key_data(x)), impl=jr.key_impl(x))
+        return jax.device_put(np.asarray(x), sharding)
+
+    return jax.tree.map(one, tree)
 
 
 def gather(tree):
