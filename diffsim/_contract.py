@@ -7,6 +7,7 @@ host after each segment.
 """
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -30,20 +31,26 @@ def check_inputs(strategy, env, policy, num_eval_episodes: int) -> None:
         raise ValueError(f"num_eval_episodes must be a positive int, got {num_eval_episodes!r}")
     build: Any = (lambda: policy) if isinstance(policy, eqx.Module) else (lambda: policy(jr.key(0)))
     example = jax.eval_shape(build)  # abstract: nothing is computed or compiled
+    check_acts(env, lambda o: build()(o), type(example).__name__)
+    strategy.check(env, example)
+
+
+def check_acts(env, act: Callable, name: str, hint: str = "") -> None:
+    """`act` (a policy, or a function that builds one and calls it) takes one observation
+    of `env` to one action: checked abstractly. `hint` ends both messages."""
     obs = jax.ShapeDtypeStruct((env.observation_size,), jnp.float32)
     try:
-        action = jax.eval_shape(lambda o: build()(o), obs)
+        action = jax.eval_shape(act, obs)
     except Exception as error:
         raise ValueError(
-            f"policy {type(example).__name__} cannot act on one observation of shape"
-            f" ({env.observation_size},) from {env.name!r}: {error}"
+            f"policy {name} cannot act on one observation of shape ({env.observation_size},)"
+            f" from {env.name!r}{hint}: {error}"
         ) from error
     if action.shape != (env.action_size,):
         raise ValueError(
-            f"policy {type(example).__name__} returns actions of shape {action.shape}, but"
-            f" {env.name!r} takes ({env.action_size},)"
+            f"policy {name} returns actions of shape {action.shape}, but {env.name!r} takes"
+            f" ({env.action_size},){hint}"
         )
-    strategy.check(env, example)
 
 
 def check_hashable(strategy: AbstractStrategy) -> None:
