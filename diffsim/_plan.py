@@ -86,7 +86,7 @@ def make_plan(strategy: AbstractStrategy, total_steps: int, num_evals: int) -> P
             f"total_steps={total_steps} is {iterations} {name} iteration(s) of {per_iter} env"
             f" steps, fewer than the {num_evals - 1} evaluation intervals asked for: evaluating"
             f" after every iteration instead (num_evals={iterations + 1})",
-            stacklevel=4,
+            stacklevel=6,  # the caller of train
         )
         num_evals = iterations + 1
     targets = tuple(round(k * total_steps / (num_evals - 1)) for k in range(num_evals))

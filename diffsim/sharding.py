@@ -4,6 +4,10 @@
 marks its batch (PPO's and APG's env batch, ES's population) with `shard_batch`, which
 splits it over the `"batch"` axis. Everything else (policy, optimiser state) is
 replicated, and XLA inserts the reductions (gradient sums, fitness ranking) itself.
+
+Across processes (`jax.distributed`) the mesh spans the devices of every process: `put`
+places the same host values from each process on it, and `gather` brings results back
+whole to every process.
 """
 
 import math

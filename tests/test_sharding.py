@@ -103,7 +103,12 @@ CHILD = textwrap.dedent(
 def four_devices(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sharding")
     (folder / "child.py").write_text(CHILD)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "PYTHONPATH": root,  # this checkout's diffsim, whatever is installed
+    }
     out = subprocess.run(
         [sys.executable, "child.py"],
         cwd=folder,
