@@ -62,7 +62,12 @@ def train(
     **Clock.** Training, evaluation and checkpoint writing are timed apart:
     `run.curve.wall_time` counts training only; `run.config` has `train_seconds`,
     `eval_seconds`, `checkpoint_seconds` and `compile_seconds` (tracing and XLA, or loading
-    from the persistent cache). Inputs are validated before anything compiles.
+    from the persistent cache).
+
+    **Checks.** The inputs and the strategy's contract (`AbstractStrategy`: hashable, step
+    counts, metrics of scalars, a state that keeps its shapes) are checked before the
+    training loop compiles; each step's env-step count, a traced value, after each
+    segment.
 
     **Arguments:**
 
