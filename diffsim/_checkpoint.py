@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 
 
 def _is_key(x) -> bool:
-    return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def key_data(x) -> np.ndarray:
@@ -65,8 +66,10 @@ def _write(tmp: Path, carry, history: dict[str, Any], meta: dict) -> None:
     tmp.mkdir(parents=True)
     leaves = jax.tree.leaves(carry)
     keys = [str(jr.key_impl(x)) if _is_key(x) else "" for x in leaves]
-    np.savez(tmp / "carry.npz", **{f"leaf_{i}": key_data(x) for i, x in enumerate(leaves)})
-    np.savez(tmp / "history.npz", **{k: np.asarray(v) for k, v in history.items()})
+    arrays: dict[str, Any] = {f"leaf_{i}": key_data(x) for i, x in enumerate(leaves)}
+    np.savez(tmp / "carry.npz", **arrays)
+    arrays = {k: np.asarray(v) for k, v in history.items()}
+    np.savez(tmp / "history.npz", **arrays)
     (tmp / "meta.json").write_text(json.dumps({**meta, "key_impls": keys}))
     for f in tmp.iterdir():  # durable before the rename makes it visible
         with open(f, "rb") as fh:

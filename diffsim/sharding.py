@@ -4,13 +4,20 @@
 marks its batch (PPO's and APG's env batch, ES's population) with `shard_batch`, which
 splits it over the `"batch"` axis. Everything else (policy, optimiser state) is
 replicated, and XLA inserts the reductions (gradient sums, fitness ranking) itself.
+
+Across processes (`jax.distributed`) the mesh spans the devices of every process: `put`
+places the same host values from each process on it, and `gather` brings results back
+whole to every process.
 """
 
 import math
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
+import jax.random as jr
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec as P
 
 SEEDS, BATCH = "seeds", "batch"
@@ -55,6 +62,36 @@ def shard_seeds(tree):
     return jax.tree.map(constrain, tree)
 
 
+def put(tree, sharding):
+    """`jax.device_put(tree, sharding)`, also where `sharding` spans the devices of
+    several processes (`jax.distributed`): then every process passes the same values."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def one(x):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jr.wrap_key_data(one(jr.key_data(x)), impl=jr.key_impl(x))
+        return jax.device_put(np.asarray(x), sharding)
+
+    return jax.tree.map(one, tree)
+
+
+def gather(tree):
+    """`tree` with each array that spans devices of other processes (`jax.distributed`)
+    replaced by its whole value, on this process. A no-op in one process.
+
+    Every process must call it with the same tree (it is a collective)."""
+    if jax.process_count() == 1:
+        return tree
+
+    def whole(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jnp.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return x
+
+    return jax.tree.map(whole, tree)
+
+
 def _axis_size(name: str) -> int:
     """Devices along axis `name` of the current mesh (1 outside a mesh or without it)."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -62,7 +99,11 @@ def _axis_size(name: str) -> int:
 
 
 def make_mesh(
-    devices: Sequence[jax.Device] | None, *, num_seeds: int | None, batch_size: int, owner: str
+    devices: Sequence[jax.Device] | None,  # pyright: ignore[reportInvalidTypeForm]
+    *,
+    num_seeds: int | None,
+    batch_size: int,
+    owner: str,
 ) -> Mesh | None:
     """The `("seeds", "batch")` mesh of a run, or None on one device.
 

@@ -53,7 +53,7 @@ CHILD = textwrap.dedent(
                         one_devices=len(jax.tree.leaves(one.policy)[0].sharding.device_set))
     two = diffsim.train_seeds(ppo, env, gauss, keys=keys[:2], **args(ppo))
     two_one = diffsim.train_seeds(ppo, env, gauss, keys=keys[:2], devices=one_device, **args(ppo))
-    carry = list(importlib.import_module("diffsim.train")._PROGRAMS.values())[-2].carry_sharding
+    carry = list(importlib.import_module("diffsim._program").PROGRAMS.values())[-2].carry_sharding
     out["two_seeds"] = dict(diff=diff(two, two_one), mesh=two.config["mesh"],
                             env_spec=str(carry.state.env_state.obs.spec))
 
@@ -103,7 +103,12 @@ CHILD = textwrap.dedent(
 def four_devices(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sharding")
     (folder / "child.py").write_text(CHILD)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "PYTHONPATH": root,  # this checkout's diffsim, whatever is installed
+    }
     out = subprocess.run(
         [sys.executable, "child.py"],
         cwd=folder,

@@ -1,0 +1,124 @@
+"""`train_sweep`'s grid: validating a sweep before anything compiles, and the runs it makes."""
+
+import dataclasses
+import itertools
+import re
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from .results import Run
+from .strategies.base import AbstractStrategy
+
+
+class Grid(eqx.Module):
+    """A sweep's combinations: `configs[c][j]` is the value of `names[j]` in config `c`."""
+
+    names: tuple[str, ...]
+    configs: tuple[tuple[float, ...], ...]
+
+    def listing(self) -> list[dict[str, float]]:
+        """One dict per config, in the order of the config axis."""
+        return [dict(zip(self.names, values, strict=True)) for values in self.configs]
+
+    def per_run(self, num_seeds: int) -> dict[str, Float[Array, " runs"]]:
+        """Each swept value for every run (config-major: run `c * num_seeds + s`), weakly
+        typed like the Python floats they stand for, so dtypes come out as in `train`."""
+        return {
+            name: jnp.stack([jnp.asarray(c[j]) for c in self.configs for _ in range(num_seeds)])
+            for j, name in enumerate(self.names)
+        }
+
+    def unflatten(self, run: Run, lead: tuple[int, int]) -> Run:
+        """`run` (a flat batch of runs) with `(configs, seeds)` leading axes and the sweep
+        recorded in its config."""
+        split = lambda x: x.reshape(*lead, *x.shape[1:]) if eqx.is_array(x) else x
+        config = dict(run.config, sweep=self.listing(), num_configs=len(self.configs))
+        config["hyperparameters"] = dict(config["hyperparameters"])
+        for j, name in enumerate(self.names):  # one value per config
+            config["hyperparameters"][name] = [c[j] for c in self.configs]
+        return Run(
+            policy=jax.tree.map(split, run.policy),
+            curve=jax.tree.map(split, run.curve),
+            metrics=jax.tree.map(split, run.metrics),
+            config=config,
+        )
+
+    def untraceable(self, strategy: AbstractStrategy, error: Exception) -> str:
+        what = " or ".join(self.names)
+        return (
+            f"{type(strategy).__name__} uses {what} in Python control flow or as a shape"
+            f" ({type(error).__name__} while tracing), so it cannot vary inside one compiled"
+            f" program; loop over its values with diffsim.train_seeds instead"
+        )
+
+
+def is_float_field(field: dataclasses.Field) -> bool:
+    """A field annotated `float` (alone or in a union: `float | None`, a float or schedule)
+    and not static."""
+    if field.metadata.get("static", False) or not field.init:
+        return False
+    kind = field.type
+    if isinstance(kind, str):  # `from __future__ import annotations`
+        return re.search(r"\bfloat\b", kind) is not None
+    return kind is float or float in typing.get_args(kind)
+
+
+def sweep_grid(strategy: AbstractStrategy, sweep: Mapping[str, Any]) -> Grid:
+    """Validate `sweep` against `strategy` (before anything compiles) and list its
+    combinations (`itertools.product` in the dict's order: the last name varies fastest)."""
+    if not isinstance(strategy, AbstractStrategy):
+        raise TypeError(
+            f"strategy must be a diffsim strategy (PPO, APG, ES, ...), got {strategy!r}"
+        )
+    owner = type(strategy).__name__
+    floats = [f.name for f in dataclasses.fields(strategy) if is_float_field(f)]
+    if not isinstance(sweep, Mapping) or not sweep:
+        raise ValueError(
+            f"sweep must be a non-empty dict from a float hyperparameter of {owner} to a list"
+            f" of values, got {sweep!r}; {owner} has: {', '.join(floats)}"
+        )
+    columns = [_column(strategy, name, values, floats) for name, values in sweep.items()]
+    grid = Grid(tuple(sweep), tuple(itertools.product(*columns)))
+    for config in grid.listing():  # checks that relate fields to each other
+        try:
+            dataclasses.replace(strategy, **config)
+        except ValueError as error:
+            raise ValueError(f"sweep config {config}: {error}") from None
+    return grid
+
+
+def _column(strategy: AbstractStrategy, name: str, values, floats: list[str]) -> tuple:
+    """The values of one swept field, each checked by the strategy itself."""
+    owner = type(strategy).__name__
+    if name not in {f.name for f in dataclasses.fields(strategy)}:
+        raise ValueError(
+            f"{owner} has no hyperparameter {name!r}; the float hyperparameters"
+            f" train_sweep can vary are: {', '.join(floats)}"
+        )
+    if name not in floats:
+        raise ValueError(
+            f"{owner}.{name} (= {getattr(strategy, name)!r}) is not a float"
+            f" hyperparameter: it changes shapes or control flow, so each value needs its"
+            f" own compiled program. Loop over its values with train_seeds instead"
+            f" (for v in values: diffsim.train_seeds(dataclasses.replace(strategy,"
+            f" {name}=v), ...)). train_sweep can vary: {', '.join(floats)}"
+        )
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, (Sequence, np.ndarray)):
+        raise ValueError(f"sweep[{name!r}] must be a list of numbers, got {values!r}")
+    if len(values) == 0:
+        raise ValueError(f"sweep[{name!r}] is empty: give at least one value")
+    for value in values:
+        if np.ndim(value) != 0 or not np.issubdtype(np.asarray(value).dtype, np.number):
+            raise ValueError(f"sweep[{name!r}] holds {value!r}; its values must be numbers")
+        try:  # the strategy's own checks name the bad value
+            dataclasses.replace(strategy, **{name: float(value)})
+        except ValueError as error:
+            raise ValueError(f"sweep[{name!r}]: {error}") from None
+    return tuple(float(v) for v in values)
