@@ -21,6 +21,7 @@ from brax.envs.base import Env
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from ._config import compiler_options
 from ._contract import check_step
 from ._plan import Plan
 from .rollout import evaluate
@@ -190,7 +191,8 @@ def _build_local(functions, args, index, target) -> Program:
         jax.jit(segment, donate_argnums=0).lower(carry_shape, target),
         jax.jit(evaluate_).lower(carry_shape, index),
     )
-    start_c, segment_c, evaluate_c = (f.compile() for f in lowered)
+    options = compiler_options()
+    start_c, segment_c, evaluate_c = (f.compile(compiler_options=options) for f in lowered)
     return Program(start_c, segment_c, evaluate_c, carry_shape, None)
 
 
@@ -202,7 +204,7 @@ def _build_sharded(mesh: Mesh, seeds: bool, functions, args, index, target) -> P
     with jax.set_mesh(mesh):
         carry_shape = jax.eval_shape(start, *args)
         start_c = jax.jit(start, in_shardings=(replicated, by_seed, by_seed))
-        start_c = start_c.lower(*args).compile()
+        start_c = start_c.lower(*args).compile(compiler_options=compiler_options())
         carry_sharding = start_c.output_shardings
         segment_l = jax.jit(
             segment,
@@ -213,4 +215,6 @@ def _build_sharded(mesh: Mesh, seeds: bool, functions, args, index, target) -> P
         evaluate_l = jax.jit(
             evaluate_, in_shardings=(carry_sharding, by_seed), out_shardings=by_seed
         ).lower(carry_shape, index)
-    return Program(start_c, segment_l.compile(), evaluate_l.compile(), carry_shape, carry_sharding)
+    options = compiler_options()
+    segment_c, evaluate_c = (f.compile(compiler_options=options) for f in (segment_l, evaluate_l))
+    return Program(start_c, segment_c, evaluate_c, carry_shape, carry_sharding)
