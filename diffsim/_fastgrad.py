@@ -151,14 +151,15 @@ class FastGrad(Wrapper):
 
     **Arguments:** `env` (from `make_env`), `onehot` (constant-index gathers transpose to
     one-hot matmuls, not scatter-adds), `unroll` (the physics substeps as straight-line
-    code, not a `lax.scan`).
+    code, not a `lax.scan`), `remat` (each env step under `jax.checkpoint`: reverse mode
+    stores the step's inputs, not one stacked buffer per intermediate, and recomputes the
+    step in the backward pass).
     """
 
-    def __init__(self, env, onehot: bool = True, unroll: bool = True):
+    def __init__(self, env, onehot: bool = True, unroll: bool = True, remat: bool = True):
         super().__init__(_patched(env, onehot, unroll))
-        self.onehot, self.unroll = onehot, unroll
+        self.onehot, self.unroll, self.remat = onehot, unroll, remat
 
     def step(self, state: State, action: jax.Array, starts=None) -> State:
-        if starts is None:
-            return self.env.step(state, action)
-        return self.env.step(state, action, starts)
+        step = jax.checkpoint(self.env.step, prevent_cse=False) if self.remat else self.env.step
+        return step(state, action) if starts is None else step(state, action, starts)

@@ -56,7 +56,10 @@ ENVS = ("reacher", "halfcheetah", "ant", "hopper", "reach", "pendulum", "ball")
 KINDS = ("forward", "value_and_grad", "apg_step", "shac_step", "ppo_iteration")
 VARIANTS: dict[str, Callable] = {
     "plain": lambda env: env,
-    "fastgrad": _fastgrad.FastGrad,
+    "fastgrad": _fastgrad.FastGrad,  # one-hot transposes, unrolled substeps, remat per step
+    "remat_unroll": lambda env: _fastgrad.FastGrad(env, onehot=False),
+    "unroll": lambda env: _fastgrad.FastGrad(env, onehot=False, remat=False),
+    "onehot": lambda env: _fastgrad.FastGrad(env, unroll=False, remat=False),
     "remat": Rematerialized,
 }
 FIELDS = (
