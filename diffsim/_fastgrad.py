@@ -14,12 +14,14 @@ into straight-line code.
 import copy
 import functools
 import types
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from brax.envs.base import PipelineEnv, State, Wrapper
 from jax import lax
+from jax.core import Tracer
 from jax.extend import core as jex_core
 
 MAX_ONEHOT_ELEMENTS = 1 << 20  # larger gathers keep their scatter-add transpose
@@ -27,7 +29,7 @@ MAX_ONEHOT_ELEMENTS = 1 << 20  # larger gathers keep their scatter-add transpose
 
 def _is_concrete(x) -> bool:
     return isinstance(x, (np.ndarray, np.generic, int, float, bool)) or (
-        isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+        isinstance(x, jax.Array) and not isinstance(x, Tracer)
     )
 
 
@@ -124,12 +126,12 @@ def _fast_pipeline_step(self, pipeline_state, action, *, onehot: bool, unroll: b
     def substep(state):
         return self._pipeline.step(self.sys, state, action, self._debug)
 
-    substep = onehot_transposes(substep) if onehot else substep
-    if unroll:
+    one = onehot_transposes(substep) if onehot else substep
+    if unroll:  # the same substeps in the same order, as straight-line code
         for _ in range(self._n_frames):
-            pipeline_state = substep(pipeline_state)
+            pipeline_state = one(pipeline_state)
         return pipeline_state
-    return lax.scan(lambda s, _: (substep(s), None), pipeline_state, (), self._n_frames)[0]
+    return lax.scan(lambda s, _: (one(s), None), pipeline_state, (), self._n_frames)[0]
 
 
 def _patched(env, onehot: bool, unroll: bool):
@@ -161,5 +163,10 @@ class FastGrad(Wrapper):
         self.onehot, self.unroll, self.remat = onehot, unroll, remat
 
     def step(self, state: State, action: jax.Array, starts=None) -> State:
-        step = jax.checkpoint(self.env.step, prevent_cse=False) if self.remat else self.env.step
-        return step(state, action) if starts is None else step(state, action, starts)
+        inner: Callable = self.env.step  # an AutoResetEnv's step also takes its start pool
+
+        def step(state, action, starts):
+            return inner(state, action) if starts is None else inner(state, action, starts)
+
+        step = jax.checkpoint(step, prevent_cse=False) if self.remat else step
+        return step(state, action, starts)
