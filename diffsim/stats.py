@@ -23,7 +23,7 @@ def iqm(scores: Float[Array, "seeds ..."] | np.ndarray, axis: int = 0) -> np.nda
     """
     scores = np.moveaxis(np.asarray(scores, dtype=np.float64), axis, 0)
     cut = int(0.25 * scores.shape[0])
-    return np.sort(scores, axis=0)[cut : scores.shape[0] - cut].mean(0)
+    return np.asarray(np.sort(scores, axis=0)[cut : scores.shape[0] - cut].mean(0))
 
 
 def aggregate_name(num_seeds: int) -> str:
@@ -49,7 +49,7 @@ def aggregate(scores: Float[Array, "seeds ..."] | np.ndarray) -> np.ndarray:
     ```
     """
     scores = np.asarray(scores, dtype=np.float64)
-    return iqm(scores) if len(scores) >= MIN_IQM_SEEDS else scores.mean(0)
+    return iqm(scores) if len(scores) >= MIN_IQM_SEEDS else np.asarray(scores.mean(0))
 
 
 def iqm_ci(
@@ -91,7 +91,8 @@ def aggregate_ci(
     ```
     """
     many = len(np.asarray(scores)) >= MIN_IQM_SEEDS
-    return _bootstrap(iqm if many else np.mean, scores, confidence, resamples, seed)
+    mean = lambda x, axis: np.asarray(np.mean(x, axis=axis))
+    return _bootstrap(iqm if many else mean, scores, confidence, resamples, seed)
 
 
 def _bootstrap(statistic, scores, confidence: float, resamples: int, seed: int):
@@ -128,7 +129,7 @@ def probability_of_improvement(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean((x > y) + 0.5 * (x == y)))
 
 
-def threshold_crossing(run, threshold: float) -> dict[str, float | None]:
+def threshold_crossing(run, threshold: float) -> dict[str, int | float | None]:
     """First evaluation point at which the `aggregate` across seeds (the IQM; the mean
     below `MIN_IQM_SEEDS` seeds) reaches `threshold`.
 

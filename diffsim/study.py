@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import socket
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from jaxtyping import PRNGKeyArray
 
 from . import _tuning
 from ._cellstore import CellLock, copy_dir, replace_dir
-from ._checkpoint import check_writable as _check_writable, key_data as _key_data
+from ._checkpoint import key_data as _key_data
 from ._report import (
     format_summary as format_summary,
     provenance_header as provenance_header,
@@ -153,10 +154,7 @@ def run_study(
         dict(progress=progress, reuse=tuple(map(str, reuse)), tuning_seeds=tuning_seeds),
         allow_unequal_search,
     )
-    try:
-        _check_writable(root)  # fail before any training
-    except OSError as error:
-        raise OSError(f"cannot write study results: {error}") from error
+    _check_writable(root)  # fail before any training
     # The grid's order, for load_study; a process training part of the grid adds its cells.
     listed = root / "cells.json"
     known = json.loads(listed.read_text()) if listed.exists() else []
@@ -183,6 +181,18 @@ def run_study(
             f" the {len(runs)} finished cells are saved under {root}"
         ) from failed[0][1]
     return runs
+
+
+def _check_writable(root: Path) -> None:
+    """Prove a file can be written in `root` (a probe of its own name: several processes
+    may start the same study at once)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-") as probe:
+            probe.write(b"0" * 4096)
+            probe.flush()
+    except OSError as error:
+        raise OSError(f"cannot write study results to {root}: {error.strerror or error}") from error
 
 
 def _outcome(call: Callable[[], str]) -> tuple[str, BaseException | None]:
