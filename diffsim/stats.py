@@ -71,18 +71,14 @@ def iqm_ci(
     mid, low, high = iqm_ci(scores)            # each (E,)
     ```
     """
-    return _bootstrap(iqm, scores, confidence, resamples, seed)
+    return _bootstrap(iqm, scores, confidence=confidence, resamples=resamples, seed=seed)
 
 
 def aggregate_ci(
-    scores: Float[Array, "seeds ..."] | np.ndarray,
-    *,
-    confidence: float = 0.95,
-    resamples: int = 2000,
-    seed: int = 0,
+    scores: Float[Array, "seeds ..."] | np.ndarray, **bootstrap
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`aggregate` (IQM, or the mean below `MIN_IQM_SEEDS` seeds) with a percentile
-    bootstrap confidence interval, as `iqm_ci`.
+    bootstrap confidence interval; `bootstrap`: `iqm_ci`'s keywords.
 
     **Example:**
 
@@ -90,12 +86,14 @@ def aggregate_ci(
     mid, low, high = aggregate_ci(np.array([[1.0], [2.0], [4.0]]))   # mean of 3 seeds
     ```
     """
-    many = len(np.asarray(scores)) >= MIN_IQM_SEEDS
-    mean = lambda x, axis: np.asarray(np.mean(x, axis=axis))
-    return _bootstrap(iqm if many else mean, scores, confidence, resamples, seed)
+    if len(np.asarray(scores)) >= MIN_IQM_SEEDS:
+        return iqm_ci(scores, **bootstrap)
+    return _bootstrap(lambda x, axis: np.asarray(np.mean(x, axis=axis)), scores, **bootstrap)
 
 
-def _bootstrap(statistic, scores, confidence: float, resamples: int, seed: int):
+def _bootstrap(
+    statistic, scores, *, confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+):
     from scipy import stats  # only here: `import diffsim` does not load SciPy
 
     scores = np.asarray(scores, dtype=np.float64)

@@ -107,28 +107,7 @@ def main():
             out / env_name / f"{label}-{param}",
         )
 
-    runs = {}
-    for env_name, steps in budgets.items():
-        for label, (strategy, policy) in contenders[env_name].items():
-            for param, values, _ in SWEEPS[label]:
-                path = out / env_name / f"{label}-{param}"
-                if (path / "config.json").exists():
-                    run = diffsim.load_run(path)
-                elif args.finished_only:
-                    print(f"not run: {env_name} {label} {param}")
-                    continue
-                else:
-                    run = diffsim.train_sweep(
-                        strategy,
-                        envs[env_name],
-                        lambda k, env=envs[env_name], make=policy: make(env, k),
-                        sweep={param: pick(values)},
-                        keys=keys,
-                        total_steps=steps,
-                        **settings,
-                    )
-                    run.save(path)
-                runs[env_name, label, param] = run
+    runs = sweeps(envs, budgets, contenders, out, keys, settings, pick, args.finished_only)
 
     rows = summary(runs)
     lines = table(rows)
@@ -146,6 +125,35 @@ def main():
     Path(args.figures).mkdir(parents=True, exist_ok=True)
     figure.savefig(f"{args.figures}/{name}.png", dpi=120)
     print(f"wrote {out / 'summary.json'} and {args.figures}/{name}.png")
+
+
+def sweeps(envs, budgets, contenders, out, keys, settings, pick, finished_only) -> dict:
+    """Every (env, strategy, hyperparameter) sweep: loaded where saved, else trained (one
+    `train_sweep` each) and saved, unless `finished_only`."""
+    runs = {}
+    for env_name, steps in budgets.items():
+        env = envs[env_name]
+        for label, (strategy, policy) in contenders[env_name].items():
+            for param, values, _ in SWEEPS[label]:
+                path = out / env_name / f"{label}-{param}"
+                if (path / "config.json").exists():
+                    runs[env_name, label, param] = diffsim.load_run(path)
+                    continue
+                if finished_only:
+                    print(f"not run: {env_name} {label} {param}")
+                    continue
+                run = diffsim.train_sweep(
+                    strategy,
+                    env,
+                    lambda k, env=env, make=policy: make(env, k),
+                    sweep={param: pick(values)},
+                    keys=keys,
+                    total_steps=steps,
+                    **settings,
+                )
+                run.save(path)
+                runs[env_name, label, param] = run
+    return runs
 
 
 def time_grid(strategy, env, policy, param, values, keys, steps, settings, path) -> dict:
