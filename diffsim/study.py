@@ -5,7 +5,8 @@ atomically; cells whose folder already holds a finished run of the same settings
 same strategy code) are loaded, not retrained, so an interrupted study resumes where it
 stopped and loses nothing finished. A cell may be tuned (`Cell.search`): its search runs
 on tuning seeds and only the best configuration is trained on the reported seeds.
-Cells run one after another, or one per task on any `concurrent.futures.Executor`, with a
+Cells run one after another, or one per task on an executor (`concurrent.futures`, Dask,
+submitit for SLURM, ...), with a
 per-cell lock so that no two workers train the same cell.
 """
 
@@ -18,10 +19,9 @@ import pickle
 import socket
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import equinox as eqx
 import jax.random as jr
@@ -48,6 +48,13 @@ from .results import (
 )
 from .strategies.base import AbstractStrategy
 from .train import train_seeds
+
+
+@runtime_checkable
+class Submitter(Protocol):
+    """What `run_study(executor=...)` needs: `concurrent.futures.Executor.submit`'s shape."""
+
+    def submit(self, fn: Callable, /, *args: Any) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -99,7 +106,7 @@ def run_study(
     reuse: Sequence[str | Path] = (),
     tuning_seeds: int = 5,
     allow_unequal_search: bool = False,
-    executor: Executor | None = None,
+    executor: "Submitter | None" = None,
 ) -> dict[tuple[str, str], Run]:
     """Train every cell with `train_seeds` over `num_seeds` seeds and `num_evals`
     evaluation points (or the cell's own `num_seeds`, `num_evals`); resume finished cells.
@@ -124,9 +131,10 @@ def run_study(
     evaluations, search) is loaded instead of trained; one with other settings is trained
     again and replaced, with a note. Each finished cell is written atomically.
 
-    **Executor.** With `executor` (any `concurrent.futures.Executor`: a
-    `ProcessPoolExecutor`, Dask's, Ray's, submitit's for SLURM), each cell is one task. The
-    task must pickle: `make_policy` a top-level function, the env rebuilt in the worker
+    **Executor.** With `executor` (anything with `submit(fn, arg)` returning a future with
+    `result()`: a `concurrent.futures.ProcessPoolExecutor`, a Dask `Client`, a submitit
+    `AutoExecutor` for SLURM, Ray's `concurrent.futures` pool), each cell is one task and
+    the tasks run at once, as the executor schedules them. The task must pickle: `make_policy` a top-level function, the env rebuilt in the worker
     with `make_env(env.name, backend=..., episode_length=...)` where it does not pickle
     (Brax envs). A lock file per cell (`<env>/<label>.lock`) makes two workers, or two
     studies started at once, train a cell once: the second waits, then loads it.
@@ -145,6 +153,8 @@ def run_study(
                      num_seeds=6, tuning_seeds=2)
     ```
     """
+    if executor is not None and not callable(getattr(executor, "submit", None)):
+        raise TypeError(f"executor must have a submit(fn, arg) method, got {executor!r}")
     root = Path(out) / name
     jobs = _jobs(
         name,
