@@ -129,6 +129,7 @@ def main():
         out=args.out,
         num_evals=11,
         num_eval_episodes=16,
+        reuse=[Path(args.out) / "compare"] if args.full else [],  # its reach, pendulum cells
     )
     table = summary(runs, references=("PPO",))
     path = write_summary(Path(args.out) / study, table, provenance=provenance, command=command)
