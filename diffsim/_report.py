@@ -126,6 +126,12 @@ def _cell_row(env: str, label: str, run: Run, runs: dict, references: Sequence[s
         "tuning_seeds": tuning["tuning_seeds"],
         "stat": tuning["stat"],
         "chosen": tuning["chosen"],
+        "at_edge": [  # the best value is the search's smallest or largest: search wider
+            k
+            for k, v in tuning["chosen"].items()
+            if len(tuning["search"][k]) > 1
+            and v in (min(tuning["search"][k]), max(tuning["search"][k]))
+        ],
         "scores": tuning["scores"],
         "seconds": sum(tuning["seconds"].values()),
     }
@@ -307,7 +313,8 @@ def _times(row: dict, ratio: float | None) -> str:
 def _cost_table(table: dict) -> str:
     lines = [
         "Tuning (configurations searched on tuning seeds; the best by its final statistic"
-        " re-trained on the reported seeds) and seconds (tune: the whole search)",
+        " re-trained on the reported seeds; *: at the edge of the search) and seconds (tune:"
+        " the whole search)",
         f"{'env':<19}{'strategy':<11}{'configs':>8}{'t. seeds':>9}  {'chosen':<32}"
         f"{'score':>10}{'worst':>10}{'tune s':>9}{'train s':>9}{'eval s':>8}{'compile s':>10}",
     ]
@@ -317,7 +324,9 @@ def _cost_table(table: dict) -> str:
             tuned = f"{1:>8}{'-':>9}  {'(not tuned)':<32}{'-':>10}{'-':>10}{'-':>9}"
         else:
             scores = [s if s is not None else float("nan") for s in t["scores"]]
-            chosen = ", ".join(f"{k}={v:.3g}" for k, v in t["chosen"].items())
+            chosen = ", ".join(
+                f"{k}={v:.3g}" + ("*" if k in t["at_edge"] else "") for k, v in t["chosen"].items()
+            )
             tuned = (
                 f"{t['configs']:>8}{t['tuning_seeds']:>9}  {chosen:<32}"
                 f"{np.nanmax(scores):>10.1f}{np.nanmin(scores):>10.1f}{t['seconds']:>9.1f}"

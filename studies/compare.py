@@ -4,7 +4,7 @@
                               [--figures figures] [--full] [--allow-dirty]
 
 Equal tuning effort: every contender searches the same number of learning rates
-(`--configs`, log-spaced over 16x around its default; SHAC's actor rate) on
+(`--configs`, log-spaced from 1/8 to 8 times its default; SHAC's actor rate) on
 `--tuning-seeds` seeds of their own, as one `train_sweep` program per cell. The rate with
 the best final IQM is re-trained on `--seeds` fresh seeds, disjoint from the tuning seeds,
 and only those are reported. With seeds = configs x tuning seeds (10 = 5 x 2) the
@@ -58,11 +58,11 @@ def strategies(env):
 
 
 def rate_search(strategy, configs: int) -> dict[str, list[float]]:
-    """`configs` learning rates log-spaced from 1/4 to 4 times the strategy's own (the
+    """`configs` learning rates log-spaced from 1/8 to 8 times the strategy's own (the
     actor's for SHAC): the same search size for every contender."""
     field = "actor_learning_rate" if isinstance(strategy, diffsim.SHAC) else "learning_rate"
     rate = getattr(strategy, field)
-    return {field: log_grid(rate / 4, rate * 4, configs)}
+    return {field: log_grid(rate / 8, rate * 8, configs)}
 
 
 def cells(budgets: dict[str, int], configs: int, contenders=strategies) -> list[Cell]:

@@ -9,9 +9,9 @@
 Brax `reacher` (no contacts), `halfcheetah`, `hopper` and `ant` (contact), spring backend,
 Brax's reward definitions unchanged, 1000-step episodes. Every strategy on an env gets the
 same env-step budget (`ENVS`) and the same tuning effort: `--configs` learning rates
-(log-spaced over 16x around its own; SHAC's actor rate) on `--tuning-seeds` seeds, the
-best re-trained on `--seeds` fresh seeds (5), with 16 evaluation episodes at 7 points (21
-on reacher). Each finished cell is saved to results/locomotion/<env>/<strategy>/ at once,
+(log-spaced from 1/8 to 8 times its own; SHAC's actor rate) on `--tuning-seeds` seeds,
+the best re-trained on `--seeds` fresh seeds (5), with 16 evaluation episodes at 7 points
+(21 on reacher). Each finished cell is saved to results/locomotion/<env>/<strategy>/ at once,
 so an interrupted run resumes where it stopped; several processes may train the grid at
 once (`--envs`, `--strategies`, or the same cells: a per-cell lock makes each train once).
 

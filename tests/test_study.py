@@ -409,3 +409,29 @@ def test_a_failed_write_leaves_the_previous_cell_folder_as_it_was(tmp_path):
     replace_dir(final, lambda tmp: (tmp / "config.json").write_text("new"))
     assert (final / "config.json").read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["cell"]
+
+
+def test_the_tuning_table_shows_the_choice_and_flags_one_at_the_edge_of_the_search():
+    runs = _study_runs()
+    search = {"learning_rate": [1e-4, 1e-3, 1e-2]}
+    for label, best in (("PPO", 1), ("FAST", 2)):
+        runs["easy", label].config["study"] = {
+            "tuning": {
+                "search": search,
+                "configs": [{"learning_rate": v} for v in search["learning_rate"]],
+                "tuning_seeds": 2,
+                "stat": "mean",
+                "scores": [-30.0, -20.0, -25.0] if best == 1 else [-9.0, -8.0, -7.0],
+                "chosen_index": best,
+                "chosen": {"learning_rate": search["learning_rate"][best]},
+                "seconds": {"compile": 1.0, "train": 2.0, "eval": 0.5, "checkpoint": 0.0},
+            }
+        }
+    lines = study.format_summary(study.summary(runs)).splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Tuning"))
+    rows = {tuple(line.split()[:2]): line.split() for line in lines[start + 2 :]}
+    assert rows["easy", "PPO"][2:7] == ["3", "2", "learning_rate=0.001", "-20.0", "-30.0"]
+    assert rows["easy", "FAST"][4] == "learning_rate=0.01*"
+    assert rows["easy", "SLOW"][2:4] == ["1", "-"] and "(not tuned)" in " ".join(
+        rows["easy", "SLOW"]
+    )
