@@ -27,7 +27,14 @@ def _scores(run: Run, point: int) -> np.ndarray:
 
 
 def untrained_scores(run: Run) -> np.ndarray:
-    """Each seed's mean return before training: the curve at env step 0."""
+    """Each seed's mean return before training: the curve at env step 0, `(seeds,)`.
+
+    **Example:**
+
+    ```python
+    untrained_scores(runs["reach", "PPO"])   # e.g. array([-104.1, -98.7, ...])
+    ```
+    """
     steps = np.asarray(run.curve.env_steps)[:, 0]
     if np.any(steps != 0):
         raise ValueError(f"the run's first evaluation is at env step {steps.max()}, not 0")

@@ -28,7 +28,7 @@ import jax.random as jr
 from jaxtyping import PRNGKeyArray
 
 from . import _tuning
-from ._cellstore import CellLock, copy_dir, replace_dir
+from ._cellstore import CellLock as _CellLock, copy_dir as _copy_dir, replace_dir as _replace_dir
 from ._checkpoint import key_data as _key_data
 from ._report import (
     format_summary as format_summary,
@@ -52,7 +52,15 @@ from .train import train_seeds
 
 @runtime_checkable
 class Submitter(Protocol):
-    """What `run_study(executor=...)` needs: `concurrent.futures.Executor.submit`'s shape."""
+    """What `run_study(executor=...)` needs: `concurrent.futures.Executor.submit`'s shape.
+
+    **Example:**
+
+    ```python
+    with concurrent.futures.ProcessPoolExecutor(4) as pool:   # a Submitter
+        run_study("demo", cells, executor=pool)
+    ```
+    """
 
     def submit(self, fn: Callable, /, *args: Any) -> Any: ...
 
@@ -332,15 +340,15 @@ def _run_job(job: _Job) -> str:
     """One cell's task (in this process or an executor's worker): load it if finished,
     else train it, holding the cell's lock; returns what happened."""
     path = job.path
-    with CellLock(path.with_name(f"{path.name}.lock")):
+    with _CellLock(path.with_name(f"{path.name}.lock")):
         found = _finished(job, [Path(job.root), *map(Path, job.reuse)])
         if found == path:
             return f"finished earlier, loaded from {found}"
         if found is not None:
-            copy_dir(found, path)
+            _copy_dir(found, path)
             return f"finished earlier, loaded from {found}"
         env = job.env.build() if isinstance(job.env, _EnvSpec) else job.env
-        replace_dir(path, lambda tmp: _train(job, env, tmp))
+        _replace_dir(path, lambda tmp: _train(job, env, tmp))
         return f"trained, saved to {path}"
 
 
