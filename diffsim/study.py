@@ -1,24 +1,68 @@
 """Studies: a grid of environments x strategies, each cell trained over vmapped seeds.
 
-Each finished cell is saved to `<out>/<study>/<env>/<label>/` (see `Run.save`) before the
-next starts; cells whose folder already holds a complete run are loaded, not retrained,
-so an interrupted study resumes where it stopped and loses nothing finished.
+Each finished cell is saved to `<out>/<study>/<env>/<label>/` (see `Run.save`) at once and
+atomically; cells whose folder already holds a finished run of the same settings (and the
+same strategy code) are loaded, not retrained, so an interrupted study resumes where it
+stopped and loses nothing finished. A cell may be tuned (`Cell.search`): its search runs
+on tuning seeds and only the best configuration is trained on the reported seeds.
+Cells run one after another, or one per task on an executor (`concurrent.futures`, Dask,
+submitit for SLURM, ...), with a
+per-cell lock so that no two workers train the same cell.
 """
 
+import dataclasses
+import hashlib
+import inspect
 import json
-from collections.abc import Callable, Sequence
+import os
+import pickle
+import socket
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import equinox as eqx
 import jax.random as jr
-from brax.envs.base import Env
 from jaxtyping import PRNGKeyArray
 
-from ._checkpoint import check_writable as _check_writable
-from .results import Run, hyperparameters as _strategy_fields, load_run
+from . import _tuning
+from ._cellstore import CellLock as _CellLock, copy_dir as _copy_dir, replace_dir as _replace_dir
+from ._checkpoint import key_data as _key_data
+from ._report import (
+    format_summary as format_summary,
+    provenance_header as provenance_header,
+    summary as summary,
+    untrained_scores as untrained_scores,
+    write_summary as write_summary,
+)
+from ._tuning import log_grid as log_grid
+from .envs import AutoResetEnv as Env, make_env, names as _env_names, toy_names as _toy_names
+from .results import (
+    Run,
+    _atomic_write,
+    hyperparameters as _strategy_fields,
+    load_run,
+    provenance as _provenance,
+)
 from .strategies.base import AbstractStrategy
 from .train import train_seeds
+
+
+@runtime_checkable
+class Submitter(Protocol):
+    """What `run_study(executor=...)` needs: `concurrent.futures.Executor.submit`'s shape.
+
+    **Example:**
+
+    ```python
+    with concurrent.futures.ProcessPoolExecutor(4) as pool:   # a Submitter
+        run_study("demo", cells, executor=pool)
+    ```
+    """
+
+    def submit(self, fn: Callable, /, *args: Any) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -26,15 +70,20 @@ class Cell:
     """One entry of a study grid.
 
     **Fields:** `env` (from `make_env`), `label` (e.g. `"PPO"`), `strategy`,
-    `make_policy` (`(env, key) -> policy`; each seed gets its own initialisation),
-    `total_steps`, `num_seeds` (None: the study's; e.g. fewer on a slow env) and
-    `num_evals` (None: the study's; e.g. a finer grid where the steps to a return matter).
+    `make_policy` (`(env, key) -> policy`; each seed gets its own initialisation; a
+    top-level function if the study runs on an executor), `total_steps`, `num_seeds`
+    (None: the study's; e.g. fewer on a slow env), `num_evals` (None: the study's; e.g. a
+    finer grid where the steps to a return matter) and `search` (None: train `strategy`
+    as it is). A `search` maps float fields of `strategy` to lists of values, e.g.
+    `{"learning_rate": log_grid(1e-4, 1e-3, 3)}`; its configurations are the product of
+    the lists, as in `diffsim.train_sweep`.
 
     **Example:**
 
     ```python
     make = lambda env, k: diffsim.GaussianPolicy(env.observation_size, env.action_size, key=k)
-    cell = Cell(diffsim.make_env("reach"), "PPO", diffsim.PPO(), make, 200_000)
+    cell = Cell(diffsim.make_env("reach"), "PPO", diffsim.PPO(), make, 200_000,
+                search={"learning_rate": [1e-4, 3e-4, 1e-3]})
     ```
     """
 
@@ -45,6 +94,7 @@ class Cell:
     total_steps: int
     num_seeds: int | None = None
     num_evals: int | None = None
+    search: Mapping[str, Sequence[float]] | None = None
 
     @property
     def name(self) -> str:
@@ -62,15 +112,43 @@ def run_study(
     num_eval_episodes: int = 16,
     progress: bool = True,
     reuse: Sequence[str | Path] = (),
+    tuning_seeds: int = 5,
+    allow_unequal_search: bool = False,
+    executor: "Submitter | None" = None,
 ) -> dict[tuple[str, str], Run]:
     """Train every cell with `train_seeds` over `num_seeds` seeds and `num_evals`
     evaluation points (or the cell's own `num_seeds`, `num_evals`); resume finished cells.
 
-    Seeds are `jax.random.split(key(seed), num_seeds)`, the same for every cell. A cell
-    whose folder (or the same cell's folder in one of the `reuse` studies, e.g.
-    `"results/compare"`) holds a finished run of the same settings (strategy and its
-    hyperparameters, env, budget, seeds, evaluations) is loaded instead of trained; one
-    with other settings is trained again and overwritten, with a note.
+    **Seeds.** The reported seeds are `jax.random.split(key(seed), num_seeds)`, the same
+    for every cell. A tuned cell (`Cell.search`) first trains all its configurations on
+    `tuning_seeds` keys from a separate stream (disjoint from the reported ones) as one
+    `train_sweep` program, picks the configuration with the best final IQM over them (the
+    mean below 5 tuning seeds), and re-trains only that one on the reported seeds. Its
+    folder holds `tuning.json` (the search, every configuration's score and final returns
+    per tuning seed, the chosen one, both sets of keys); `run.config["study"]["tuning"]`
+    has the same without the per-seed data. Tip: with `num_seeds` equal to configurations
+    x `tuning_seeds`, the re-training reuses the search's compiled program.
+
+    **Equal effort.** Every contender on an env must search the same number of
+    configurations (an untuned cell counts as one); otherwise `ValueError`, unless
+    `allow_unequal_search`.
+
+    **Reuse.** A cell whose folder (or the same cell's folder in one of the `reuse`
+    studies, e.g. `"results/compare"`) holds a finished run of the same settings (strategy,
+    its hyperparameters and a hash of its source code, policy factory, env, budget, seeds,
+    evaluations, search) is loaded instead of trained; one with other settings is trained
+    again and replaced, with a note. Each finished cell is written atomically.
+
+    **Executor.** With `executor` (anything with `submit(fn, arg)` returning a future with
+    `result()`: a `concurrent.futures.ProcessPoolExecutor`, a Dask `Client`, a submitit
+    `AutoExecutor` for SLURM, Ray's `concurrent.futures` pool), each cell is one task and
+    the tasks run at once, as the executor schedules them. The task must pickle: `make_policy` a top-level function, the env rebuilt in the worker
+    with `make_env(env.name, backend=..., episode_length=...)` where it does not pickle
+    (Brax envs). A lock file per cell (`<env>/<label>.lock`) makes two workers, or two
+    studies started at once, train a cell once: the second waits, then loads it.
+
+    **Failures.** A cell that raises does not stop the others; once all are done,
+    `RuntimeError` names the failed cells (finished cells are on disk).
 
     **Returns:** `{(env name, label): Run}` in the order of `cells`.
 
@@ -78,88 +156,294 @@ def run_study(
 
     ```python
     env = diffsim.make_env("pendulum")
-    make = lambda env, k: diffsim.GaussianPolicy(env.observation_size, env.action_size, key=k)
-    runs = run_study("demo", [Cell(env, "PPO", diffsim.PPO(), make, 200_000)], num_seeds=4)
+    lrs = {"learning_rate": log_grid(1e-4, 1e-3, 3)}
+    runs = run_study("demo", [Cell(env, "PPO", diffsim.PPO(), make, 200_000, search=lrs)],
+                     num_seeds=6, tuning_seeds=2)
     ```
     """
+    if executor is not None and not callable(getattr(executor, "submit", None)):
+        raise TypeError(f"executor must have a submit(fn, arg) method, got {executor!r}")
     root = Path(out) / name
-    labels = [c.name for c in cells]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"cells must have distinct env/label pairs, got {labels}")
-    try:
-        _check_writable(root)  # fail before any training
-    except OSError as error:
-        raise OSError(f"cannot write study results: {error}") from error
+    jobs = _jobs(
+        name,
+        root,
+        cells,
+        dict(num_seeds=num_seeds, seed=seed, num_evals=num_evals, episodes=num_eval_episodes),
+        dict(progress=progress, reuse=tuple(map(str, reuse)), tuning_seeds=tuning_seeds),
+        allow_unequal_search,
+    )
+    _check_writable(root)  # fail before any training
     # The grid's order, for load_study; a process training part of the grid adds its cells.
     listed = root / "cells.json"
     known = json.loads(listed.read_text()) if listed.exists() else []
-    listed.write_text(json.dumps(known + [c for c in labels if c not in known]))
-    runs = {}
-    for cell in cells:
-        path = root / cell.name
-        seeds = cell.num_seeds or num_seeds
-        evals = cell.num_evals or num_evals
-        keys = jr.split(jr.key(seed), seeds)  # the same first keys for every cell
-        wanted = _settings(cell, seeds, seed, evals, num_eval_episodes)
-        found = _finished(cell, wanted, [root, *map(Path, reuse)], name)
-        if found is not None:
-            print(f"[{name}] {cell.name}: finished earlier, loaded from {found}")
-            runs[cell.env.name, cell.label] = run = load_run(found)
-            if found != path:
-                run.save(path)
+    labels = [c.name for c in cells]
+    _atomic_write(listed, json.dumps(known + [c for c in labels if c not in known]).encode())
+    if executor is not None:
+        jobs = [_portable(job) for job in jobs]  # checked before anything is submitted
+        futures = [executor.submit(_run_job, job) for job in jobs]
+        outcomes = [_outcome(f.result) for f in futures]
+    else:
+        outcomes = [_outcome(lambda job=job: _run_job(job)) for job in jobs]
+    runs, failed = {}, []
+    for cell, (status, error) in zip(cells, outcomes, strict=True):
+        if error is not None:
+            print(f"[{name}] {cell.name}: failed: {type(error).__name__}: {error}")
+            failed.append((cell.name, error))
             continue
-        run = train_seeds(
-            cell.strategy,
-            cell.env,
-            lambda k, c=cell: c.make_policy(c.env, k),
-            keys=keys,
-            total_steps=cell.total_steps,
-            num_evals=evals,
-            num_eval_episodes=num_eval_episodes,
-            progress=progress,
-        )
-        run.config["study"] = {"seed": seed, "num_evals_requested": evals}
-        run.save(path)
-        runs[cell.env.name, cell.label] = run
+        print(f"[{name}] {cell.name}: {status}")
+        runs[cell.env.name, cell.label] = load_run(root / cell.name)
+    if failed:
+        listing = "; ".join(f"{c}: {type(e).__name__}: {e}" for c, e in failed)
+        raise RuntimeError(
+            f"{len(failed)} of {len(cells)} cells of study {name!r} failed ({listing});"
+            f" the {len(runs)} finished cells are saved under {root}"
+        ) from failed[0][1]
     return runs
 
 
-def _settings(cell: Cell, num_seeds, seed, num_evals, num_eval_episodes) -> dict:
-    """What a saved cell must match to be reused (as `run.config` records it)."""
-    return {
+def _check_writable(root: Path) -> None:
+    """Prove a file can be written in `root` (a probe of its own name: several processes
+    may start the same study at once)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-") as probe:
+            probe.write(b"0" * 4096)
+            probe.flush()
+    except OSError as error:
+        raise OSError(f"cannot write study results to {root}: {error.strerror or error}") from error
+
+
+def _outcome(call: Callable[[], str]) -> tuple[str, BaseException | None]:
+    """What a cell's task reported, or the error it raised."""
+    try:
+        return call(), None
+    except Exception as error:  # noqa: BLE001  (reported with the others at the end)
+        return "", error
+
+
+@dataclass(frozen=True)
+class _EnvSpec:
+    """How a worker rebuilds an env that does not pickle (a Brax env)."""
+
+    name: str
+    backend: str
+    episode_length: int
+
+    def build(self) -> Env:
+        backend = {} if self.name in _toy_names() else {"backend": self.backend}
+        return make_env(self.name, episode_length=self.episode_length, **backend)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """Everything one cell's task needs, picklable once `_portable` has made it so."""
+
+    study: str
+    root: str
+    env: Any  # Env, or an _EnvSpec in a worker's task
+    label: str
+    strategy: AbstractStrategy
+    make_policy: Callable
+    total_steps: int
+    num_seeds: int
+    num_evals: int
+    num_eval_episodes: int
+    seed: int
+    search: dict[str, list[float]] | None
+    tuning_seeds: int
+    reuse: tuple[str, ...]
+    progress: bool
+    settings: dict[str, Any]
+
+    @property
+    def path(self) -> Path:
+        return Path(self.root) / self.settings["env"] / self.label
+
+
+def _jobs(name, root, cells, protocol: dict, run: dict, allow_unequal: bool) -> list[_Job]:
+    """Check the grid (before any training) and describe each cell's task. `protocol`:
+    `num_seeds`, `seed`, `num_evals`, `episodes`; `run`: `progress`, `reuse`,
+    `tuning_seeds`."""
+    tuning_seeds = run["tuning_seeds"]
+    labels = [c.name for c in cells]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"cells must have distinct env/label pairs, got {labels}")
+    if not isinstance(tuning_seeds, int) or tuning_seeds < 1:
+        raise ValueError(f"tuning_seeds must be a positive int, got {tuning_seeds!r}")
+    searches = {
+        c.name: c.search and _tuning.check_search(c.strategy, c.search, c.name) for c in cells
+    }
+    sizes = {c.name: _tuning.size(searches[c.name]) for c in cells}
+    for env in dict.fromkeys(c.env.name for c in cells):
+        here = {n: s for n, s in sizes.items() if n.split("/")[0] == env}
+        if len(set(here.values())) > 1 and not allow_unequal:
+            raise ValueError(
+                f"unequal tuning effort on {env}: configurations searched per cell {here}."
+                " Give every contender a search of the same size (an untuned cell counts as"
+                " 1), or pass allow_unequal_search=True and say so where the results appear"
+            )
+    jobs = []
+    for cell in cells:
+        seeds = cell.num_seeds or protocol["num_seeds"]
+        evals = cell.num_evals or protocol["num_evals"]
+        search = searches[cell.name] or None
+        settings = _settings(
+            cell, seeds, protocol["seed"], evals, protocol["episodes"], search, tuning_seeds
+        )
+        jobs.append(
+            _Job(
+                study=name,
+                root=str(root),
+                env=cell.env,
+                label=cell.label,
+                strategy=cell.strategy,
+                make_policy=cell.make_policy,
+                total_steps=cell.total_steps,
+                num_seeds=seeds,
+                num_evals=evals,
+                num_eval_episodes=protocol["episodes"],
+                seed=protocol["seed"],
+                search=search,
+                **run,
+                settings=settings,
+            )
+        )
+    return jobs
+
+
+def _portable(job: _Job) -> _Job:
+    """`job` ready for another process: its env replaced by how to rebuild it where the env
+    does not pickle; a clear error for what cannot travel."""
+    try:
+        pickle.dumps(job.env)
+        env = job.env
+    except (pickle.PicklingError, TypeError, AttributeError):
+        if job.env.name not in _env_names():
+            raise ValueError(
+                f"cell {job.settings['env']}/{job.label}: its env does not pickle and"
+                f" {job.env.name!r} is not a make_env name, so an executor's worker cannot"
+                " rebuild it"
+            ) from None
+        env = _EnvSpec(job.env.name, job.env.backend, job.env.episode_length)
+    job = dataclasses.replace(job, env=env)
+    try:
+        pickle.dumps(job)
+    except (pickle.PicklingError, TypeError, AttributeError) as error:
+        raise ValueError(
+            f"cell {job.settings['env']}/{job.label} cannot be sent to an executor ({error});"
+            " make_policy must be a top-level function (not a lambda or a closure)"
+        ) from None
+    return job
+
+
+def _run_job(job: _Job) -> str:
+    """One cell's task (in this process or an executor's worker): load it if finished,
+    else train it, holding the cell's lock; returns what happened."""
+    path = job.path
+    with _CellLock(path.with_name(f"{path.name}.lock")):
+        found = _finished(job, [Path(job.root), *map(Path, job.reuse)])
+        if found == path:
+            return f"finished earlier, loaded from {found}"
+        if found is not None:
+            _copy_dir(found, path)
+            return f"finished earlier, loaded from {found}"
+        env = job.env.build() if isinstance(job.env, _EnvSpec) else job.env
+        _replace_dir(path, lambda tmp: _train(job, env, tmp))
+        return f"trained, saved to {path}"
+
+
+def _train(job: _Job, env: Env, folder: Path) -> None:
+    """Train the cell (tuning first if it has a search) and save it into `folder`."""
+    keys = jr.split(jr.key(job.seed), job.num_seeds)  # the same first keys for every cell
+    factory = lambda k: job.make_policy(env, k)
+    train: dict[str, Any] = dict(
+        total_steps=job.total_steps,
+        num_evals=job.num_evals,
+        num_eval_episodes=job.num_eval_episodes,
+        progress=job.progress,
+    )
+    study: dict[str, Any] = {"seed": job.seed, "num_evals_requested": job.num_evals}
+    if job.search:
+        tuning = _tuning.tuning_keys(job.seed, job.tuning_seeds, keys)
+        record = _tuning.tune(job.strategy, env, factory, job.search, keys=tuning, **train)
+        run = _tuning.retrain(job.strategy, env, factory, record["chosen"], keys=keys, **train)
+        record["report_keys"] = _key_data(keys).tolist()
+        (folder / "tuning.json").write_text(json.dumps(record, indent=1))
+        per_seed = ("final_returns", "curves", "env_steps", "tuning_keys", "report_keys")
+        study["tuning"] = {k: v for k, v in record.items() if k not in per_seed}
+    else:
+        run = train_seeds(job.strategy, env, factory, keys=keys, **train)
+    study["settings"] = job.settings
+    study["provenance"] = _provenance()
+    study["trained_by"] = {"pid": os.getpid(), "host": socket.gethostname()}
+    run.config["study"] = study
+    run.save(folder)
+
+
+def _settings(cell: Cell, num_seeds, seed, num_evals, num_eval_episodes, search, tuning_seeds):
+    """What a saved cell must match to be reused (`run.config["study"]["settings"]`)."""
+    strategy = cell.strategy.for_env(cell.env).for_budget(cell.total_steps)
+    settings = {
         "strategy": type(cell.strategy).__name__,
+        "hyperparameters": _strategy_fields(strategy),
+        "code": code_version(cell.strategy),
+        "policy": getattr(cell.make_policy, "__qualname__", repr(cell.make_policy)),
         "env": cell.env.name,
+        "backend": cell.env.backend,
         "episode_length": cell.env.episode_length,
         "total_steps_requested": cell.total_steps,
         "num_seeds": num_seeds,
         "seed": seed,
         "num_evals_requested": num_evals,
         "num_eval_episodes": num_eval_episodes,
+        "search": search,
+        "tuning_seeds": tuning_seeds if search else None,
     }
+    return json.loads(json.dumps(settings))  # as it reads back from config.json
 
 
-def _finished(cell: Cell, wanted: dict, roots: list[Path], study: str) -> Path | None:
+def code_version(strategy: AbstractStrategy) -> str | None:
+    """A hash of the source of the modules that define `strategy`'s class and its strategy
+    base classes (`AbstractStrategy` itself excluded), with the class's `version` attribute
+    if it has one: a study retrains a cell when its strategy's code changes.
+
+    **Returns:** `"sha256:<hex>"` (plus `"+version:<v>"`), or None where the source cannot
+    be read (such a cell is never reused).
+
+    **Example:**
+
+    ```python
+    code_version(diffsim.PPO())   # "sha256:3f1c..."
+    ```
+    """
+    kinds = [k for k in type(strategy).__mro__ if isinstance(k, type)]
+    kinds = [k for k in kinds if issubclass(k, AbstractStrategy) and k is not AbstractStrategy]
+    digest = hashlib.sha256()
+    try:
+        for module in dict.fromkeys(inspect.getmodule(k) for k in kinds):
+            digest.update(inspect.getsource(module).encode())  # pyright: ignore[reportArgumentType]
+    except (OSError, TypeError):
+        return None
+    version = getattr(type(strategy), "version", None)
+    return f"sha256:{digest.hexdigest()}" + ("" if version is None else f"+version:{version}")
+
+
+def _finished(job: _Job, roots: list[Path]) -> Path | None:
+    """The first of `roots` whose folder of this cell holds a finished run of its settings."""
+    if job.settings["code"] is None:
+        print(f"[{job.study}] {job.path}: the strategy's source is unreadable; retraining")
+        return None
     for root in roots:
-        path = root / cell.name
+        path = root / job.settings["env"] / job.label
         if not (path / "config.json").exists():
             continue
-        config = json.loads((path / "config.json").read_text())
-        saved = {**config, **config.get("study", {})}
-        different = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
-        hyper = config.get("hyperparameters")
-        if hyper != _hyperparameters(cell):
-            different["hyperparameters"] = "changed"
-        if not different:
+        saved = json.loads((path / "config.json").read_text()).get("study", {}).get("settings")
+        if saved == job.settings:
             return path
         if root == roots[0]:
-            print(f"[{study}] {cell.name}: saved run has other settings {different}; retraining")
+            different = sorted(k for k in job.settings if (saved or {}).get(k) != job.settings[k])
+            print(f"[{job.study}] {job.path}: saved run differs in {different}; retraining")
     return None
-
-
-def _hyperparameters(cell: Cell) -> dict:
-    """The cell's hyperparameters as `run.config` records them (after `train` fills in
-    what the env and the budget decide)."""
-    return _strategy_fields(cell.strategy.for_env(cell.env).for_budget(cell.total_steps))
 
 
 def load_study(path: str | Path) -> dict[tuple[str, str], Run]:
@@ -174,7 +458,9 @@ def load_study(path: str | Path) -> dict[tuple[str, str], Run]:
     ```
     """
     path = Path(path)
-    cells = sorted(f"{c.parent.parent.name}/{c.parent.name}" for c in path.glob("*/*/config.json"))
+    found = [c.relative_to(path).parts for c in path.glob("*/*/config.json")]
+    # (hidden folders are cells being written or replaced: `_cellstore.replace_dir`)
+    cells = sorted(f"{e}/{label}" for e, label, _ in found if not (e[0] == "." or label[0] == "."))
     if not cells:
         raise FileNotFoundError(
             f"no finished study cells under {path} (expected <env>/<label>/config.json)"
@@ -182,7 +468,7 @@ def load_study(path: str | Path) -> dict[tuple[str, str], Run]:
     if (path / "cells.json").exists():  # the order the study ran them in
         order = json.loads((path / "cells.json").read_text())
         cells = [c for c in order if c in cells] + [c for c in cells if c not in order]
-    return {tuple(c.split("/")): load_run(path / c) for c in cells}
+    return {(c.split("/")[0], c.split("/")[1]): load_run(path / c) for c in cells}
 
 
 def load_runs(paths: Sequence[str | Path]) -> dict[tuple[str, str], Run]:
@@ -240,75 +526,3 @@ def load_runs(paths: Sequence[str | Path]) -> dict[tuple[str, str], Run]:
             raise ValueError(f"{full} is given more than once")
         runs[env, label] = run
     return runs
-
-
-def summary(runs: dict[tuple[str, str], Run], references: Sequence[str] = ("PPO",)) -> list[dict]:
-    """One row per cell: final IQM with its 95% bootstrap CI, and for each reference
-    strategy (e.g. PPO, ES) on the same env the probability of improvement over it and
-    the env steps and training seconds to its final IQM (`None`: never reached).
-
-    **Example:**
-
-    ```python
-    rows = summary(load_study("results/compare"), references=("PPO", "ES"))
-    print(format_summary(rows, references=("PPO", "ES")))
-    ```
-    """
-    import numpy as np
-
-    from .stats import iqm, iqm_ci, probability_of_improvement, threshold_crossing
-
-    finals = {k: np.asarray(r.curve.eval_return)[:, -1].mean(-1) for k, r in runs.items()}
-    rows = []
-    for (env, label), run in runs.items():
-        mid, low, high = iqm_ci(finals[env, label][:, None])
-        row = {
-            "env": env,
-            "strategy": label,
-            "env_steps": run.config["total_steps"],
-            "iqm": float(mid[0]),
-            "low": float(low[0]),
-            "high": float(high[0]),
-        }
-        for ref in references:
-            if (env, ref) not in runs:
-                continue
-            target = finals[env, ref]
-            hit = threshold_crossing(run, float(iqm(target)))
-            row[f"p_over_{ref}"] = probability_of_improvement(finals[env, label], target)
-            row[f"steps_to_{ref}"] = hit["env_steps"]
-            row[f"seconds_to_{ref}"] = hit["wall_time"]
-        for k in ("train", "eval", "compile"):
-            row[f"{k}_s"] = run.config.get(f"{k}_seconds", float("nan"))
-        rows.append(row)
-    return rows
-
-
-def format_summary(rows: list[dict], references: Sequence[str] = ("PPO",)) -> str:
-    """`summary`'s rows as a fixed-width text table, one column group per reference.
-
-    **Example:**
-
-    ```python
-    print(format_summary(summary(runs, references=("PPO",)), references=("PPO",)))
-    ```
-    """
-
-    def fmt(value, spec: str) -> str:
-        return "never" if value is None else "-" if value == "" else format(value, spec)
-
-    head = f"{'env':<19}{'strategy':<10}{'env steps':>11}{'final IQM':>11}{'95% CI':>20}"
-    for ref in references:
-        head += f"{'P(>' + ref + ')':>10}{'steps to ' + ref:>16}{'s to ' + ref:>10}"
-    head += f"{'train s':>9}{'eval s':>8}{'compile s':>10}"
-    lines = [head]
-    for r in rows:
-        ci = f"[{r['low']:.1f}, {r['high']:.1f}]"
-        line = f"{r['env']:<19}{r['strategy']:<10}{r['env_steps']:>11,}{r['iqm']:>11.1f}{ci:>20}"
-        for ref in references:
-            line += f"{fmt(r.get(f'p_over_{ref}', ''), '.2f'):>10}"
-            line += f"{fmt(r.get(f'steps_to_{ref}', ''), ',d'):>16}"
-            line += f"{fmt(r.get(f'seconds_to_{ref}', ''), '.1f'):>10}"
-        line += f"{r['train_s']:>9.1f}{r['eval_s']:>8.1f}{r['compile_s']:>10.1f}"
-        lines.append(line)
-    return "\n".join(lines)

@@ -1,21 +1,32 @@
-"""The main comparison study (`make study`): strategies x environments, 8 seeds each.
+"""The main comparison study (`make study`): PPO, APG, SHAC and ES on `reach` and `pendulum`.
 
-    python studies/compare.py [--seeds 8] [--out results] [--full]
+    python studies/compare.py [--seeds 10] [--configs 5] [--tuning-seeds 2] [--out results]
+                              [--figures figures] [--full] [--allow-dirty]
 
-Every cell trains all seeds at once (`train_seeds`, one compile) and is saved to
-results/compare/<env>/<strategy>/ as soon as it finishes; re-running skips finished
-cells. Prints the final-performance table and writes figures/compare_*.png (and .pdf).
+Equal tuning effort: every contender searches the same number of learning rates
+(`--configs`, log-spaced from 1/8 to 8 times its default; SHAC's actor rate) on
+`--tuning-seeds` seeds of their own, as one `train_sweep` program per cell. The rate with
+the best final IQM is re-trained on `--seeds` fresh seeds, disjoint from the tuning seeds,
+and only those are reported. With seeds = configs x tuning seeds (10 = 5 x 2) the
+re-training reuses the search's compiled program. 16 evaluation episodes per point, the
+same env-step budget for every strategy on an env.
+
+Every cell is saved to <out>/compare/<env>/<strategy>/ (with tuning.json) as soon as it
+finishes; re-running loads finished cells. Prints the tables (untrained row, P(>PPO),
+P(>untrained), steps and seconds to PPO's final IQM on both sides, the tuning) and writes
+them with their provenance to <out>/compare/table.txt|json, and figures/compare_*.png.
+Refuses to run from a tree with uncommitted changes unless --allow-dirty. `--full` adds
+the `ball` env and Brax's `inverted_pendulum` (400k steps; tens of minutes on a CPU).
 """
 
 import argparse
-import json
+import sys
 from pathlib import Path
-
-import jax
 
 import diffsim
 from diffsim.plotting import final_scores, study_figure
-from diffsim.study import Cell, format_summary, run_study, summary
+from diffsim.results import DirtyTreeError, require_clean
+from diffsim.study import Cell, log_grid, run_study, summary, write_summary
 
 
 def gaussian(env, key):
@@ -27,8 +38,8 @@ def deterministic(env, key):
 
 
 # Every strategy gets the same env-step budget on an env: curves are comparable per step.
-BUDGETS = {"reach": 100_000, "pendulum": 300_000, "inverted_pendulum": 400_000}
-FULL_BUDGETS = {**BUDGETS, "ball": 300_000, "inverted_pendulum": 1_000_000}
+BUDGETS = {"reach": 100_000, "pendulum": 300_000}
+FULL_BUDGETS = {**BUDGETS, "ball": 300_000, "inverted_pendulum": 400_000}
 
 
 def strategies(env):
@@ -46,47 +57,84 @@ def strategies(env):
     ]
 
 
-def cells(full: bool):
+def rate_search(strategy, configs: int) -> dict[str, list[float]]:
+    """`configs` learning rates log-spaced from 1/8 to 8 times the strategy's own (the
+    actor's for SHAC): the same search size for every contender."""
+    field = "actor_learning_rate" if isinstance(strategy, diffsim.SHAC) else "learning_rate"
+    rate = getattr(strategy, field)
+    return {field: log_grid(rate / 8, rate * 8, configs)}
+
+
+def cells(budgets: dict[str, int], configs: int, contenders=strategies) -> list[Cell]:
     grid = []
-    for name, steps in (FULL_BUDGETS if full else BUDGETS).items():
+    for name, steps in budgets.items():
         env = diffsim.make_env(name)
-        for label, strategy, policy in strategies(env):
-            grid.append(Cell(env, label, strategy, policy, steps))
+        for label, strategy, policy in contenders(env):
+            search = rate_search(strategy, configs)
+            grid.append(Cell(env, label, strategy, policy, steps, search=search))
     return grid
+
+
+def protocol_arguments(parser: argparse.ArgumentParser, *, seeds: int, configs: int) -> None:
+    """The options every published study shares: seeds, search size, folders, --allow-dirty."""
+    parser.add_argument("--seeds", type=int, default=seeds, help="reported seeds per cell")
+    parser.add_argument("--configs", type=int, default=configs, help="configurations searched")
+    parser.add_argument("--tuning-seeds", type=int, default=2, help="seeds per configuration")
+    parser.add_argument("--out", default="results")
+    parser.add_argument("--figures", default="figures", help="where figures are written")
+    parser.add_argument(
+        "--allow-dirty",
+        action="store_true",
+        help="write the tables from a tree with uncommitted changes (recorded as dirty)",
+    )
+
+
+def start(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[dict, str]:
+    """The provenance (refusing a dirty tree unless --allow-dirty, before any training) and
+    the command line that the tables will name."""
+    if args.seeds < 5:
+        print(f"note: {args.seeds} seeds per cell: tables show means, not IQMs (< 5 seeds)")
+    try:
+        provenance = require_clean(allow_dirty=args.allow_dirty)
+    except DirtyTreeError as error:
+        parser.error(str(error))
+    script = Path(sys.argv[0])
+    return provenance, " ".join(["python", f"studies/{script.name}", *sys.argv[1:]])
+
+
+def save_figures(runs, study: str, folder: str) -> None:
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    figures = {f"{study}_{x}": study_figure(runs, x=x) for x in ("env_steps", "wall_time")}
+    figures[f"{study}_final"] = final_scores(runs)
+    for fig_name, fig in figures.items():
+        fig.savefig(f"{folder}/{fig_name}.png", dpi=120)
+    print(f"wrote {folder}/{study}_*.png")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=8)
-    parser.add_argument("--out", default="results")
+    protocol_arguments(parser, seeds=10, configs=5)
     parser.add_argument(
-        "--full", action="store_true", help="add the ball env and 1M steps on inverted_pendulum"
+        "--full", action="store_true", help="add the ball env and Brax's inverted_pendulum"
     )
     args = parser.parse_args()
+    provenance, command = start(parser, args)
 
     study = "compare_full" if args.full else "compare"
     runs = run_study(
         study,
-        cells(args.full),
+        cells(FULL_BUDGETS if args.full else BUDGETS, args.configs),
         num_seeds=args.seeds,
+        tuning_seeds=args.tuning_seeds,
         out=args.out,
         num_evals=11,
         num_eval_episodes=16,
+        reuse=[Path(args.out) / "compare"] if args.full else [],  # its reach, pendulum cells
     )
-
-    rows = summary(runs, references=("PPO",))
-    text = format_summary(rows, references=("PPO",))
-    print("\n" + text)
-    (Path(args.out) / study / "table.txt").write_text(text + "\n")
-    (Path(args.out) / study / "table.json").write_text(json.dumps(rows, indent=2))
-
-    figures = {f"{study}_{x}": study_figure(runs, x=x) for x in ("env_steps", "wall_time")}
-    figures[f"{study}_final"] = final_scores(runs)
-    for fig_name, fig in figures.items():
-        for ext in ("png", "pdf"):
-            fig.savefig(f"figures/{fig_name}.{ext}", dpi=120)
-        print(f"wrote figures/{fig_name}.png")
-    print(f"devices: {jax.devices()}")
+    table = summary(runs, references=("PPO",))
+    path = write_summary(Path(args.out) / study, table, provenance=provenance, command=command)
+    print("\n" + path.read_text())
+    save_figures(runs, study, args.figures)
 
 
 if __name__ == "__main__":

@@ -1,71 +1,56 @@
 """Gradients and evolution together: PPO, APG, SHAC, ES and GuidedES on four envs.
 
-    python studies/hybrid.py [--seeds 8] [--out results]
+    python studies/hybrid.py [--seeds 10] [--configs 5] [--tuning-seeds 2] [--out results]
+                             [--figures figures] [--allow-dirty]
 
-The contenders of the main study (`studies/compare.py`, same settings and budgets, so its
-finished cells in results/compare are reused) plus `GuidedES` (blend mode: ES's
-population fitness and the analytic gradient of a 32-step window at the mean, weighted by
-their measured variances), on `reach`, `pendulum`, `inverted_pendulum` and Brax `reacher`
-(spring backend, no contacts, a smooth reward). 8 seeds per cell, equal env-step budgets
-per env, 16 evaluation episodes per point. Prints a table with the env steps and training
-seconds each strategy needs to reach PPO's final IQM and ES's, and writes
-results/hybrid/table.txt|json and figures/hybrid_*.png.
+The contenders of the main study (`studies/compare.py`: the same settings, the same
+learning-rate search and protocol, so its finished cells in <out>/compare are reused) plus
+`GuidedES` (blend mode: ES's population fitness and the analytic gradient of a 32-step
+window at the mean, weighted by their measured variances), on `reach`, `pendulum`, Brax
+`inverted_pendulum` and Brax `reacher` (spring backend, no contacts, a smooth reward).
+Every contender searches the same number of learning rates on tuning seeds; the best is
+re-trained on fresh seeds. Equal env-step budgets per env, 16 evaluation episodes per
+point. Prints the tables (steps and seconds to PPO's and to ES's final IQM on both sides)
+and writes <out>/hybrid/table.txt|json and figures/hybrid_*.png.
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import diffsim
-from diffsim.plotting import final_scores, study_figure
-from diffsim.study import Cell, format_summary, run_study, summary
+from diffsim.study import run_study, summary, write_summary
 
 sys.path.insert(0, str(Path(__file__).parent))
-import compare  # noqa: E402  (the main study's contenders and budgets)
+import compare  # noqa: E402  (the main study's contenders, search and options)
 
-BUDGETS = {**compare.BUDGETS, "reacher": 200_000}
-
-
-def guided(env):
-    return diffsim.GuidedES()
+BUDGETS = {**compare.BUDGETS, "inverted_pendulum": 400_000, "reacher": 200_000}
 
 
-def cells():
-    grid = []
-    for name, steps in BUDGETS.items():
-        env = diffsim.make_env(name)
-        contenders = [*compare.strategies(env), ("GuidedES", guided(env), compare.deterministic)]
-        grid += [Cell(env, label, s, policy, steps) for label, s, policy in contenders]
-    return grid
+def contenders(env):
+    return [*compare.strategies(env), ("GuidedES", diffsim.GuidedES(), compare.deterministic)]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=8)
-    parser.add_argument("--out", default="results")
+    compare.protocol_arguments(parser, seeds=10, configs=5)
     args = parser.parse_args()
+    provenance, command = compare.start(parser, args)
 
     runs = run_study(
         "hybrid",
-        cells(),
+        compare.cells(BUDGETS, args.configs, contenders),
         num_seeds=args.seeds,
+        tuning_seeds=args.tuning_seeds,
         out=args.out,
         num_evals=11,
         num_eval_episodes=16,
         reuse=[Path(args.out) / "compare"],
     )
-    references = ("PPO", "ES")
-    rows = summary(runs, references=references)
-    text = format_summary(rows, references=references)
-    print("\n" + text)
-    root = Path(args.out) / "hybrid"
-    (root / "table.txt").write_text(text + "\n")
-    (root / "table.json").write_text(json.dumps(rows, indent=2))
-    for x in ("env_steps", "wall_time"):
-        study_figure(runs, x=x).savefig(f"figures/hybrid_{x}.png", dpi=120)
-    final_scores(runs).savefig("figures/hybrid_final.png", dpi=120)
-    print("wrote figures/hybrid_env_steps.png, figures/hybrid_wall_time.png, hybrid_final.png")
+    table = summary(runs, references=("PPO", "ES"))
+    path = write_summary(Path(args.out) / "hybrid", table, provenance=provenance, command=command)
+    print("\n" + path.read_text())
+    compare.save_figures(runs, "hybrid", args.figures)
 
 
 if __name__ == "__main__":

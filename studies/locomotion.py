@@ -1,46 +1,56 @@
 """Analytic gradients on Brax bodies: PPO, APG, SHAC, ES and GuidedES on locomotion.
 
     python studies/locomotion.py [--envs reacher halfcheetah ant hopper]
-                                 [--strategies PPO APG SHAC ES GuidedES SHAC-det] [--out results]
+                                 [--strategies PPO APG SHAC ES GuidedES SHAC-det]
+                                 [--seeds 5] [--configs 6] [--tuning-seeds 2]
+                                 [--out results] [--figures figures] [--allow-dirty]
     python studies/locomotion.py --report-only   # tables and figures of the finished cells
 
 Brax `reacher` (no contacts), `halfcheetah`, `hopper` and `ant` (contact), spring backend,
 Brax's reward definitions unchanged, 1000-step episodes. Every strategy on an env gets the
-same env-step budget (`ENVS`), 5 seeds (3 on ant), and the same 8 evaluation episodes at
-7 points (21 on reacher). Each finished cell is saved to results/locomotion/<env>/<strategy>/
-at once, so an interrupted run resumes where it stopped; several processes may train
-different cells (`--envs`, `--strategies`).
+same env-step budget (`ENVS`) and the same tuning effort: `--configs` learning rates
+(log-spaced from 1/8 to 8 times its own; SHAC's actor rate) on `--tuning-seeds` seeds,
+the best re-trained on `--seeds` fresh seeds (5), with 16 evaluation episodes at 7 points
+(21 on reacher). Each finished cell is saved to results/locomotion/<env>/<strategy>/ at once,
+so an interrupted run resumes where it stopped; several processes may train the grid at
+once (`--envs`, `--strategies`, or the same cells: a per-cell lock makes each train once).
 
 After training, every cell's final policies are scored for how they move
 (`diffsim.diagnostics.gait_stats`: forward velocity, torso height, upright fraction and
-episode length, 8 deterministic episodes per seed). Prints one table of returns (final IQM,
-95% bootstrap CI, env steps and training seconds to reach PPO's final IQM) and one of gaits,
-and writes results/locomotion/{table,gait}.{txt,json}, figures/locomotion_*.png.
+episode length, 8 deterministic episodes per seed). Prints the study's tables (untrained
+row, final IQM with 95% bootstrap CI, P(>PPO), P(>untrained), env steps and training
+seconds to PPO's final IQM on both sides, the tuning) and one of gaits, and writes them
+with their provenance to results/locomotion/{table,gait}.{txt,json} and
+figures/locomotion_*.png. Refuses a tree with uncommitted changes unless --allow-dirty.
 """
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import equinox as eqx
-import jax
 import jax.random as jr
 import numpy as np
 
 import diffsim
 from diffsim.diagnostics import GAIT_FIELDS, gait_stats
-from diffsim.plotting import final_scores, study_figure
 from diffsim.stats import threshold_crossing
-from diffsim.study import Cell, format_summary, load_study, run_study, summary
+from diffsim.study import (
+    Cell,
+    load_study,
+    provenance_header,
+    run_study,
+    summary,
+    write_summary,
+)
 
-# env: (env steps per seed, seeds). One budget for every strategy on an env.
-ENVS = {
-    "reacher": (200_000, 5),
-    "halfcheetah": (100_000, 5),
-    "ant": (100_000, 3),
-    "hopper": (100_000, 5),
-}
+sys.path.insert(0, str(Path(__file__).parent))
+import compare  # noqa: E402  (the learning-rate search and the shared options)
+
+# env: env steps per seed. One budget for every strategy on an env.
+ENVS = {"reacher": 200_000, "halfcheetah": 100_000, "ant": 100_000, "hopper": 100_000}
 
 # env: (envs, horizon) of the differentiated windows. The horizon is the longest power of
 # two at which the analytic gradient's variance stays below ES's (studies/gradient_variance.py,
@@ -54,13 +64,14 @@ WINDOWS = {"reacher": (16, 32), "halfcheetah": (64, 8), "ant": (16, 32), "hopper
 EVALS = {"reacher": 21}
 
 
-# PPO: Brax's published per-env settings scaled from 2048 envs to 64-100 (the same
-# discount, unroll, entropy bonus, reward scaling and epochs; fewer envs and minibatches).
+# PPO: settings adapted from Brax's per-env ones at 2048 envs (the same discount, unroll,
+# entropy bonus, reward scaling and epochs; 64-100 envs, fewer minibatches); they are not
+# Brax's settings at this budget, which has none (one Brax PPO round on these bodies
+# collects more than 100k steps). The learning rate is searched like everyone else's.
 # halfcheetah: unroll 20, 8 epochs, discount 0.95, entropy 1e-3; reacher: unroll 50,
 # 8 epochs, discount 0.95, entropy 1e-3, reward scaling 5 (Brax also repeats each action 4
-# times, which diffsim does not). ant: the settings studies/ant_ppo.py measured on this
-# machine (3,660 after 1M steps; Brax's unroll 5 / entropy 1e-2 / reward scaling 10 are
-# tuned for 2048 envs). Brax publishes no PPO settings for hopper (SAC only): ant's.
+# times, which diffsim does not). ant: the settings studies/ant_ppo.py measured (3,660 after
+# 1M steps). Brax publishes no PPO settings for hopper (SAC only): ant's.
 def _ppo(**settings) -> diffsim.PPO:
     """Brax's epochs and entropy bonus, shared by every env here."""
     return diffsim.PPO(num_epochs=8, entropy_coef=1e-3, **settings)
@@ -87,14 +98,14 @@ LONG_PPO = {"ant": "figures/runs/ant"}  # studies/ant_ppo.py: 1M steps, 5 seeds,
 def long_ppo_steps(rows: list[dict]) -> str:
     """For each cell on an env in `LONG_PPO`: the env steps the long PPO run took to reach
     the cell's final IQM (`threshold_crossing` of its IQM curve), added to the rows."""
-    lines = [f"{'env':<13}{'strategy':<10}{'final IQM':>11}{'long PPO steps to it':>22}"]
+    lines = [f"{'env':<13}{'strategy':<10}{'final':>11}{'long PPO steps to it':>22}"]
     for row in rows:
         if row["env"] not in LONG_PPO:
             continue
-        hit = threshold_crossing(diffsim.load_run(LONG_PPO[row["env"]]), row["iqm"])
+        hit = threshold_crossing(diffsim.load_run(LONG_PPO[row["env"]]), row["final"])
         row["long_ppo_steps"] = hit["env_steps"]
         steps = "never" if hit["env_steps"] is None else f"{hit['env_steps']:,}"
-        lines.append(f"{row['env']:<13}{row['strategy']:<10}{row['iqm']:>11.1f}{steps:>22}")
+        lines.append(f"{row['env']:<13}{row['strategy']:<10}{row['final']:>11.1f}{steps:>22}")
     return "\n".join(lines)
 
 
@@ -140,18 +151,17 @@ def contenders(name: str):
     return grid
 
 
-def cells(names, labels):
-    """The grid's cells on the envs `names` whose strategy label is in `labels`."""
+def cells(names, labels, configs: int):
+    """The grid's cells on the envs `names` whose strategy label is in `labels`, each
+    searching `configs` learning rates."""
     grid = []
     for name in names:
-        steps, seeds = ENVS[name]
         env = diffsim.make_env(name)  # spring backend, Brax's reward
-        evals = EVALS.get(name)
-        grid += [
-            Cell(env, label, s, p, steps, seeds, evals)
-            for label, s, p in contenders(name)
-            if label in labels
-        ]
+        for label, strategy, policy in contenders(name):
+            if label in labels:
+                search = compare.rate_search(strategy, configs)
+                evals = EVALS.get(name)
+                grid.append(Cell(env, label, strategy, policy, ENVS[name], None, evals, search))
     return grid
 
 
@@ -203,13 +213,14 @@ def main():
     parser.add_argument("--envs", nargs="+", default=list(ENVS), choices=list(ENVS))
     labels = list(dict.fromkeys(label for name in ENVS for label, *_ in contenders(name)))
     parser.add_argument("--strategies", nargs="+", default=labels, choices=labels)
-    parser.add_argument("--out", default="results")
+    compare.protocol_arguments(parser, seeds=5, configs=6)
     parser.add_argument(
         "--report-only",
         action="store_true",
         help="train nothing: tables and figures from the finished cells in --out",
     )
     args = parser.parse_args()
+    provenance, command = compare.start(parser, args)
 
     tic = time.perf_counter()
     root = Path(args.out) / "locomotion"
@@ -220,35 +231,33 @@ def main():
     else:
         runs = run_study(
             "locomotion",
-            cells(args.envs, args.strategies),
-            num_seeds=5,
+            cells(args.envs, args.strategies, args.configs),
+            num_seeds=args.seeds,
+            tuning_seeds=args.tuning_seeds,
             out=args.out,
             num_evals=7,
-            num_eval_episodes=8,
+            num_eval_episodes=16,
         )
     study_s = time.perf_counter() - tic
-    rows = summary(runs, references=("PPO",))
-    text = format_summary(rows, references=("PPO",))
-    text += "\n\n" + long_ppo_steps(rows)
-    print("\n" + text)
-    (root / "table.txt").write_text(text + "\n")
-    (root / "table.json").write_text(json.dumps(rows, indent=2))
+    table = summary(runs, references=("PPO",))
+    long_ppo = long_ppo_steps(table["cells"])
+    path = write_summary(root, table, provenance=provenance, command=command)
+    path.write_text(path.read_text() + "\n" + long_ppo + "\n")
+    print("\n" + path.read_text())
 
     gait_rows = gaits(runs, root)
     gait_text = format_gaits(gait_rows)
     print("\nfinal policies, 8 deterministic episodes per seed (means over seeds):")
     print(gait_text)
-    (root / "gait.txt").write_text(gait_text + "\n")
-    (root / "gait.json").write_text(json.dumps(gait_rows, indent=2))
-
-    for x in ("env_steps", "wall_time"):
-        study_figure(runs, x=x).savefig(f"figures/locomotion_{x}.png", dpi=120)
-    final_scores(runs).savefig("figures/locomotion_final.png", dpi=120)
-    total = time.perf_counter() - tic
-    print(
-        f"\nthis call: {study_s:.0f} s training and loading cells, {total:.0f} s in all"
-        f" (devices: {jax.devices()}); wrote figures/locomotion_*.png"
+    (root / "gait.txt").write_text(
+        provenance_header(provenance, command) + "\n\n" + gait_text + "\n"
     )
+    record = {"command": command, "provenance": provenance, "rows": gait_rows}
+    (root / "gait.json").write_text(json.dumps(record, indent=2))
+
+    compare.save_figures(runs, "locomotion", args.figures)
+    total = time.perf_counter() - tic
+    print(f"\nthis call: {study_s:.0f} s training and loading cells, {total:.0f} s in all")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Hyperparameter sensitivity: final IQM of PPO, APG, SHAC and ES against their learning
 rate and one more hyperparameter each, on `pendulum` and `inverted_pendulum`.
 
-    python studies/sensitivity.py [--seeds 5] [--out results] [--tiny]
+    python studies/sensitivity.py [--seeds 5] [--out results] [--figures figures] [--tiny]
+                                  [--allow-dirty]
 
 Each (env, strategy, hyperparameter) is one `diffsim.train_sweep`: 5 values x 5 seeds in
 one compiled program, the other settings as in `make study` (studies/compare.py). Each
@@ -10,7 +11,9 @@ re-running loads finished sweeps. For one grid (PPO's learning rate on pendulum)
 same 5 values are also trained one at a time with `train_seeds`, with the persistent
 compilation cache off for both, to compare compile and training seconds.
 
-Prints a table, writes results/sensitivity/summary.json and figures/sensitivity.png.
+Prints a table, writes it with its provenance to results/sensitivity/table.txt and
+summary.json, and figures/sensitivity.png. Refuses a tree with uncommitted changes unless
+--allow-dirty.
 `--tiny` (2 values, 2 seeds, 10k steps, pendulum only) checks that everything runs and
 writes to results/sensitivity_tiny/ and figures/sensitivity_tiny.png instead.
 """
@@ -25,11 +28,12 @@ import jax
 import jax.random as jr
 import matplotlib.pyplot as plt
 import numpy as np
-from compare import strategies
+from compare import start, strategies
 
 import diffsim
 from diffsim.plotting import color_for
-from diffsim.stats import iqm_ci
+from diffsim.stats import aggregate_ci, aggregate_name
+from diffsim.study import provenance_header
 
 BUDGETS = {"pendulum": 200_000, "inverted_pendulum": 300_000}
 
@@ -60,13 +64,20 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--out", default="results")
+    parser.add_argument("--figures", default="figures", help="where the figure is written")
     parser.add_argument("--tiny", action="store_true", help="2 values, 2 seeds, 10k steps")
+    parser.add_argument(
+        "--allow-dirty",
+        action="store_true",
+        help="write the tables from a tree with uncommitted changes (recorded as dirty)",
+    )
     parser.add_argument(
         "--finished-only",
         action="store_true",
         help="report the sweeps already saved, train nothing (the rest are listed as not run)",
     )
     args = parser.parse_args()
+    provenance, command = start(parser, args)
 
     name = "sensitivity_tiny" if args.tiny else "sensitivity"
     out = Path(args.out) / name
@@ -96,28 +107,7 @@ def main():
             out / env_name / f"{label}-{param}",
         )
 
-    runs = {}
-    for env_name, steps in budgets.items():
-        for label, (strategy, policy) in contenders[env_name].items():
-            for param, values, _ in SWEEPS[label]:
-                path = out / env_name / f"{label}-{param}"
-                if (path / "config.json").exists():
-                    run = diffsim.load_run(path)
-                elif args.finished_only:
-                    print(f"not run: {env_name} {label} {param}")
-                    continue
-                else:
-                    run = diffsim.train_sweep(
-                        strategy,
-                        envs[env_name],
-                        lambda k, env=envs[env_name], make=policy: make(env, k),
-                        sweep={param: pick(values)},
-                        keys=keys,
-                        total_steps=steps,
-                        **settings,
-                    )
-                    run.save(path)
-                runs[env_name, label, param] = run
+    runs = sweeps(envs, budgets, contenders, out, keys, settings, pick, args.finished_only)
 
     rows = summary(runs)
     lines = table(rows)
@@ -125,16 +115,45 @@ def main():
     if timing is not None:
         print("\n" + "\n".join(timing_lines(timing)))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "table.txt").write_text("\n".join(lines) + "\n")
-    (out / "summary.json").write_text(
-        json.dumps({"rows": rows, "timing": timing, "devices": str(jax.devices())}, indent=2)
-    )
+    header = provenance_header(provenance, command)
+    (out / "table.txt").write_text(header + "\n\n" + "\n".join(lines) + "\n")
+    record = {"command": command, "provenance": provenance, "rows": rows, "timing": timing}
+    (out / "summary.json").write_text(json.dumps(record, indent=2))
     studied = {label: s for label, s, _ in strategies(next(iter(envs.values())))}
     defaults = {(s, p): getattr(studied[s], p) for s in SWEEPS for p, _, _ in SWEEPS[s]}
     figure = plot(rows, list(budgets), defaults)
-    Path("figures").mkdir(exist_ok=True)
-    figure.savefig(f"figures/{name}.png", dpi=120)
-    print(f"wrote {out / 'summary.json'} and figures/{name}.png")
+    Path(args.figures).mkdir(parents=True, exist_ok=True)
+    figure.savefig(f"{args.figures}/{name}.png", dpi=120)
+    print(f"wrote {out / 'summary.json'} and {args.figures}/{name}.png")
+
+
+def sweeps(envs, budgets, contenders, out, keys, settings, pick, finished_only) -> dict:
+    """Every (env, strategy, hyperparameter) sweep: loaded where saved, else trained (one
+    `train_sweep` each) and saved, unless `finished_only`."""
+    runs = {}
+    for env_name, steps in budgets.items():
+        env = envs[env_name]
+        for label, (strategy, policy) in contenders[env_name].items():
+            for param, values, _ in SWEEPS[label]:
+                path = out / env_name / f"{label}-{param}"
+                if (path / "config.json").exists():
+                    runs[env_name, label, param] = diffsim.load_run(path)
+                    continue
+                if finished_only:
+                    print(f"not run: {env_name} {label} {param}")
+                    continue
+                run = diffsim.train_sweep(
+                    strategy,
+                    env,
+                    lambda k, env=env, make=policy: make(env, k),
+                    sweep={param: pick(values)},
+                    keys=keys,
+                    total_steps=steps,
+                    **settings,
+                )
+                run.save(path)
+                runs[env_name, label, param] = run
+    return runs
 
 
 def time_grid(strategy, env, policy, param, values, keys, steps, settings, path) -> dict:
@@ -196,18 +215,20 @@ def _final(run) -> np.ndarray:
 
 
 def summary(runs) -> list[dict]:
-    """One row per (env, strategy, hyperparameter, value): final IQM over seeds, 95% CI."""
+    """One row per (env, strategy, hyperparameter, value): final IQM over seeds (the mean
+    below 5 seeds: `stat`), 95% CI."""
     rows = []
     for (env, label, param), run in runs.items():
         final = _final(run)  # (configs, seeds)
         for c, config in enumerate(run.config["sweep"]):
-            mid, low, high = iqm_ci(final[c][:, None])
+            mid, low, high = aggregate_ci(final[c][:, None])
             rows.append(
                 {
                     "env": env,
                     "strategy": label,
                     "hyperparameter": param,
                     "value": config[param],
+                    "stat": aggregate_name(len(final[c])),
                     "iqm": float(mid[0]),
                     "low": float(low[0]),
                     "high": float(high[0]),
@@ -222,12 +243,12 @@ def summary(runs) -> list[dict]:
 
 def table(rows) -> list[str]:
     header = (
-        f"{'env':<19}{'strategy':<9}{'hyperparameter':<21}{'value':>9}{'final IQM':>11}"
+        f"{'env':<19}{'strategy':<9}{'hyperparameter':<21}{'value':>9}{'stat':>6}{'final':>11}"
         f"{'95% CI':>20}{'sweep train s':>15}{'compile s':>11}"
     )
     return [header] + [
         f"{r['env']:<19}{r['strategy']:<9}{r['hyperparameter']:<21}{r['value']:>9.3g}"
-        f"{r['iqm']:>11.1f}{_ci(r):>20}"
+        f"{r['stat']:>6}{r['iqm']:>11.1f}{_ci(r):>20}"
         f"{r['sweep_train_s']:>15.1f}{r['sweep_compile_s']:>11.1f}"
         for r in rows
     ]

@@ -1,0 +1,367 @@
+"""A study's tables: final scores against the untrained policy and the references, steps
+and seconds to each reference's final score on both sides, and the tuning and its cost,
+under a provenance header (`diffsim.results.provenance`)."""
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .results import Run
+from .stats import (
+    aggregate,
+    aggregate_ci,
+    aggregate_name,
+    probability_of_improvement,
+    threshold_crossing as _crossing,
+)
+
+DID_NOT_LEARN = "did not learn"
+
+
+def _scores(run: Run, point: int) -> np.ndarray:
+    """Each seed's mean return over the episodes of evaluation `point`."""
+    return np.asarray(run.curve.eval_return)[:, point].mean(-1)
+
+
+def untrained_scores(run: Run) -> np.ndarray:
+    """Each seed's mean return before training: the curve at env step 0, `(seeds,)`.
+
+    **Example:**
+
+    ```python
+    untrained_scores(runs["reach", "PPO"])   # e.g. array([-104.1, -98.7, ...])
+    ```
+    """
+    steps = np.asarray(run.curve.env_steps)[:, 0]
+    if np.any(steps != 0):
+        raise ValueError(f"the run's first evaluation is at env step {steps.max()}, not 0")
+    return _scores(run, 0)
+
+
+def summary(runs: dict[tuple[str, str], Run], references: Sequence[str] = ("PPO",)) -> dict:
+    """The numbers of a study's tables, as plain JSON.
+
+    - `cells`: one row per cell: `seeds`, `stat` (`"IQM"`, or `"mean"` below 5 seeds),
+      `final` with its 95% bootstrap CI (`low`, `high`), `untrained` (the same statistic
+      at env step 0), `p_over_untrained` (P(final > untrained) over pairs of seeds),
+      `learned` (the CI's lower end lies above `untrained`), `p_over_<REF>` for each
+      reference on the env, seconds, and `tuning` (None for an untuned cell).
+    - `untrained`: one row per env: the statistic over every cell's seeds at env step 0.
+    - `crossings`: per env, reference and cell: the target (the reference's final score),
+      each side's first evaluation whose statistic reaches it (`steps`, `seconds`, medians
+      over seeds; `reference_steps`, `reference_seconds`) and the ratios reference /
+      cell. A reference whose final score is not above its untrained score has no target:
+      `reference_learned` is False and the ratios None (`"did not learn"` in the table).
+
+    **Example:**
+
+    ```python
+    table = summary(load_study("results/compare"), references=("PPO",))
+    print(format_summary(table, provenance=diffsim.results.provenance()))
+    ```
+    """
+    cells = [_cell_row(env, label, run, runs, references) for (env, label), run in runs.items()]
+    untrained = []
+    for env in dict.fromkeys(env for env, _ in runs):
+        pooled = np.concatenate([untrained_scores(r) for (e, _), r in runs.items() if e == env])
+        mid, low, high = aggregate_ci(pooled)
+        untrained.append(
+            {
+                "env": env,
+                "seeds": len(pooled),
+                "stat": aggregate_name(len(pooled)),
+                "score": float(mid),
+                "low": float(low),
+                "high": float(high),
+            }
+        )
+    crossings = [
+        row
+        for ref in references
+        for env in dict.fromkeys(env for env, _ in runs)
+        if (env, ref) in runs
+        for row in _crossings(env, ref, runs)
+    ]
+    trained_at: dict[str, int] = {}
+    for run in runs.values():
+        state = _state(run.config.get("study", {}).get("provenance"))
+        trained_at[state] = trained_at.get(state, 0) + 1
+    return {
+        "references": list(references),
+        "cells": cells,
+        "untrained": untrained,
+        "crossings": crossings,
+        "trained_at": trained_at,
+    }
+
+
+def _state(provenance: dict | None) -> str:
+    """`"<short commit>"`, with `" dirty"` for a dirty tree, or `"unknown"`."""
+    if not provenance or provenance.get("commit") is None:
+        return "unknown"
+    return provenance["commit"][:10] + (" dirty" if provenance.get("dirty") else "")
+
+
+def _cell_row(env: str, label: str, run: Run, runs: dict, references: Sequence[str]) -> dict:
+    final, start = _scores(run, -1), untrained_scores(run)
+    mid, low, high = aggregate_ci(final)
+    untrained = float(aggregate(start))
+    row: dict[str, Any] = {
+        "env": env,
+        "strategy": label,
+        "env_steps": run.config["total_steps"],
+        "seeds": len(final),
+        "stat": aggregate_name(len(final)),
+        "final": float(mid),
+        "low": float(low),
+        "high": float(high),
+        "untrained": untrained,
+        "p_over_untrained": probability_of_improvement(final, start),
+        "learned": bool(low > untrained),
+    }
+    for ref in references:
+        if (env, ref) in runs:
+            row[f"p_over_{ref}"] = probability_of_improvement(final, _scores(runs[env, ref], -1))
+    for k in ("train", "eval", "compile"):
+        row[f"{k}_s"] = run.config.get(f"{k}_seconds", float("nan"))
+    tuning = run.config.get("study", {}).get("tuning")
+    row["tuning"] = tuning and {
+        "configs": len(tuning["configs"]),
+        "tuning_seeds": tuning["tuning_seeds"],
+        "stat": tuning["stat"],
+        "chosen": tuning["chosen"],
+        "at_edge": [  # the best value is the search's smallest or largest: search wider
+            k
+            for k, v in tuning["chosen"].items()
+            if len(tuning["search"][k]) > 1
+            and v in (min(tuning["search"][k]), max(tuning["search"][k]))
+        ],
+        "scores": tuning["scores"],
+        "seconds": sum(tuning["seconds"].values()),
+    }
+    return row
+
+
+def _crossings(env: str, ref: str, runs: dict) -> list[dict]:
+    """Both sides' first crossings of the reference's final score, for every cell on env."""
+    base = runs[env, ref]
+    target, untrained = (
+        float(aggregate(_scores(base, -1))),
+        float(aggregate(untrained_scores(base))),
+    )
+    learned = target > untrained
+    mine = _crossing(base, target) if learned else {"env_steps": None, "wall_time": None}
+    rows = []
+    for (e, label), run in runs.items():
+        if e != env:
+            continue
+        hit = _crossing(run, target) if learned else {"env_steps": None, "wall_time": None}
+        rows.append(
+            {
+                "env": env,
+                "reference": ref,
+                "target": target if learned else None,
+                "reference_final": target,
+                "reference_untrained": untrained,
+                "reference_learned": learned,
+                "strategy": label,
+                "steps": hit["env_steps"],
+                "seconds": hit["wall_time"],
+                "reference_steps": mine["env_steps"],
+                "reference_seconds": mine["wall_time"],
+                "steps_ratio": _ratio(mine["env_steps"], hit["env_steps"]),
+                "seconds_ratio": _ratio(mine["wall_time"], hit["wall_time"]),
+            }
+        )
+    return rows
+
+
+def _ratio(reference, contender) -> float | None:
+    """reference / contender; None where either never crossed or the contender started at
+    or above the target (its crossing is at env step 0)."""
+    if reference is None or not contender:
+        return None
+    return reference / contender
+
+
+def format_summary(
+    table: dict, *, provenance: dict | None = None, command: str | None = None
+) -> str:
+    """`summary`'s numbers as text: a provenance header (`# ` lines: the command, commit,
+    date, versions, machine, protocol), then three tables: final scores, steps and seconds
+    to each reference's final score, and tuning and cost.
+
+    **Example:**
+
+    ```python
+    text = format_summary(summary(runs), provenance=diffsim.results.provenance(),
+                          command="python studies/compare.py")
+    ```
+    """
+    blocks = [_header(table, provenance, command)] if provenance or command else []
+    blocks += [_scores_table(table), _crossings_table(table), _cost_table(table)]
+    return "\n\n".join(b for b in blocks if b)
+
+
+def provenance_header(provenance: dict | None, command: str | None) -> str:
+    """`# ` lines naming the command that wrote a table and its provenance (commit and
+    whether the tree was dirty, date, package versions, machine), for any results table.
+
+    **Example:**
+
+    ```python
+    text = provenance_header(diffsim.results.provenance(), "python studies/x.py") + "\n" + table
+    ```
+    """
+    lines = [] if command is None else [f"# written by: {command}"]
+    if provenance is not None:
+        state = {True: "dirty: " + ", ".join(provenance["changed"]), False: "clean"}
+        machine = provenance["machine"]
+        lines += [
+            f"# commit: {provenance['commit']} ({state.get(provenance['dirty'], 'no git')})",
+            f"# date: {provenance['date']}",
+            "# versions: " + ", ".join(f"{k} {v}" for k, v in provenance["versions"].items()),
+            f"# machine: {machine['cpu']}, {machine['cpu_count']} CPUs, accelerator"
+            f" {', '.join(machine['accelerator'])} ({machine['platform']})",
+        ]
+    return "\n".join(lines)
+
+
+def _header(table: dict, provenance: dict | None, command: str | None) -> str:
+    lines = [provenance_header(provenance, command)]
+    cells = table["cells"]
+    trained_at = table.get("trained_at") or {}
+    if provenance is not None and set(trained_at) - {_state(provenance)}:
+        lines.append(
+            "# cells trained at: " + ", ".join(f"{k} ({n} cells)" for k, n in trained_at.items())
+        )
+    seeds = sorted({c["seeds"] for c in cells})
+    tuned = {(c["tuning"]["configs"], c["tuning"]["tuning_seeds"]) for c in cells if c["tuning"]}
+    search = "; ".join(f"{n} configurations x {t} tuning seeds" for n, t in sorted(tuned)) or "none"
+    lines.append(
+        f"# protocol: {'/'.join(map(str, seeds))} seeds per cell (IQM from 5 seeds, else the"
+        f" mean); tuning per contender: {search}; the chosen configuration re-trained on the"
+        " reported seeds, disjoint from the tuning seeds"
+    )
+    return "\n".join(lines)
+
+
+def _scores_table(table: dict) -> str:
+    refs = [r for r in table["references"] if any(f"p_over_{r}" in c for c in table["cells"])]
+    head = (
+        f"{'env':<19}{'strategy':<11}{'env steps':>10}{'seeds':>6}{'stat':>6}{'final':>10}"
+        f"{'95% CI':>21}{'untrained':>11}{'P(>untr.)':>10}{'learned':>8}"
+    )
+    head += "".join(f"{'P(>' + r + ')':>10}" for r in refs)
+    lines = [
+        "Final return over seeds with its 95% bootstrap CI; untrained: the same statistic at"
+        " env step 0; learned: the CI's lower end lies above it",
+        head,
+    ]
+    for env_row in table["untrained"]:
+        ci = f"[{env_row['low']:.1f}, {env_row['high']:.1f}]"
+        lines.append(
+            f"{env_row['env']:<19}{'untrained':<11}{0:>10,}{env_row['seeds']:>6}"
+            f"{env_row['stat']:>6}{env_row['score']:>10.1f}{ci:>21}{'-':>11}{'-':>10}{'-':>8}"
+            + "".join(f"{'-':>10}" for _ in refs)
+        )
+        for r in (c for c in table["cells"] if c["env"] == env_row["env"]):
+            ci = f"[{r['low']:.1f}, {r['high']:.1f}]"
+            lines.append(
+                f"{r['env']:<19}{r['strategy']:<11}{r['env_steps']:>10,}{r['seeds']:>6}"
+                f"{r['stat']:>6}{r['final']:>10.1f}{ci:>21}{r['untrained']:>11.1f}"
+                f"{r['p_over_untrained']:>10.2f}{'yes' if r['learned'] else 'no':>8}"
+                + "".join(_p(r.get(f"p_over_{ref}")) for ref in refs)
+            )
+    return "\n".join(lines)
+
+
+def _p(value: float | None) -> str:
+    return f"{'-' if value is None else format(value, '.2f'):>10}"
+
+
+def _crossings_table(table: dict) -> str:
+    if not table["crossings"]:
+        return ""
+    lines = [
+        "Env steps and training seconds to the reference's final score: each side's first"
+        " evaluation whose statistic reaches it (medians over seeds); ratio: the reference's"
+        " / the strategy's",
+        f"{'env':<19}{'reference':<10}{'target':>10}  {'strategy':<11}{'steps to it':>12}"
+        f"{'steps ratio':>15}{'s to it':>9}{'time ratio':>15}",
+    ]
+    for r in table["crossings"]:
+        target = f"{r['target']:.1f}" if r["reference_learned"] else "-"
+        lines.append(
+            f"{r['env']:<19}{r['reference']:<10}{target:>10}  {r['strategy']:<11}"
+            f"{_steps(r, r['steps'], ',d'):>12}{_times(r, r['steps_ratio']):>15}"
+            f"{_steps(r, r['seconds'], '.1f'):>9}{_times(r, r['seconds_ratio']):>15}"
+        )
+    return "\n".join(lines)
+
+
+def _steps(row: dict, value, spec: str) -> str:
+    if not row["reference_learned"]:
+        return "-"
+    return "never" if value is None else format(value, spec)
+
+
+def _times(row: dict, ratio: float | None) -> str:
+    if not row["reference_learned"]:
+        return DID_NOT_LEARN
+    if ratio is None:
+        return "at start" if row["steps"] == 0 else "-"
+    return f"{ratio:.2f}x"
+
+
+def _cost_table(table: dict) -> str:
+    lines = [
+        "Tuning (configurations searched on tuning seeds; the best by its final statistic"
+        " re-trained on the reported seeds; *: at the edge of the search) and seconds (tune:"
+        " the whole search)",
+        f"{'env':<19}{'strategy':<11}{'configs':>8}{'t. seeds':>9}  {'chosen':<32}"
+        f"{'score':>10}{'worst':>10}{'tune s':>9}{'train s':>9}{'eval s':>8}{'compile s':>10}",
+    ]
+    for r in table["cells"]:
+        t = r["tuning"]
+        if t is None:
+            tuned = f"{1:>8}{'-':>9}  {'(not tuned)':<32}{'-':>10}{'-':>10}{'-':>9}"
+        else:
+            scores = [s if s is not None else float("nan") for s in t["scores"]]
+            chosen = ", ".join(
+                f"{k}={v:.3g}" + ("*" if k in t["at_edge"] else "") for k, v in t["chosen"].items()
+            )
+            tuned = (
+                f"{t['configs']:>8}{t['tuning_seeds']:>9}  {chosen:<32}"
+                f"{np.nanmax(scores):>10.1f}{np.nanmin(scores):>10.1f}{t['seconds']:>9.1f}"
+            )
+        lines.append(
+            f"{r['env']:<19}{r['strategy']:<11}{tuned}"
+            f"{r['train_s']:>9.1f}{r['eval_s']:>8.1f}{r['compile_s']:>10.1f}"
+        )
+    return "\n".join(lines)
+
+
+def write_summary(
+    folder: str | Path, table: dict, *, provenance: dict, command: str, name: str = "table"
+) -> Path:
+    """Write `<folder>/<name>.txt` (`format_summary`) and `<name>.json` (the numbers, the
+    provenance and the command); returns the text file's path.
+
+    **Example:**
+
+    ```python
+    write_summary("results/compare", summary(runs), provenance=prov,
+                  command="python studies/compare.py")
+    ```
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    text = format_summary(table, provenance=provenance, command=command)
+    (folder / f"{name}.txt").write_text(text + "\n")
+    record = {"command": command, "provenance": provenance, **table}
+    (folder / f"{name}.json").write_text(json.dumps(record, indent=2))
+    return folder / f"{name}.txt"

@@ -1,0 +1,156 @@
+"""Tuning a study cell: a search over float hyperparameters as one `train_sweep` program on
+tuning seeds, then the best configuration re-trained on fresh seeds.
+
+Selection never sees the reported seeds: the tuning keys come from their own stream
+(`tuning_keys`) and are checked to be disjoint from the reported ones.
+"""
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.random as jr
+import numpy as np
+
+from ._checkpoint import key_data
+from .results import Run
+from .stats import aggregate, aggregate_name
+from .train import train_sweep
+
+Search = Mapping[str, Sequence[float]]
+TUNING_STREAM = 0x74756E65  # folded into the study's seed: the tuning keys' own stream
+
+
+def log_grid(low: float, high: float, num: int) -> list[float]:
+    """`num` values from `low` to `high`, evenly spaced on a log scale (3 significant
+    digits), e.g. for a learning-rate search.
+
+    **Example:**
+
+    ```python
+    log_grid(1e-4, 1e-2, 3)   # [0.0001, 0.001, 0.01]
+    ```
+    """
+    if not (isinstance(num, int) and num >= 1):
+        raise ValueError(f"log_grid needs num >= 1 values, got {num!r}")
+    if not (0 < low <= high) or not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"log_grid needs 0 < low <= high, got low={low!r}, high={high!r}")
+    values = np.geomspace(low, high, num) if num > 1 else np.array([low])
+    return [float(f"{v:.3g}") for v in values]
+
+
+def configs(search: Search) -> list[dict[str, float]]:
+    """Every configuration of `search`, in `train_sweep`'s order (`itertools.product` of
+    the lists in the dict's order, the last name varying fastest)."""
+    names = list(search)
+    return [
+        dict(zip(names, values, strict=True))
+        for values in itertools.product(*(search[n] for n in names))
+    ]
+
+
+def size(search: Search | None) -> int:
+    """How many configurations a cell trains when tuned (1: not tuned)."""
+    return 1 if not search else math.prod(len(v) for v in search.values())
+
+
+def check_search(strategy, search: Search, where: str) -> dict[str, list[float]]:
+    """`search` as plain lists of floats, after checking that each name is a float field
+    of `strategy` and that the strategy accepts every configuration (before training)."""
+    owner = type(strategy).__name__
+    fields = {f.name for f in dataclasses.fields(strategy)}
+    if not isinstance(search, Mapping) or not search:
+        raise ValueError(
+            f"{where}: search must be a non-empty dict from float fields of {owner} to lists"
+            f" of values, got {search!r}"
+        )
+    out = {}
+    for name, values in search.items():
+        current = getattr(strategy, name, None)
+        if name not in fields or isinstance(current, bool) or not isinstance(current, float):
+            raise ValueError(
+                f"{where}: search[{name!r}]: {owner} has no float hyperparameter {name!r}"
+                f" (= {current!r}); a search varies float fields, in one train_sweep program"
+            )
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+            raise ValueError(f"{where}: search[{name!r}] must be a non-empty list, got {values!r}")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"{where}: search[{name!r}] holds {values!r}; expected numbers")
+        out[name] = [float(v) for v in values]
+    for config in configs(out):
+        try:
+            dataclasses.replace(strategy, **config)
+        except ValueError as error:
+            raise ValueError(f"{where}: search config {config}: {error}") from None
+    return out
+
+
+def tuning_keys(seed: int, num: int, reported: jax.Array) -> jax.Array:
+    """`num` tuning keys from their own stream of the study's `seed`, checked to share no
+    key with the `reported` ones."""
+    keys = jr.split(jr.fold_in(jr.key(seed), TUNING_STREAM), num)
+    ours = {tuple(k) for k in key_data(keys).tolist()}
+    if ours & {tuple(k) for k in key_data(reported).tolist()}:  # never, but it is the contract
+        raise RuntimeError(f"tuning keys of seed {seed} overlap the reported keys")
+    return keys
+
+
+def tune(
+    strategy, env, factory: Callable, search: Search, *, keys: jax.Array, **train
+) -> dict[str, Any]:
+    """Train every configuration of `search` on the tuning `keys` (one `train_sweep`) and
+    pick the one with the best final `aggregate` over seeds (NaN counts as the worst).
+
+    **Returns:** the record saved as the cell's `tuning.json`: the search, configs,
+    per-config scores and final returns per seed, each config's curve of the aggregate,
+    the chosen config, the tuning keys and seconds."""
+    sweep = train_sweep(strategy, env, factory, sweep=search, keys=keys, **train)
+    finals = np.asarray(sweep.curve.eval_return)[:, :, -1].mean(-1)  # (configs, seeds)
+    scores = np.array([float(aggregate(f)) for f in finals])
+    best = int(np.argmax(np.where(np.isnan(scores), -np.inf, scores)))
+    returns = np.asarray(sweep.curve.eval_return).mean(-1)  # (configs, seeds, evals)
+    return {
+        "search": {k: list(v) for k, v in search.items()},
+        "configs": sweep.config["sweep"],
+        "tuning_seeds": len(keys),
+        "stat": aggregate_name(len(keys)),
+        "scores": [_number(s) for s in scores],
+        "chosen_index": best,
+        "chosen": sweep.config["sweep"][best],
+        "final_returns": [[_number(x) for x in row] for row in finals],
+        "env_steps": np.median(np.asarray(sweep.curve.env_steps), axis=(0, 1)).tolist(),
+        "curves": [[_number(aggregate(r[:, e])) for e in range(r.shape[1])] for r in returns],
+        "tuning_keys": key_data(keys).tolist(),
+        "seconds": {
+            k: sweep.config[f"{k}_seconds"] for k in ("compile", "train", "eval", "checkpoint")
+        },
+    }
+
+
+def retrain(strategy, env, factory: Callable, chosen: dict, *, keys: jax.Array, **train) -> Run:
+    """`chosen` trained on the fresh `keys`, as a `train_seeds` run (leading seed axis).
+
+    It runs as a one-config `train_sweep`: the same program as the tuning sweep whenever
+    `len(keys)` equals the tuning sweep's configs x seeds, so XLA's persistent
+    compilation cache serves it without a second compile."""
+    one = {name: [value] for name, value in chosen.items()}
+    run = train_sweep(strategy, env, factory, sweep=one, keys=keys, **train)
+    first = lambda x: x[0] if eqx.is_array(x) else x
+    config = {k: v for k, v in run.config.items() if k not in ("sweep", "num_configs")}
+    config["hyperparameters"] = {**config["hyperparameters"], **chosen}
+    return Run(
+        policy=jax.tree.map(first, run.policy),
+        curve=jax.tree.map(first, run.curve),
+        metrics=jax.tree.map(first, run.metrics),
+        config=config,
+    )
+
+
+def _number(x) -> float | None:
+    """A float for JSON (None for NaN, which JSON cannot hold)."""
+    x = float(x)
+    return None if math.isnan(x) else x

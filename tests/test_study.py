@@ -1,0 +1,437 @@
+"""Studies (issue 18, issue 21 items 3 and 9): tuning on tuning seeds with equal effort,
+reported on fresh seeds; the report's untrained row, P(> untrained), first-crossing ratios
+and "did not learn"; the strategy's code in the reuse check; an executor, a per-cell lock
+and atomic cell folders."""
+
+import dataclasses
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from concurrent.futures import ProcessPoolExecutor
+
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+from conftest import deterministic, gaussian
+
+import diffsim
+from diffsim import LearningCurve, Run, study
+from diffsim._cellstore import CellLock, replace_dir
+from diffsim.stats import aggregate, iqm
+
+TINY = diffsim.PPO(num_envs=8, unroll_length=16, num_epochs=2, num_minibatches=4)
+STEPS = 4 * TINY.steps_per_iteration
+QUIET = dict(num_evals=3, num_eval_episodes=2, progress=False)
+
+
+def _keys(data) -> set:
+    return {tuple(k) for k in np.asarray(data).reshape(len(data), -1).tolist()}
+
+
+# --- tuning ------------------------------------------------------------------------------
+
+
+def test_tuning_selects_on_tuning_seeds_and_reports_on_fresh_ones(tmp_path):
+    env = diffsim.make_env("reach")
+    search = {"learning_rate": [1e-5, 3e-3]}
+    cell = study.Cell(env, "PPO", TINY, gaussian, STEPS, search=search)
+    runs = study.run_study("t", [cell], out=tmp_path, num_seeds=4, tuning_seeds=2, **QUIET)
+    run = runs["reach", "PPO"]
+    record = json.loads((tmp_path / "t" / "reach" / "PPO" / "tuning.json").read_text())
+
+    fresh = jr.split(jr.key(0), 4)  # the study's reported seeds
+    assert _keys(record["report_keys"]) == _keys(jr.key_data(fresh))
+    assert len(_keys(record["tuning_keys"])) == 2
+    assert not _keys(record["tuning_keys"]) & _keys(record["report_keys"])
+
+    # The search really ran on the tuning keys: the same sweep, trained here, agrees.
+    factory = lambda k: gaussian(env, k)
+    tuning = jr.wrap_key_data(np.asarray(record["tuning_keys"], dtype=np.uint32))
+    train = dict(total_steps=STEPS, **QUIET)
+    sweep = diffsim.train_sweep(TINY, env, factory, sweep=search, keys=tuning, **train)
+    finals = np.asarray(sweep.curve.eval_return)[:, :, -1].mean(-1)
+    np.testing.assert_allclose(record["final_returns"], finals, rtol=1e-6)
+    np.testing.assert_allclose(record["scores"], finals.mean(1), rtol=1e-6)  # mean: 2 seeds
+    best = int(np.argmax(finals.mean(1)))
+    assert record["chosen_index"] == best and record["chosen"] == sweep.config["sweep"][best]
+    assert record["configs"] == [{"learning_rate": 1e-5}, {"learning_rate": 3e-3}]
+    assert run.config["study"]["tuning"]["chosen"] == record["chosen"]
+
+    # Reported: the chosen config re-trained on the fresh seeds, not the tuning runs.
+    chosen = dataclasses.replace(TINY, **record["chosen"])
+    again = diffsim.train_seeds(chosen, env, factory, keys=fresh, **train)
+    np.testing.assert_allclose(run.curve.eval_return, again.curve.eval_return, rtol=1e-5)
+    assert run.curve.eval_return.shape == (4, 3, 2)
+    assert run.config["hyperparameters"]["learning_rate"] == record["chosen"]["learning_rate"]
+    assert not np.allclose(run.curve.eval_return[:2], sweep.curve.eval_return[best])
+
+
+def test_every_contender_on_an_env_searches_the_same_number_of_configs(tmp_path):
+    env = diffsim.make_env("reach")
+    apg = diffsim.APG(num_envs=4, horizon=16)
+    two = {"learning_rate": [1e-3, 1e-2]}
+    three = {"learning_rate": [1e-4, 3e-4, 1e-3]}
+    unequal = [
+        study.Cell(env, "PPO", TINY, gaussian, STEPS, search=three),
+        study.Cell(env, "APG", apg, deterministic, STEPS, search=two),
+    ]
+    with pytest.raises(ValueError, match=r"unequal tuning effort on reach.*'reach/PPO': 3.*: 2"):
+        study.run_study("s", unequal, out=tmp_path)
+    untuned = [unequal[0], study.Cell(env, "APG", apg, deterministic, STEPS)]
+    with pytest.raises(ValueError, match=r"'reach/APG': 1"):
+        study.run_study("s", untuned, out=tmp_path)
+    # Allowed explicitly: it gets past the check (and fails at the next one, the folder).
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(OSError, match="cannot write"):
+        study.run_study("s", unequal, out=blocker, allow_unequal_search=True)
+    # Across envs sizes may differ: only contenders on one env compete.
+    other = study.Cell(diffsim.make_env("pendulum"), "APG", apg, deterministic, STEPS)
+    with pytest.raises(OSError, match="cannot write"):
+        study.run_study("s", [unequal[0], other], out=blocker)
+
+
+@pytest.mark.parametrize(
+    ("search", "message"),
+    [
+        ({"num_envs": [4.0, 8.0]}, r"reach/PPO: search\['num_envs'\].*no float hyperparameter"),
+        ({"learning_rat": [1e-3]}, r"no float hyperparameter 'learning_rat'"),
+        ({"learning_rate": []}, r"search\['learning_rate'\] must be a non-empty list"),
+        ({"learning_rate": [-1.0]}, r"search config \{'learning_rate': -1.0\}"),
+    ],
+)
+def test_a_bad_search_is_refused_before_training(tmp_path, search, message):
+    cell = study.Cell(diffsim.make_env("reach"), "PPO", TINY, gaussian, STEPS, search=search)
+    with pytest.raises(ValueError, match=message):
+        study.run_study("s", [cell], out=tmp_path)
+    assert not (tmp_path / "s").exists()
+
+
+def test_log_grid():
+    assert study.log_grid(1e-4, 1e-2, 3) == [1e-4, 1e-3, 1e-2]
+    assert study.log_grid(3e-4 / 4, 3e-4 * 4, 5) == [7.5e-05, 0.00015, 0.0003, 0.0006, 0.0012]
+    with pytest.raises(ValueError, match="0 < low <= high"):
+        study.log_grid(0.0, 1.0, 3)
+
+
+# --- the report --------------------------------------------------------------------------
+
+
+def _run(returns, steps, seconds=None) -> Run:
+    """A run with the given per-seed curves (seeds, E) of mean returns."""
+    returns = np.asarray(returns, np.float32)
+    seeds, points = returns.shape
+    seconds = np.asarray(steps, np.float32) / 1000 if seconds is None else np.asarray(seconds)
+    curve = LearningCurve(
+        env_steps=jnp.tile(jnp.asarray(steps, jnp.int32), (seeds, 1)),
+        wall_time=jnp.tile(jnp.asarray(seconds, jnp.float32), (seeds, 1)),
+        eval_return=jnp.repeat(jnp.asarray(returns)[..., None], 2, -1),  # 2 equal episodes
+    )
+    policy = diffsim.MLP(1, 1, hidden=(2,), key=jr.key(0))
+    config = {"total_steps": int(steps[-1]), "train_seconds": 1.0, "eval_seconds": 0.1}
+    return Run(policy=policy, curve=curve, metrics={}, config=config)
+
+
+STEPS_AT = [0, 1000, 2000, 3000, 4000]
+OFFSETS = np.array([-2.0, -1.0, 0.0, 1.0, 2.0])[:, None]  # 5 seeds around the mean
+
+
+def _study_runs() -> dict:
+    ppo = [-100, -60, -30, -10, -10] + OFFSETS  # first reaches its final (-10) at 3000
+    fast = [-100, -8, -5, -5, -5] + OFFSETS  # reaches -10 at 1000: 3x fewer steps
+    never = [-100, -90, -80, -70, -60] + OFFSETS
+    flat = [-50, -55, -60, -52, -51] + OFFSETS  # the baseline on "hard": ends below start
+    other = [-50, -40, -30, -20, -10] + OFFSETS
+    return {
+        ("easy", "PPO"): _run(ppo, STEPS_AT, seconds=[0, 2, 4, 6, 8]),
+        ("easy", "FAST"): _run(fast, STEPS_AT, seconds=[0, 1, 2, 3, 4]),
+        ("easy", "SLOW"): _run(never, STEPS_AT),
+        ("hard", "PPO"): _run(flat, STEPS_AT),
+        ("hard", "FAST"): _run(other, STEPS_AT),
+        ("few", "PPO"): _run(np.array(ppo)[:3], STEPS_AT),
+    }
+
+
+def test_first_crossings_are_read_on_both_sides():
+    table = study.summary(_study_runs(), references=("PPO",))
+    rows = {(r["env"], r["strategy"]): r for r in table["crossings"]}
+    fast, mine, slow = rows["easy", "FAST"], rows["easy", "PPO"], rows["easy", "SLOW"]
+    assert mine["target"] == pytest.approx(-10.0)
+    assert (mine["reference_steps"], mine["steps"], mine["steps_ratio"]) == (3000, 3000, 1.0)
+    assert (fast["reference_steps"], fast["steps"]) == (3000, 1000)
+    assert fast["steps_ratio"] == pytest.approx(3.0)  # never the budget (4000) / 1000
+    assert fast["seconds_ratio"] == pytest.approx(6.0 / 1.0)
+    assert slow["steps"] is None and slow["steps_ratio"] is None
+    text = study.format_summary(table)
+    assert "3.00x" in text and "6.00x" in text and "4.00x" not in text
+
+
+def test_did_not_learn_where_the_baseline_ends_at_or_below_its_untrained_score():
+    table = study.summary(_study_runs(), references=("PPO",))
+    hard = [r for r in table["crossings"] if r["env"] == "hard"]
+    assert [r["strategy"] for r in hard] == ["PPO", "FAST"]
+    assert all(not r["reference_learned"] and r["steps_ratio"] is None for r in hard)
+    assert all(r["target"] is None for r in hard)
+    lines = study.format_summary(table).splitlines()
+    hard_lines = [line for line in lines if line.startswith("hard") and "did not learn" in line]
+    assert len(hard_lines) == 2
+    easy = [line for line in lines if line.startswith("easy") and "did not learn" in line]
+    assert easy == []
+
+
+def test_untrained_row_p_over_untrained_and_learned():
+    table = study.summary(_study_runs(), references=("PPO",))
+    cells = {(r["env"], r["strategy"]): r for r in table["cells"]}
+    assert cells["easy", "FAST"]["untrained"] == pytest.approx(-100.0)
+    assert cells["easy", "FAST"]["p_over_untrained"] == 1.0
+    assert cells["easy", "FAST"]["learned"] is True
+    assert cells["hard", "PPO"]["learned"] is False  # ends at -51 from -50
+    assert cells["hard", "PPO"]["p_over_untrained"] < 0.5
+    untrained = {r["env"]: r for r in table["untrained"]}
+    assert untrained["easy"]["seeds"] == 15  # every cell's seeds at env step 0
+    assert untrained["easy"]["score"] == pytest.approx(-100.0)
+    lines = study.format_summary(table).splitlines()
+    head = next(line for line in lines if line.startswith("env ") and "P(>untr.)" in line)
+    assert "learned" in head and "P(>PPO)" in head
+    assert any(line.split()[:2] == ["easy", "untrained"] for line in lines)
+    fast = next(line for line in lines if line.split()[:2] == ["easy", "FAST"])
+    assert fast.split()[-3:] == ["1.00", "yes", "1.00"]  # P(>untr.), learned, P(>PPO)
+
+
+def test_fewer_than_5_seeds_print_a_mean_not_an_iqm():
+    table = study.summary(_study_runs(), references=("PPO",))
+    cells = {(r["env"], r["strategy"]): r for r in table["cells"]}
+    few, many = cells["few", "PPO"], cells["easy", "PPO"]
+    assert (few["seeds"], few["stat"], many["stat"]) == (3, "mean", "IQM")
+    scores = np.array([-12.0, -11.0, -10.0])
+    assert few["final"] == pytest.approx(scores.mean())
+    lines = study.format_summary(table).splitlines()
+    row = next(line for line in lines if line.split()[:2] == ["few", "PPO"])
+    assert row.split()[3:5] == ["3", "mean"]
+    assert aggregate(np.array([0.0, 1, 100])) == pytest.approx(101 / 3)
+    assert aggregate(np.array([0.0, 1, 2, 3, 100])) == pytest.approx(
+        iqm(np.array([0, 1, 2, 3, 100]))
+    )
+
+
+def test_the_table_carries_its_provenance(tmp_path):
+    prov = diffsim.results.provenance()
+    table = study.summary(_study_runs(), references=("PPO",))
+    path = study.write_summary(tmp_path, table, provenance=prov, command="python studies/x.py")
+    text = path.read_text()
+    assert f"# commit: {prov['commit']}" in text
+    assert "# written by: python studies/x.py" in text
+    assert f"jax {prov['versions']['jax']}" in text and "brax" in text and "mujoco" in text
+    assert f"{prov['machine']['cpu_count']} CPUs" in text
+    record = json.loads((tmp_path / "table.json").read_text())
+    assert record["provenance"]["commit"] == prov["commit"]
+    assert record["provenance"]["machine"]["accelerator"] == prov["machine"]["accelerator"]
+    assert record["command"] == "python studies/x.py"
+
+
+# --- reuse, code hash, failures ------------------------------------------------------------
+
+
+def test_editing_the_strategy_code_retrains_the_cell(tmp_path, monkeypatch, capsys):
+    cell = study.Cell(diffsim.make_env("reach"), "PPO", TINY, gaussian, STEPS)
+    first = study.run_study("c", [cell], out=tmp_path, num_seeds=2, **QUIET)
+    code = first["reach", "PPO"].config["study"]["settings"]["code"]
+    assert code == study.code_version(TINY) and code.startswith("sha256:")
+    study.run_study("c", [cell], out=tmp_path, num_seeds=2, **QUIET)
+    assert "finished earlier" in capsys.readouterr().out
+    monkeypatch.setattr(study, "code_version", lambda strategy: "sha256:edited")
+    study.run_study("c", [cell], out=tmp_path, num_seeds=2, **QUIET)
+    out = capsys.readouterr().out
+    assert "differs in ['code']; retraining" in out and "trained, saved" in out
+
+
+def test_code_version_follows_the_source_and_the_version_attribute(tmp_path, monkeypatch):
+    source = textwrap.dedent(
+        """
+        import diffsim
+
+        class Mine(diffsim.PPO):
+            {body}
+        """
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    versions = []
+    bodies = ["pass", "def step(self, env, state, *, key):\n        return 1", "version = 2"]
+    for i, body in enumerate(bodies):
+        (tmp_path / f"mine{i}.py").write_text(source.format(body=body))
+        module = __import__(f"mine{i}")
+        versions.append(study.code_version(module.Mine()))
+    assert len(set(versions)) == 3
+    assert versions[2].endswith("+version:2")
+    assert study.code_version(diffsim.PPO()) == study.code_version(TINY)  # fields do not count
+
+
+def _broken_policy(env, key):
+    raise RuntimeError("this policy factory is broken")
+
+
+def test_a_failed_cell_loses_no_finished_one(tmp_path):
+    env = diffsim.make_env("reach")
+    cells = [
+        study.Cell(env, "broken", TINY, _broken_policy, STEPS),
+        study.Cell(env, "PPO", TINY, gaussian, STEPS),
+    ]
+    with pytest.raises(RuntimeError, match=r"1 of 2 cells .*reach/broken: RuntimeError: this"):
+        study.run_study("f", cells, out=tmp_path, num_seeds=2, **QUIET)
+    assert list(study.load_study(tmp_path / "f")) == [("reach", "PPO")]
+    assert not (tmp_path / "f" / "reach" / "broken").exists()
+    assert not [p for p in (tmp_path / "f" / "reach").iterdir() if p.name.startswith(".")]
+    assert not list((tmp_path / "f" / "reach").glob("*.lock"))
+
+
+# --- executor, lock, atomic folders ------------------------------------------------------
+
+
+def test_a_process_pool_runs_the_grid_as_one_process_would(tmp_path):
+    env = diffsim.make_env("reach")  # two cells of one kind: the workers share a compile
+    cells = [study.Cell(env, label, TINY, gaussian, STEPS) for label in ("PPO", "PPO-2")]
+    context = multiprocessing.get_context("spawn")  # JAX is multithreaded: no fork
+    with ProcessPoolExecutor(2, mp_context=context) as pool:
+        pooled = study.run_study("p", cells, out=tmp_path, num_seeds=2, executor=pool, **QUIET)
+    assert list(pooled) == [("reach", "PPO"), ("reach", "PPO-2")]
+    pids = {run.config["study"]["trained_by"]["pid"] for run in pooled.values()}
+    assert os.getpid() not in pids  # trained in the workers
+    alone = study.run_study("p", cells[:1], out=tmp_path / "alone", num_seeds=2, **QUIET)
+    expected = alone["reach", "PPO"].curve.eval_return
+    for run in pooled.values():  # the same settings and seeds: the same numbers
+        np.testing.assert_array_equal(run.curve.eval_return, expected)
+
+
+def test_a_cell_that_cannot_travel_to_an_executor_is_refused_before_submitting(tmp_path):
+    closure = lambda env, k: gaussian(env, k)
+    cell = study.Cell(diffsim.make_env("reach"), "PPO", TINY, closure, STEPS)
+    with ProcessPoolExecutor(1) as pool, pytest.raises(ValueError, match="top-level function"):
+        study.run_study("x", [cell], out=tmp_path, executor=pool)
+
+
+RACER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    sys.path[:0] = [sys.argv[3], sys.argv[4]]  # the tests, and this checkout's diffsim
+    import diffsim
+    from conftest import gaussian
+
+    out, me = Path(sys.argv[1]), sys.argv[2]
+    (out / f"ready-{me}").touch()
+    while len(list(out.glob("ready-*"))) < 2:  # start together
+        time.sleep(0.01)
+    ppo = diffsim.PPO(num_envs=8, unroll_length=16, num_epochs=2, num_minibatches=4)
+    cell = diffsim.study.Cell(diffsim.make_env("reach"), "PPO", ppo, gaussian,
+                              4 * ppo.steps_per_iteration)
+    diffsim.study.run_study("race", [cell], out=out, num_seeds=2, num_evals=3,
+                            num_eval_episodes=2, progress=False)
+    """
+)
+
+
+def test_two_processes_racing_for_a_cell_train_it_once(tmp_path):
+    script = tmp_path / "racer.py"
+    script.write_text(RACER)
+    tests = os.path.dirname(__file__)
+    racers = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path), str(i), tests, os.path.dirname(tests)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=os.path.dirname(tests),
+        )
+        for i in range(2)
+    ]
+    outs = [r.communicate(timeout=600)[0] for r in racers]
+    assert [r.returncode for r in racers] == [0, 0], outs
+    trained = [o for o in outs if "reach/PPO: trained" in o]
+    loaded = [o for o in outs if "reach/PPO: finished earlier" in o]
+    assert (len(trained), len(loaded)) == (1, 1), outs
+    run = diffsim.load_run(tmp_path / "race" / "reach" / "PPO")
+    assert run.config["study"]["trained_by"]["pid"] == racers[outs.index(trained[0])].pid
+    assert not list((tmp_path / "race" / "reach").glob("PPO.lock*"))
+
+
+def _lock(path, pid, host, age=0.0):
+    import time
+
+    path.write_text(json.dumps({"pid": pid, "host": host, "token": "x"}))
+    os.utime(path, (time.time() - age, time.time() - age))
+
+
+def test_a_stale_lock_is_broken_and_a_live_one_waited_for(tmp_path):
+    import socket
+
+    path = tmp_path / "cell.lock"
+    code = "import os; print(os.getpid())"
+    dead = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    _lock(path, int(dead), socket.gethostname())  # a dead process on this host
+    with CellLock(path, poll=0.01) as lock:
+        assert json.loads(path.read_text()) == lock.owner
+    assert not path.exists()
+    _lock(path, 1, "another-host", age=1000)  # an unreachable host, silent for long
+    with CellLock(path, poll=0.01, stale_after=60.0):
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+
+    _lock(path, os.getppid(), socket.gethostname())  # alive: wait until it is released
+    unlocked = []
+
+    def release():
+        unlocked.append(True)
+        path.unlink()
+
+    timer = threading.Timer(0.5, release)
+    timer.start()
+    with CellLock(path, poll=0.01):
+        assert unlocked == [True]  # entered only once the holder let go
+    timer.join()
+    assert not path.exists()
+
+
+def test_a_failed_write_leaves_the_previous_cell_folder_as_it_was(tmp_path):
+    final = tmp_path / "cell"
+    replace_dir(final, lambda tmp: (tmp / "config.json").write_text("old"))
+
+    def half_then_fail(tmp):
+        (tmp / "config.json").write_text("new")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        replace_dir(final, half_then_fail)
+    assert (final / "config.json").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["cell"]
+    replace_dir(final, lambda tmp: (tmp / "config.json").write_text("new"))
+    assert (final / "config.json").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["cell"]
+
+
+def test_the_tuning_table_shows_the_choice_and_flags_one_at_the_edge_of_the_search():
+    runs = _study_runs()
+    search = {"learning_rate": [1e-4, 1e-3, 1e-2]}
+    for label, best in (("PPO", 1), ("FAST", 2)):
+        runs["easy", label].config["study"] = {
+            "tuning": {
+                "search": search,
+                "configs": [{"learning_rate": v} for v in search["learning_rate"]],
+                "tuning_seeds": 2,
+                "stat": "mean",
+                "scores": [-30.0, -20.0, -25.0] if best == 1 else [-9.0, -8.0, -7.0],
+                "chosen_index": best,
+                "chosen": {"learning_rate": search["learning_rate"][best]},
+                "seconds": {"compile": 1.0, "train": 2.0, "eval": 0.5, "checkpoint": 0.0},
+            }
+        }
+    lines = study.format_summary(study.summary(runs)).splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Tuning"))
+    rows = {tuple(line.split()[:2]): line.split() for line in lines[start + 2 :]}
+    assert rows["easy", "PPO"][2:7] == ["3", "2", "learning_rate=0.001", "-20.0", "-30.0"]
+    assert rows["easy", "FAST"][4] == "learning_rate=0.01*"
+    assert rows["easy", "SLOW"][2:4] == ["1", "-"] and "(not tuned)" in " ".join(
+        rows["easy", "SLOW"]
+    )
