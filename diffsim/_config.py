@@ -7,6 +7,7 @@ import io
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -19,7 +20,7 @@ from . import _gl  # noqa: F401  (sets MUJOCO_GL=egl when headless, before brax 
 CPU_OPTIMIZATION_LEVEL = 1
 
 
-def compiler_options() -> dict[str, int]:
+def compiler_options() -> dict[str, Any]:
     """XLA compiler options for diffsim's own compiled programs, for
     `jax.jit(f).lower(...).compile(compiler_options=...)`.
 
