@@ -6,15 +6,15 @@ from collections.abc import Callable
 
 import equinox as eqx
 import jax
+import optax
 from brax.envs.base import Env, State
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._types import Metrics
-from . import helpers
-from ._critic import Critic, new_critic, update_critic
+from ._critic import AbstractSHACCritic, Critic
 from ._window_env import carried_dtype
 from ._window_gradient import WindowGradient
-from ._windows import AbstractWindowed, Window, apg_loss, clipped_adam, shac_window_losses
+from ._windows import AbstractWindowed, Window, apg_loss, clipped_adam
 
 
 class AbstractGuideWindow(AbstractWindowed):
@@ -73,7 +73,7 @@ class APGWindow(AbstractGuideWindow):
         return critic, {}
 
 
-class SHACWindow(AbstractGuideWindow):
+class SHACWindow(AbstractGuideWindow, AbstractSHACCritic):
     """SHAC's critic-bootstrapped window as GuidedES's gradient source, with its critic.
 
     The loss of env `b` is SHAC's actor loss (see `diffsim.SHAC`) with the target critic
@@ -83,8 +83,8 @@ class SHACWindow(AbstractGuideWindow):
 
     **Fields:** `num_envs`, `horizon`, `stochastic`, `float64`, `remat` as in `APGWindow`;
     `discount`, `gae_lambda`, `target_alpha`, `critic_epochs`, `critic_minibatches`
-    (dividing `num_envs * horizon`), `critic_learning_rate`, `value_hidden`: the critic's,
-    as in `SHAC`.
+    (dividing `num_envs * horizon`), `critic_learning_rate`, `reward_scale`,
+    `value_hidden`, `value_activation`: as in `SHAC`.
 
     **Example:**
 
@@ -104,49 +104,22 @@ class SHACWindow(AbstractGuideWindow):
     critic_epochs: int = eqx.field(default=16, static=True)
     critic_minibatches: int = eqx.field(default=4, static=True)
     critic_learning_rate: float | Callable[[Array], Array] = 1e-3
+    reward_scale: float = 1.0
     value_hidden: tuple[int, ...] = eqx.field(default=(64, 64), static=True)
+    value_activation: str = eqx.field(default="tanh", static=True)
 
-    def __check_init__(self):
-        helpers.in_range("discount", self.discount, 0.0, 1.0, low_open=True)
-        helpers.in_range("gae_lambda", self.gae_lambda, 0.0, 1.0)
-        helpers.in_range("target_alpha", self.target_alpha, 0.0, 1.0)
-        helpers.positive_int("critic_epochs", self.critic_epochs)
-        helpers.positive_int("critic_minibatches", self.critic_minibatches)
-        helpers.learning_rate("critic_learning_rate", self.critic_learning_rate)
-        if (self.num_envs * self.horizon) % self.critic_minibatches:
-            raise ValueError(
-                f"critic_minibatches={self.critic_minibatches} must divide num_envs * horizon"
-                f" = {self.num_envs * self.horizon}"
-            )
+    def _critic_optimizer(self) -> optax.GradientTransformation:
+        return clipped_adam(self.critic_learning_rate)
 
     def init(self, env: Env, *, key: PRNGKeyArray) -> Critic:
-        return new_critic(
-            env.observation_size,
-            hidden=self.value_hidden,
-            activation="tanh",
-            optimizer=clipped_adam(self.critic_learning_rate),
-            key=key,
-        )
+        return self._new_critic(env, key=key)
 
     def losses(self, env, policy, env_state, critic, *, key):
         assert critic is not None
-        return shac_window_losses(
-            self.window, env, policy, critic.target, env_state, key=key, discount=self.discount
-        )
+        return self._actor_losses(self.window, env, policy, critic.target, env_state, key=key)
 
     def update(self, critic, grad, env_state, *, key):
         assert critic is not None
-        fit = update_critic(
-            critic,
-            carried_dtype(jax.lax.stop_gradient(grad.window.traj), env_state),
-            grad.kept,
-            grad.ok,
-            key=key,
-            optimizer=clipped_adam(self.critic_learning_rate),
-            discount=self.discount,
-            gae_lambda=self.gae_lambda,
-            target_alpha=self.target_alpha,
-            epochs=self.critic_epochs,
-            minibatches=self.critic_minibatches,
-        )
+        traj = carried_dtype(jax.lax.stop_gradient(grad.window.traj), env_state)
+        fit = self._update_critic(critic, traj, grad.kept, grad.ok, key=key)
         return fit.critic, {"value_loss": fit.loss}

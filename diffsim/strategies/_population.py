@@ -5,40 +5,22 @@ observation normaliser updated from them (`with_statistics`), and the env-step c
 generation. The evosax side (which algorithms, built how) is in `_algorithms.py`.
 """
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 from brax.envs.base import Env
+from equinox import AbstractVar
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from ..policies import trainable, update_normalizers
 from ..rollout import Episodes, first_episodes, reset
 from ..sharding import shard_batch
+from . import helpers
+from .base import AbstractStrategy, StrategyState
 from .helpers import all_finite, select
-
-
-def population_steps(
-    owner: str, *, population_size: int, episodes_per_member: int, rollout_length: int | None
-) -> int:
-    """The most env steps a generation's population can count: `P x E x rollout_length`."""
-    if rollout_length is None:
-        raise ValueError(
-            f"{owner}(rollout_length=None) takes its length from the env: call"
-            " strategy.for_env(env) first (train does)"
-        )
-    return population_size * episodes_per_member * rollout_length
-
-
-def check_rollout_length(owner: str, rollout_length: int | None, env: Env) -> None:
-    """Raise `ValueError` if `rollout_length` exceeds the env's episode length."""
-    length = env.episode_length
-    if rollout_length is not None and rollout_length > length:
-        raise ValueError(
-            f"rollout_length={rollout_length} exceeds the episode_length {length} of env"
-            f" {getattr(env, 'name', '')!r}; pass {owner}(rollout_length={length}) or less, or"
-            f" None for the env's"
-        )
 
 
 def population_episodes(
@@ -114,3 +96,70 @@ def with_statistics(mean: eqx.Module, episodes: Episodes) -> eqx.Module:
     diverged simulation must not poison the statistics every member shares)."""
     normalized = update_normalizers(mean, episodes.obs)
     return select(all_finite(normalized), normalized, mean)
+
+
+class AbstractPopulationStrategy(AbstractStrategy[StrategyState]):
+    """A strategy that scores `population_size` members around a mean (`ES`, `GuidedES`),
+    each on the same `episodes_per_member` episodes of at most `rollout_length` steps
+    (None: the env's episode length, set by `for_env`), searching with `std`.
+
+    Its fields are declared by the final class, whose `__check_init__` calls
+    `_check_population` first; from them this base also fills in the rollout length,
+    counts the population's steps, checks the env and scores members.
+    """
+
+    population_size: AbstractVar[int]
+    episodes_per_member: AbstractVar[int]
+    rollout_length: AbstractVar[int | None]
+    std: AbstractVar[float]
+
+    def _check_population(self) -> None:
+        """Raise `ValueError` naming a bad size or `std`."""
+        helpers.positive_int("population_size", self.population_size)
+        helpers.positive_int("episodes_per_member", self.episodes_per_member)
+        if self.rollout_length is not None:
+            helpers.positive_int("rollout_length", self.rollout_length)
+        helpers.positive("std", self.std)
+
+    def for_env(self, env: Env):
+        """This strategy with `rollout_length` set to the env's episode length if None."""
+        if self.rollout_length is not None:
+            return self
+        return dataclasses.replace(self, rollout_length=env.episode_length)
+
+    @property
+    def batch_size(self) -> int:
+        return self.population_size
+
+    @property
+    def _population_steps(self) -> int:
+        """The most env steps a generation's population can count: `P x E x T`."""
+        if self.rollout_length is None:
+            raise ValueError(
+                f"{type(self).__name__}(rollout_length=None) takes its length from the env:"
+                " call strategy.for_env(env) first (train does)"
+            )
+        return self.population_size * self.episodes_per_member * self.rollout_length
+
+    def _check_rollout_length(self, env: Env) -> None:
+        length = env.episode_length
+        if self.rollout_length is not None and self.rollout_length > length:
+            raise ValueError(
+                f"rollout_length={self.rollout_length} exceeds the episode_length {length} of"
+                f" env {getattr(env, 'name', '')!r}; pass"
+                f" {type(self).__name__}(rollout_length={length}) or less, or None for the env's"
+            )
+
+    def _rollout_length(self, env: Env) -> int:
+        return env.episode_length if self.rollout_length is None else self.rollout_length
+
+    def _score(self, env: Env, policy: eqx.Module, members, *, key: PRNGKeyArray) -> Scores:
+        """`score` of `members` (leaves `[P, ...]`) combined with the rest of `policy`."""
+        return score(
+            env,
+            policy,
+            members,
+            key=key,
+            num_episodes=self.episodes_per_member,
+            max_length=self._rollout_length(env),
+        )

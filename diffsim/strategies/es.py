@@ -1,6 +1,5 @@
 """Evolution strategies: any distribution-based evosax 0.3 algorithm over the rollout core."""
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -19,14 +18,10 @@ from ..policies import trainable
 from . import _algorithms as algorithms, helpers
 from ._algorithms import ALGORITHMS as ALGORITHMS
 from ._population import (
-    Scores,
-    check_rollout_length,
+    AbstractPopulationStrategy,
     population_episodes as population_episodes,
-    population_steps,
-    score,
     with_statistics,
 )
-from .base import AbstractStrategy
 from .helpers import all_finite, select
 
 
@@ -50,7 +45,7 @@ class ESState(eqx.Module):
     evosax: Any
 
 
-class ES(AbstractStrategy[ESState]):
+class ES(AbstractPopulationStrategy[ESState]):
     """Evolution strategies: an evosax search distribution over the policy's parameters.
 
     The trainable parameters `theta = eqx.partition(policy, diffsim.trainable(policy))[0]`
@@ -128,11 +123,7 @@ class ES(AbstractStrategy[ESState]):
     fitness_shaping: str = eqx.field(default="centered_rank", static=True)
 
     def __check_init__(self):
-        for name in ("population_size", "episodes_per_member"):
-            helpers.positive_int(name, getattr(self, name))
-        if self.rollout_length is not None:
-            helpers.positive_int("rollout_length", self.rollout_length)
-        helpers.positive("std", self.std)
+        self._check_population()
         helpers.learning_rate("learning_rate", self.learning_rate)
         helpers.in_range("weight_decay", self.weight_decay, 0.0, float("inf"))
         if not isinstance(self.antithetic, bool):
@@ -166,31 +157,16 @@ class ES(AbstractStrategy[ESState]):
                 f"{cls.__name__} rejects population_size={self.population_size}: {error}"
             ) from None
 
-    def for_env(self, env: Env) -> "ES":
-        """This ES with `rollout_length` set to the env's episode length if it was None."""
-        if self.rollout_length is not None:
-            return self
-        return dataclasses.replace(self, rollout_length=env.episode_length)
-
     @property
     def steps_per_iteration(self) -> int:
-        return population_steps(
-            "ES",
-            population_size=self.population_size,
-            episodes_per_member=self.episodes_per_member,
-            rollout_length=self.rollout_length,
-        )
+        return self._population_steps
 
     @property
     def min_steps_per_iteration(self) -> int:
         return self.population_size * self.episodes_per_member
 
-    @property
-    def batch_size(self) -> int:
-        return self.population_size
-
     def check(self, env: Env, policy: eqx.Module) -> None:
-        check_rollout_length("ES", self.rollout_length, env)
+        self._check_rollout_length(env)
 
     def _optimizer(self) -> optax.GradientTransformation:
         if self.weight_decay:
@@ -241,17 +217,7 @@ class ES(AbstractStrategy[ESState]):
         member sees the same episodes. With `rollout_length == env.episode_length`, entry
         `i` equals `diffsim.evaluate(env, member_i, key=key, num_episodes=E).mean()`.
         """
-        return self.for_env(env)._score(env, state, population, key).returns
-
-    def _score(self, env: Env, state: ESState, members, key: PRNGKeyArray) -> Scores:
-        return score(
-            env,
-            state.policy,
-            members,
-            key=key,
-            num_episodes=self.episodes_per_member,
-            max_length=self.rollout_length,
-        )
+        return self._score(env, state.policy, population, key=key).returns
 
     def step(self, env: Env, state: ESState, *, key: PRNGKeyArray) -> tuple[ESState, Metrics]:
         ask_key, eval_key, tell_key = jr.split(key, 3)
@@ -259,7 +225,7 @@ class ES(AbstractStrategy[ESState]):
         es = self._evosax(params)
         hp = self._hyperparams(es)
         members, es_state = es.ask(ask_key, state.evosax, hp)  # leaves [P, ...]
-        scores = self._score(env, state, members, eval_key)
+        scores = self._score(env, state.policy, members, key=eval_key)
         # A member whose rollout went non-finite ranks with the worst finite one; if the
         # update itself is not finite (or no member was), the generation is skipped.
         told, _ = es.tell(tell_key, members, scores.fitness, es_state, hp)

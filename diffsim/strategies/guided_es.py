@@ -6,7 +6,6 @@ critic; `_guide_windows.py`) and the mode that uses its gradient (`Blend` or `Su
 `_guide_modes.py`). The population is `ES`'s (`_population.py`, `_algorithms.py`).
 """
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -40,9 +39,8 @@ from ._guide_windows import (
     APGWindow as APGWindow,
     SHACWindow as SHACWindow,
 )
-from ._population import check_rollout_length, population_steps, score, with_statistics
+from ._population import AbstractPopulationStrategy, with_statistics
 from ._window_gradient import WindowGradient, window_gradient
-from .base import AbstractStrategy
 from .helpers import select
 
 
@@ -67,7 +65,7 @@ class GuidedESState(eqx.Module):
     critic: Critic | None
 
 
-class GuidedES(AbstractStrategy[GuidedESState]):
+class GuidedES(AbstractPopulationStrategy[GuidedESState]):
     """Evolution strategies guided by the analytic gradient through the simulator.
 
     Let `theta` (`d` numbers) be the distribution mean (the policy's trainable parameters,
@@ -136,49 +134,29 @@ class GuidedES(AbstractStrategy[GuidedESState]):
     learning_rate: float | Callable[[Array], Array] = 0.01
 
     def __check_init__(self):
+        self._check_population()
         if not isinstance(self.mode, AbstractGuideMode):
             raise ValueError(f"mode must be Blend() or Subspace(...), got {self.mode!r}")
         if not isinstance(self.gradient, AbstractGuideWindow):
             raise ValueError(
                 f"gradient must be APGWindow(...) or SHACWindow(...), got {self.gradient!r}"
             )
-        for name in ("population_size", "episodes_per_member"):
-            helpers.positive_int(name, getattr(self, name))
-        if self.rollout_length is not None:
-            helpers.positive_int("rollout_length", self.rollout_length)
         if self.population_size % 2:
             raise ValueError(
                 f"population_size={self.population_size} must be even (antithetic pairs)"
             )
         self.mode.check(population_size=self.population_size, num_envs=self.gradient.num_envs)
-        helpers.positive("std", self.std)
         helpers.learning_rate("learning_rate", self.learning_rate)
 
     # ------------------------------------------------------------------ the contract
 
-    def for_env(self, env: Env) -> "GuidedES":
-        """This GuidedES with `rollout_length` set to the env's episode length if None."""
-        if self.rollout_length is not None:
-            return self
-        return dataclasses.replace(self, rollout_length=env.episode_length)
-
     @property
     def steps_per_iteration(self) -> int:
-        population = population_steps(
-            "GuidedES",
-            population_size=self.population_size,
-            episodes_per_member=self.episodes_per_member,
-            rollout_length=self.rollout_length,
-        )
-        return population + self._window_steps
+        return self._population_steps + self._window_steps
 
     @property
     def min_steps_per_iteration(self) -> int:
         return self.population_size * self.episodes_per_member + self._window_steps
-
-    @property
-    def batch_size(self) -> int:
-        return self.population_size
 
     @property
     def _window_steps(self) -> int:
@@ -187,7 +165,7 @@ class GuidedES(AbstractStrategy[GuidedESState]):
     def check(self, env: Env, policy: eqx.Module) -> None:
         window = self.gradient.window
         window.check(env, policy)  # backend, horizon, remat, float64, a key-taking policy
-        check_rollout_length("GuidedES", self.rollout_length, env)
+        self._check_rollout_length(env)
         if not window.stochastic and (hasattr(policy, "sample") or hasattr(policy, "log_prob")):
             raise ValueError(
                 f"{window.owner}(stochastic=False) acts with policy(obs) only, so the std of"
@@ -230,9 +208,6 @@ class GuidedES(AbstractStrategy[GuidedESState]):
         )
         return algorithms.build(Open_ES, params, population_size=self.population_size, **kwargs)
 
-    def _rollout_length(self, env: Env) -> int:
-        return env.episode_length if self.rollout_length is None else self.rollout_length
-
     def _analytic(
         self, env: Env, state: GuidedESState, params, static, *, key: PRNGKeyArray
     ) -> tuple[WindowGradient, Analytic]:
@@ -273,14 +248,7 @@ class GuidedES(AbstractStrategy[GuidedESState]):
             analytic=analytic,
             unravel=ravel_pytree(params)[1],
         )
-        scores = score(
-            env,
-            state.policy,
-            asked.population,
-            key=eval_key,
-            num_episodes=self.episodes_per_member,
-            max_length=self._rollout_length(env),
-        )
+        scores = self._score(env, state.policy, asked.population, key=eval_key)
         told = self.mode.tell(tell_key, es, hp, asked=asked, scores=scores, analytic=analytic)
         es_state = algorithms.strong(select(told.ok, told.es_state, state.evosax))
         critic, critic_metrics = self.gradient.update(

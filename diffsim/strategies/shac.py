@@ -16,12 +16,12 @@ from brax.envs.base import Env, State
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._types import Metrics
-from ..policies import ACTIVATIONS, ValueFunction, trainable
+from ..policies import ValueFunction, trainable
 from . import helpers
-from ._critic import Critic, new_critic, update_critic
+from ._critic import AbstractSHACCritic, Critic
 from ._window_env import carried_dtype
 from ._window_strategy import AbstractWindowStrategy
-from ._windows import Window, shac_window_losses, update_normalizers_from
+from ._windows import Window, update_normalizers_from
 from .helpers import episode_stats, guarded_update
 
 
@@ -45,7 +45,7 @@ class SHACState(eqx.Module):
         return self.critic.target
 
 
-class SHAC(AbstractWindowStrategy[SHACState]):
+class SHAC(AbstractWindowStrategy[SHACState], AbstractSHACCritic):
     """Short-horizon actor-critic (Xu et al. 2022): APG's window plus a learned critic.
 
     One `step` rolls out `horizon` steps from the carried, gradient-cut env batch and
@@ -125,24 +125,7 @@ class SHAC(AbstractWindowStrategy[SHACState]):
 
     def __check_init__(self):
         helpers.learning_rate("actor_learning_rate", self.actor_learning_rate)
-        helpers.learning_rate("critic_learning_rate", self.critic_learning_rate)
         helpers.check_decay(self, "actor_learning_rate", "critic_learning_rate")
-        if self.value_activation not in ACTIVATIONS:
-            raise ValueError(
-                f"value_activation must be one of {sorted(ACTIVATIONS)}, got"
-                f" {self.value_activation!r}"
-            )
-        helpers.in_range("discount", self.discount, 0.0, 1.0, low_open=True)
-        helpers.in_range("gae_lambda", self.gae_lambda, 0.0, 1.0)
-        helpers.in_range("target_alpha", self.target_alpha, 0.0, 1.0)
-        helpers.positive("reward_scale", self.reward_scale)
-        helpers.positive_int("critic_epochs", self.critic_epochs)
-        helpers.positive_int("critic_minibatches", self.critic_minibatches)
-        if (self.num_envs * self.horizon) % self.critic_minibatches:
-            raise ValueError(
-                f"critic_minibatches={self.critic_minibatches} must divide num_envs * horizon"
-                f" = {self.num_envs * self.horizon}"
-            )
 
     def for_budget(self, total_steps: int) -> "SHAC":
         """With `lr_decay`, decay over the run's `total_steps` unless `lr_decay_steps` is set."""
@@ -156,13 +139,7 @@ class SHAC(AbstractWindowStrategy[SHACState]):
 
     def init(self, env: Env, policy: eqx.Module, *, key: PRNGKeyArray) -> SHACState:
         value_key, env_key = jr.split(key)
-        critic = new_critic(
-            env.observation_size,
-            hidden=self.value_hidden,
-            activation=self.value_activation,
-            optimizer=self._critic_optimizer(),
-            key=value_key,
-        )
+        critic = self._new_critic(env, key=value_key)
         return SHACState(
             policy=policy,
             policy_opt=self._optimizer(self.actor_learning_rate).init(
@@ -186,16 +163,7 @@ class SHAC(AbstractWindowStrategy[SHACState]):
     ) -> tuple[Float[Array, " B"], Window]:
         """The actor's window loss of each env (the equation above, per `b`) with `critic`
         as `V'`, and the window."""
-        return shac_window_losses(
-            self.window,
-            env,
-            policy,
-            critic,
-            env_state,
-            key=key,
-            discount=self.discount,
-            reward_scale=self.reward_scale,
-        )
+        return self._actor_losses(self.window, env, policy, critic, env_state, key=key)
 
     def loss(
         self,
@@ -234,20 +202,7 @@ class SHAC(AbstractWindowStrategy[SHACState]):
         )
         # Critic: TD(lambda) targets from the target critic, then Polyak averaging.
         traj = carried_dtype(jax.lax.stop_gradient(grad.window.traj), state.env_state)
-        fit = update_critic(
-            state.critic,
-            traj,
-            grad.kept,
-            grad.ok,
-            key=critic_key,
-            optimizer=self._critic_optimizer(),
-            discount=self.discount,
-            gae_lambda=self.gae_lambda,
-            target_alpha=self.target_alpha,
-            epochs=self.critic_epochs,
-            minibatches=self.critic_minibatches,
-            reward_scale=self.reward_scale,
-        )
+        fit = self._update_critic(state.critic, traj, grad.kept, grad.ok, key=critic_key)
         # Observation statistics, frozen during the window, now take in its observations.
         policy = update_normalizers_from(policy, traj, grad.kept, fit.ok)
         new = SHACState(
