@@ -10,6 +10,7 @@ import diffsim
 from diffsim.envs import AutoResetEnv, Reach
 from diffsim.rollout import default_pool_size
 from diffsim.strategies import _windows as windows
+from diffsim.strategies._window_gradient import window_gradient
 
 
 class _DivergingReach(Reach):
@@ -351,7 +352,7 @@ def test_masked_env_drops_out_and_the_others_update(key, name):
         critic = strategy.init(env, policy, key=key).target_value
         losses = lambda pol, s, k: strategy.env_losses(env, pol, critic, s, key=k)
     params, static = _params(policy)
-    masked = windows.window_gradient(losses, params, static, state, key=key, per_env=True)
+    masked = window_gradient(losses, params, static, state, key=key, per_env=True)
     np.testing.assert_array_equal(masked.kept, [False, True, True, True, True, True])
     assert bool(masked.ok) and float(masked.masked_envs) == 1.0
     # The same envs without env 0, differentiated as one batch: the same loss and gradient.
@@ -364,7 +365,7 @@ def test_masked_env_drops_out_and_the_others_update(key, name):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-7)
     assert optax_norm(ref_grads) > 0
     # Control: differentiated as one batch, env 0's NaN reaches every parameter.
-    batched = windows.window_gradient(losses, params, static, state, key=key, per_env=False)
+    batched = window_gradient(losses, params, static, state, key=key, per_env=False)
     assert not bool(batched.ok)
 
     # A whole step: not skipped, finite, the parameters move, env 0 counted.

@@ -14,7 +14,8 @@ from conftest import deterministic, gaussian
 import diffsim
 from diffsim import LearningCurve, Run
 from diffsim.envs import AutoResetEnv, Reach
-from diffsim.strategies import _windows as windows
+from diffsim.strategies import _window_env as window_env
+from diffsim.strategies.guided_es import APGWindow
 
 
 @pytest.fixture(scope="module")
@@ -40,18 +41,18 @@ def _floating_dtypes(tree) -> set:
 
 def test_float64_env_casts_the_brax_system(reacher):
     with jax.enable_x64(True):
-        env64 = windows.float64_env(reacher)
-        assert windows.float64_env(reacher) is env64  # built once per env
+        env64 = window_env.float64_env(reacher)
+        assert window_env.float64_env(reacher) is env64  # built once per env
         assert _floating_dtypes(env64.unwrapped.sys) == {jnp.dtype("float64")}
         assert _floating_dtypes(reacher.unwrapped.sys) == {jnp.dtype("float32")}  # untouched
         assert (env64.episode_length, env64.name) == (reacher.episode_length, "reacher")
         # A float64 reset, start pool and step: no float32 anywhere in the traced program.
-        assert windows._float64_problem(env64) is None
+        assert window_env._float64_problem(env64) is None
         # Control: the uncast system drags float32 into the same program.
-        problem = windows._float64_problem(reacher)
+        problem = window_env._float64_problem(reacher)
         assert problem is not None and "float32" in problem
         toy = diffsim.make_env("reach")
-        assert windows.float64_env(toy) is toy  # no Brax system: nothing to cast
+        assert window_env.float64_env(toy) is toy  # no Brax system: nothing to cast
 
 
 def test_gradient_matches_central_differences_on_reacher(reacher, key):
@@ -62,7 +63,7 @@ def test_gradient_matches_central_differences_on_reacher(reacher, key):
     params, static = _params(policy)
     with jax.enable_x64(True):
         apg = diffsim.APG(num_envs=2, horizon=8, float64=True)
-        params = windows.to_float64(params)  # perturbed in float64
+        params = window_env.to_float64(params)  # perturbed in float64
 
         @jax.jit
         def loss(p):
@@ -116,7 +117,7 @@ def test_remat_gives_the_same_gradient_in_less_memory(key):
     memory = lambda f: f.lower(params).compile().memory_analysis().temp_size_in_bytes
     assert memory(remat) < 0.8 * memory(plain)
     # The window's env is wrapped; everything but `step` is the env's own.
-    wrapped = windows.Rematerialized(env)
+    wrapped = window_env.Rematerialized(env)
     assert (wrapped.episode_length, wrapped.name, wrapped.observation_size) == (
         100,
         "substepped_reach",
@@ -260,7 +261,9 @@ class _Float32Reach(Reach):
     [
         lambda: diffsim.APG(num_envs=4, horizon=10),
         lambda: diffsim.SHAC(num_envs=4, horizon=10),
-        lambda: diffsim.GuidedES(population_size=4, num_envs=2, horizon=10, rollout_length=20),
+        lambda: diffsim.GuidedES(
+            population_size=4, gradient=APGWindow(num_envs=2, horizon=10), rollout_length=20
+        ),
     ],
     ids=["APG", "SHAC", "GuidedES"],
 )
@@ -277,7 +280,10 @@ def test_rejects_a_backend_it_cannot_differentiate(make, key):
         (diffsim.APG(horizon=101), r"horizon=101 \(the gradient window\) exceeds the episode"),
         (diffsim.SHAC(horizon=128), r"horizon=128 .* pass SHAC\(horizon=100\) or less"),
         (diffsim.APG(horizon=1, remat=True), "remat=True with horizon=1"),
-        (diffsim.GuidedES(horizon=1, remat=True), r"pass GuidedES\(remat=False\)"),
+        (
+            diffsim.GuidedES(gradient=APGWindow(horizon=1, remat=True)),
+            r"pass APGWindow\(remat=False\)",
+        ),
         (diffsim.SHAC(float64=True), "float64=True needs 64-bit JAX"),
     ],
 )

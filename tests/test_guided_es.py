@@ -11,7 +11,7 @@ from conftest import deterministic, gaussian
 import diffsim
 from diffsim import _checkpoint, cli
 from diffsim.envs import AutoResetEnv, Reach
-from diffsim.strategies.guided_es import blend
+from diffsim.strategies.guided_es import APGWindow, Blend, SHACWindow, Subspace, blend
 
 
 class _FlatGradientReach(Reach):
@@ -26,13 +26,15 @@ def _leaves(policy):
     return jax.tree.leaves(eqx.filter(policy, eqx.is_inexact_array))
 
 
-@pytest.mark.parametrize("mode, shaping", [("subspace", "centered_rank"), ("blend", "raw")])
+@pytest.mark.parametrize(
+    "mode, shaping", [(Subspace(), "centered_rank"), (Blend(), "raw")], ids=["subspace", "blend"]
+)
 def test_zero_analytic_gradient_makes_the_es_update(key, mode, shaping):
     env = AutoResetEnv(_FlatGradientReach(), 100, name="flat_gradient_reach")
     policy = deterministic(env, hidden=(16,))
     common = dict(population_size=8, rollout_length=100, std=0.05, learning_rate=0.01)
     es = diffsim.ES(fitness_shaping=shaping, **common)
-    guided = diffsim.GuidedES(mode=mode, num_envs=4, horizon=10, **common)
+    guided = diffsim.GuidedES(mode=mode, gradient=APGWindow(num_envs=4, horizon=10), **common)
     es_state, guided_state = es.init(env, policy, key=key), guided.init(env, policy, key=key)
     es_step = jax.jit(lambda s, k: es.step(env, s, key=k))
     guided_step = jax.jit(lambda s, k: guided.step(env, s, key=k))
@@ -114,7 +116,7 @@ def test_learns_reach(envs, key):
     # Measured: this seed -130 -> -28 -> -22 (analytic weight ~1.0); train_seeds (2 seeds)
     # -15.5 and -9.8 after 60k steps, where ES with the same population reaches -25 and -46.
     env = envs("reach")
-    guided = diffsim.GuidedES(population_size=16, num_envs=16, horizon=20)
+    guided = diffsim.GuidedES(population_size=16, gradient=APGWindow(num_envs=16, horizon=20))
     run = diffsim.train(
         guided, env, deterministic(env), key=key, total_steps=60_000, num_evals=3, progress=False
     )
@@ -131,13 +133,9 @@ def test_learns_reach(envs, key):
 def test_checkpoint_resumes_to_the_uninterrupted_run(tmp_path, envs, monkeypatch):
     env = envs("reach")
     guided = diffsim.GuidedES(
-        mode="subspace",
-        gradient="shac",
+        mode=Subspace(),
+        gradient=SHACWindow(num_envs=4, horizon=10, critic_epochs=2, critic_minibatches=2),
         population_size=8,
-        num_envs=4,
-        horizon=10,
-        critic_epochs=2,
-        critic_minibatches=2,
     )
     args = dict(total_steps=6 * 840, num_evals=4, num_eval_episodes=4, progress=False)
     policy = deterministic(env, hidden=(16,))
@@ -162,25 +160,48 @@ def test_checkpoint_resumes_to_the_uninterrupted_run(tmp_path, envs, monkeypatch
         np.testing.assert_array_equal(resumed.metrics[name], straight.metrics[name])
     for a, b in zip(_leaves(resumed.policy), _leaves(straight.policy), strict=True):
         np.testing.assert_array_equal(a, b)
-    assert "value_loss" in straight.metrics and "es_variance" not in straight.metrics
+    assert "es_variance" not in straight.metrics  # a blend's metric
+    value_loss = straight.metrics["value_loss"]  # the critic trained every generation
+    assert value_loss.shape == straight.metrics["loss"].shape
+    assert np.all(np.isfinite(value_loss)) and np.all(value_loss > 0)
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "make, match",
     [
-        ({"mode": "both"}, "mode must be one of \\['blend', 'subspace'\\], got 'both'"),
-        ({"gradient": "ppo"}, "gradient must be one of \\['apg', 'shac'\\], got 'ppo'"),
-        ({"population_size": 7}, "population_size=7 must be even"),
-        ({"population_size": 2}, "mode='blend' .* population_size >= 4"),
-        ({"num_envs": 1}, "num_envs >= 2"),
-        ({"subspace_dims": 5, "population_size": 8}, "subspace_dims=5 exceeds the 4 antithetic"),
-        ({"alpha": 1.5}, "alpha must be a number in \\[0.0, 1.0\\], got 1.5"),
-        ({"std": 0.0}, "std must be a number > 0, got 0.0"),
-        ({"horizon": 0}, "horizon must be a positive int, got 0"),
+        (lambda: diffsim.GuidedES(population_size=7), "population_size=7 must be even"),
+        (
+            lambda: diffsim.GuidedES(population_size=2),
+            "Blend\\(\\) measures .* population_size >= 4",
+        ),
+        (
+            lambda: diffsim.GuidedES(gradient=APGWindow(num_envs=1)),
+            "num_envs >= 2; got .* num_envs=1",
+        ),
+        (
+            lambda: diffsim.GuidedES(mode=Subspace(dims=5), population_size=8),
+            "Subspace\\(dims=5\\) exceeds the 4 antithetic",
+        ),
+        (lambda: Subspace(alpha=1.5), "alpha must be a number in \\[0.0, 1.0\\], got 1.5"),
+        (lambda: Subspace(dims=0), "dims must be a positive int, got 0"),
+        (lambda: diffsim.GuidedES(std=0.0), "std must be a number > 0, got 0.0"),
+        (lambda: APGWindow(horizon=0), "horizon must be a positive int, got 0"),
+        (lambda: SHACWindow(discount=0.0), "discount must be a number in \\(0.0, 1.0\\], got 0.0"),
+        (
+            lambda: SHACWindow(num_envs=3, horizon=10, critic_minibatches=4),
+            "critic_minibatches=4 must divide num_envs \\* horizon = 30",
+        ),
     ],
 )
-def test_rejects_bad_hyperparameters(kwargs, match):
+def test_rejects_bad_hyperparameters(make, match):
     with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("kwargs", [{"mode": "subspace"}, {"gradient": "shac"}])
+def test_rejects_the_old_string_settings(kwargs):
+    # A ValueError from __check_init__, or the TypeError of the test run's type checker.
+    with pytest.raises((TypeError, ValueError), match=repr(next(iter(kwargs.values())))):
         diffsim.GuidedES(**kwargs)
 
 
@@ -195,21 +216,22 @@ class _KeyLess(eqx.Module):
     "strategy, make_policy, match",
     [
         (
-            diffsim.GuidedES(horizon=101),
+            diffsim.GuidedES(gradient=APGWindow(horizon=101)),
             deterministic,
-            "horizon=101 \\(the gradient window\\) exceeds the episode_length 100",
+            "horizon=101 \\(the gradient window\\) exceeds the episode_length 100 .*"
+            " pass APGWindow\\(horizon=100\\)",
         ),
         (diffsim.GuidedES(rollout_length=200), deterministic, "rollout_length=200 exceeds"),
         (
-            diffsim.GuidedES(mode="subspace", subspace_dims=32, population_size=64),
+            diffsim.GuidedES(mode=Subspace(dims=32), population_size=64),
             lambda env: deterministic(env, hidden=(1,)),
-            "subspace_dims=32 exceeds the 11 trainable parameters",
+            "Subspace\\(dims=32\\) exceeds the 11 trainable parameters",
         ),
-        (diffsim.GuidedES(), gaussian, "stochastic=False\\) acts with policy\\(obs\\) only"),
+        (diffsim.GuidedES(), gaussian, "APGWindow\\(stochastic=False\\) acts with policy\\(obs\\)"),
         (
-            diffsim.GuidedES(stochastic=True),
+            diffsim.GuidedES(gradient=SHACWindow(stochastic=True)),
             lambda env: _KeyLess(deterministic(env)),
-            "stochastic=True\\) calls policy\\(obs, key=key\\)",
+            "SHACWindow\\(stochastic=True\\) calls policy\\(obs, key=key\\)",
         ),
     ],
     ids=["horizon", "rollout", "subspace", "stochastic-policy", "key-less-policy"],
@@ -222,6 +244,8 @@ def test_train_rejects_bad_input_before_compiling(envs, key, strategy, make_poli
 
 def test_cli_name():
     assert cli.strategies()["guided-es"] is diffsim.GuidedES
-    args = cli._parser().parse_args(["train", "guided-es", "--mode", "subspace", "--alpha", "0.9"])
-    assert args.cls is diffsim.GuidedES and args.mode == "subspace" and args.alpha == 0.9
-    assert {"mode", "gradient", "population_size", "horizon"} <= set(args.hyperparameters)
+    args = cli._parser().parse_args(
+        ["train", "guided-es", "--std", "0.1", "--population-size", "8"]
+    )
+    assert args.cls is diffsim.GuidedES and args.std == 0.1 and args.population_size == 8
+    assert {"population_size", "std", "learning_rate"} <= set(args.hyperparameters)

@@ -2,8 +2,8 @@
 
 `APG` is truncated back-propagation through time (Brax APG, Freeman et al. 2021): the
 policy ascends the reward summed over a differentiable window of `horizon` steps. The
-window, its loss and its gradient come from `_windows.py`, shared with `SHAC` and
-`GuidedES`.
+window, its loss and its gradient come from `_windows.py` and `_window_gradient.py`, shared
+with `SHAC` and `GuidedES`; what APG shares with `SHAC` is `AbstractWindowStrategy`.
 """
 
 from collections.abc import Callable
@@ -17,8 +17,10 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._types import Metrics
 from ..policies import trainable
-from . import _windows as windows, helpers
-from .base import AbstractStrategy
+from . import helpers
+from ._window_env import carried_dtype
+from ._window_strategy import AbstractWindowStrategy
+from ._windows import Window, apg_loss, update_normalizers_from
 from .helpers import episode_stats, guarded_update
 
 
@@ -30,7 +32,7 @@ class APGState(eqx.Module):
     env_state: State
 
 
-class APG(AbstractStrategy[APGState]):
+class APG(AbstractWindowStrategy[APGState]):
     """Analytic policy gradients by truncated back-propagation through time.
 
     One `step`: from the carried env batch (gradient-cut: `stop_gradient`), roll out
@@ -47,11 +49,10 @@ class APG(AbstractStrategy[APGState]):
 
     `train` rejects before compiling an env whose backend cannot be reverse-differentiated
     (Brax `mjx`), a `horizon` longer than the episode, and `remat` or `float64` where they
-    cannot apply (`windows.check_window`).
+    cannot apply.
 
-    Defaults: Brax's window (h=32, 64 envs, Adam (0.7, 0.95)) with global-norm clip 1.0
-    and lr 3e-3, which solves the toy `reach` (-12 after 100k steps) and `pendulum`
-    (swing-up, 154 after 400k steps); Brax's 1e-3 was still at -88 on pendulum at 200k.
+    Defaults: Brax's window (h=32, 64 envs, Adam (0.7, 0.95)) with global-norm clip 1.0,
+    and lr 3e-3 (Brax: 1e-3).
 
     If the loss or the gradient is not finite the update is skipped (policy and optimiser
     state unchanged) and counted: `metrics["skipped_updates"]` is 1.0 for that iteration.
@@ -69,7 +70,7 @@ class APG(AbstractStrategy[APGState]):
     - `stochastic`: act with reparameterised samples `policy(obs, key=k)` (e.g. a
       `GaussianPolicy`); False acts with `policy(obs)`.
     - `float64`: run the window in float64: the policy, the env state and the Brax system's
-      constants are cast for the window (`windows.float64_env`); parameters keep their
+      constants are cast for the window (`float64_env`); parameters keep their
       dtype. Needs `jax.config.update("jax_enable_x64", True)` before training: x64 cannot
       be switched on inside jit, so `train` rejects `float64=True` without it, and an env
       whose step still computes in float32.
@@ -109,41 +110,20 @@ class APG(AbstractStrategy[APGState]):
     lr_decay_steps: int | None = None
 
     def __check_init__(self):
-        windows.check_common(self)
         helpers.learning_rate("learning_rate", self.learning_rate)
         helpers.check_decay(self, "learning_rate")
-
-    @property
-    def steps_per_iteration(self) -> int:
-        return self.num_envs * self.horizon
 
     def for_budget(self, total_steps: int) -> "APG":
         """With `lr_decay`, decay over the run's `total_steps` unless `lr_decay_steps` is set."""
         return helpers.with_budget(self, total_steps, "learning_rate")
 
-    def _optimizer(self) -> optax.GradientTransformation:
-        learning_rate = helpers.decayed(
-            self.learning_rate,
-            lr_decay=self.lr_decay,
-            lr_decay_steps=self.lr_decay_steps,
-            steps_per_iteration=self.steps_per_iteration,
-        )
-        return windows.strategy_optimizer(self, learning_rate)
-
-    @property
-    def batch_size(self) -> int:
-        return self.num_envs
-
-    def check(self, env: Env, policy: eqx.Module) -> None:
-        windows.check_window(self, env)
-        windows.check_policy(self, env, policy)
-
     def init(self, env: Env, policy: eqx.Module, *, key: PRNGKeyArray) -> APGState:
-        optimizer = self._optimizer()
         return APGState(
             policy=policy,
-            opt_state=optimizer.init(eqx.filter(policy, trainable(policy))),
-            env_state=windows.initial_env_state(self, env, policy, key=key),
+            opt_state=self._optimizer(self.learning_rate).init(
+                eqx.filter(policy, trainable(policy))
+            ),
+            env_state=self.window.initial_env_state(env, policy, key=key),
         )
 
     def policy(self, state: APGState) -> eqx.Module:
@@ -151,14 +131,14 @@ class APG(AbstractStrategy[APGState]):
 
     def env_losses(
         self, env: Env, policy: eqx.Module, env_state: State, *, key: PRNGKeyArray
-    ) -> tuple[Float[Array, " B"], windows.Window]:
+    ) -> tuple[Float[Array, " B"], Window]:
         """The window loss of each env, `-1/H sum_t r_t^b`, and the window itself."""
-        window = windows.window(self, env, policy, env_state, key=key)
-        return windows.apg_loss(window.traj), window
+        window = self.window(env, policy, env_state, key=key)
+        return apg_loss(window.traj), window
 
     def loss(
         self, env: Env, policy: eqx.Module, env_state: State, *, key: PRNGKeyArray
-    ) -> tuple[Float[Array, ""], windows.Window]:
+    ) -> tuple[Float[Array, ""], Window]:
         """The window loss `-mean(reward)` over `H x B` steps, and the window itself.
 
         Differentiable in `policy`; exactly zero gradient to `env_state` (the truncation).
@@ -167,22 +147,17 @@ class APG(AbstractStrategy[APGState]):
         return jnp.mean(losses), window
 
     def step(self, env: Env, state: APGState, *, key: PRNGKeyArray) -> tuple[APGState, Metrics]:
-        params, static = eqx.partition(state.policy, trainable(state.policy))
-        grad = windows.window_gradient(
+        grad = self._gradient(
             lambda policy, env_state, key: self.env_losses(env, policy, env_state, key=key),
-            params,
-            static,
+            state.policy,
             state.env_state,
             key=key,
-            per_env=self.mask_nonfinite_envs,
         )
-        optimizer = self._optimizer()
         policy, opt_state = guarded_update(
-            state.policy, grad.grads, state.opt_state, optimizer, grad.ok
+            state.policy, grad.grads, state.opt_state, self._optimizer(self.learning_rate), grad.ok
         )
-
-        traj = windows.carried_dtype(jax.lax.stop_gradient(grad.window.traj), state.env_state)
-        policy = windows.update_normalizers_from(policy, traj, grad.kept, grad.ok)
+        traj = carried_dtype(jax.lax.stop_gradient(grad.window.traj), state.env_state)
+        policy = update_normalizers_from(policy, traj, grad.kept, grad.ok)
         new = APGState(policy=policy, opt_state=opt_state, env_state=grad.window.env_state)
         metrics = {
             "loss": grad.loss.astype(jnp.float32),

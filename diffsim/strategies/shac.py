@@ -1,8 +1,8 @@
 """Short-horizon actor-critic (Xu et al. 2022): APG's window plus a learned critic that
 values the window's end, so short windows still see the long-term return.
 
-The window, the actor loss, its gradient and the critic's fitting come from `_windows.py`,
-shared with `APG` and `GuidedES`.
+The window and the actor loss come from `_windows.py`, shared with `APG` and `GuidedES`;
+the critic's update from `_critic.py`, shared with GuidedES's `SHACWindow`.
 """
 
 from collections.abc import Callable
@@ -16,25 +16,36 @@ from brax.envs.base import Env, State
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._types import Metrics
-from ..policies import ACTIVATIONS, ValueFunction, trainable
-from . import _windows as windows, helpers
-from .base import AbstractStrategy
-from .helpers import all_finite, episode_stats, guarded_update, select
+from ..policies import ValueFunction, trainable
+from . import helpers
+from ._critic import AbstractSHACCritic, Critic
+from ._window_env import carried_dtype
+from ._window_strategy import AbstractWindowStrategy
+from ._windows import Window, update_normalizers_from
+from .helpers import episode_stats, guarded_update
 
 
 class SHACState(eqx.Module):
-    """`policy`, the critic `value` and its Polyak-averaged `target_value`, both optimiser
-    states, and the carried env batch."""
+    """`policy` and its optimiser state, the `critic` (`value`, its Polyak-averaged
+    `target` and the value's optimiser state), and the carried env batch."""
 
     policy: eqx.Module
-    value: ValueFunction
-    target_value: ValueFunction
     policy_opt: optax.OptState
-    value_opt: optax.OptState
+    critic: Critic
     env_state: State
 
+    @property
+    def value(self) -> ValueFunction:
+        """The trained critic `V`."""
+        return self.critic.value
 
-class SHAC(AbstractStrategy[SHACState]):
+    @property
+    def target_value(self) -> ValueFunction:
+        """The target critic `V'`, the bootstrap of the actor's loss."""
+        return self.critic.target
+
+
+class SHAC(AbstractWindowStrategy[SHACState], AbstractSHACCritic):
     """Short-horizon actor-critic (Xu et al. 2022): APG's window plus a learned critic.
 
     One `step` rolls out `horizon` steps from the carried, gradient-cut env batch and
@@ -78,9 +89,7 @@ class SHAC(AbstractStrategy[SHACState]):
 
     Defaults follow Xu et al. (h=32, 64 envs, lambda 0.95, target_alpha 0.2, 16 x 4 critic
     steps, Adam (0.7, 0.95), clip 1.0, actor lr 2e-3) except `discount=0.95` (paper: 0.99):
-    on the toy `reach` task 0.99 lets the actor climb the young critic's extrapolation and
-    diverge (eval return -100 -> -365 in 100k steps), while 0.95 reaches -20 there and
-    swings `pendulum` up (151 after 600k steps).
+    on short toy tasks 0.99 lets the actor climb a young critic's extrapolation.
 
     **Example:**
 
@@ -115,78 +124,29 @@ class SHAC(AbstractStrategy[SHACState]):
     lr_decay_steps: int | None = None
 
     def __check_init__(self):
-        windows.check_common(self)
         helpers.learning_rate("actor_learning_rate", self.actor_learning_rate)
-        helpers.learning_rate("critic_learning_rate", self.critic_learning_rate)
         helpers.check_decay(self, "actor_learning_rate", "critic_learning_rate")
-        if self.value_activation not in ACTIVATIONS:
-            raise ValueError(
-                f"value_activation must be one of {sorted(ACTIVATIONS)}, got"
-                f" {self.value_activation!r}"
-            )
-        helpers.in_range("discount", self.discount, 0.0, 1.0, low_open=True)
-        helpers.in_range("gae_lambda", self.gae_lambda, 0.0, 1.0)
-        helpers.in_range("target_alpha", self.target_alpha, 0.0, 1.0)
-        helpers.positive("reward_scale", self.reward_scale)
-        helpers.positive_int("critic_epochs", self.critic_epochs)
-        helpers.positive_int("critic_minibatches", self.critic_minibatches)
-        if (self.num_envs * self.horizon) % self.critic_minibatches:
-            raise ValueError(
-                f"critic_minibatches={self.critic_minibatches} must divide num_envs * horizon"
-                f" = {self.num_envs * self.horizon}"
-            )
-
-    @property
-    def steps_per_iteration(self) -> int:
-        return self.num_envs * self.horizon
 
     def for_budget(self, total_steps: int) -> "SHAC":
         """With `lr_decay`, decay over the run's `total_steps` unless `lr_decay_steps` is set."""
         return helpers.with_budget(self, total_steps, "actor_learning_rate", "critic_learning_rate")
 
-    def _optimizers(self) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
-        """The actor's optimiser and the critic's, each with its decay (if any)."""
-
-        def optimizer(rate, updates_per_iteration: int) -> optax.GradientTransformation:
-            rate = helpers.decayed(
-                rate,
-                lr_decay=self.lr_decay,
-                lr_decay_steps=self.lr_decay_steps,
-                steps_per_iteration=self.steps_per_iteration,
-                updates_per_iteration=updates_per_iteration,
-            )
-            return windows.strategy_optimizer(self, rate)
-
-        critic_updates = self.critic_epochs * self.critic_minibatches
-        return (
-            optimizer(self.actor_learning_rate, 1),
-            optimizer(self.critic_learning_rate, critic_updates),
-        )
-
-    @property
-    def batch_size(self) -> int:
-        return self.num_envs
-
-    def check(self, env: Env, policy: eqx.Module) -> None:
-        windows.check_window(self, env)
-        windows.check_policy(self, env, policy)
+    def _critic_optimizer(self) -> optax.GradientTransformation:
+        """The critic's optimiser, decayed (if at all) over its `critic_epochs *
+        critic_minibatches` updates per iteration."""
+        updates = self.critic_epochs * self.critic_minibatches
+        return self._optimizer(self.critic_learning_rate, updates)
 
     def init(self, env: Env, policy: eqx.Module, *, key: PRNGKeyArray) -> SHACState:
         value_key, env_key = jr.split(key)
-        value = ValueFunction(
-            env.observation_size,
-            hidden=self.value_hidden,
-            activation=self.value_activation,
-            key=value_key,
-        )
-        actor_opt, critic_opt = self._optimizers()
+        critic = self._new_critic(env, key=value_key)
         return SHACState(
             policy=policy,
-            value=value,
-            target_value=value,
-            policy_opt=actor_opt.init(eqx.filter(policy, trainable(policy))),
-            value_opt=critic_opt.init(eqx.filter(value, trainable(value))),
-            env_state=windows.initial_env_state(self, env, policy, key=env_key),
+            policy_opt=self._optimizer(self.actor_learning_rate).init(
+                eqx.filter(policy, trainable(policy))
+            ),
+            critic=critic,
+            env_state=self.window.initial_env_state(env, policy, key=env_key),
         )
 
     def policy(self, state: SHACState) -> eqx.Module:
@@ -200,15 +160,10 @@ class SHAC(AbstractStrategy[SHACState]):
         env_state: State,
         *,
         key: PRNGKeyArray,
-    ) -> tuple[Float[Array, " B"], windows.Window]:
+    ) -> tuple[Float[Array, " B"], Window]:
         """The actor's window loss of each env (the equation above, per `b`) with `critic`
         as `V'`, and the window."""
-        window = windows.window(self, env, policy, env_state, key=key)
-        critic = jax.lax.stop_gradient(windows.to_float64(critic) if self.float64 else critic)
-        losses = windows.shac_loss(
-            window.traj, critic, discount=self.discount, reward_scale=self.reward_scale
-        )
-        return losses, window
+        return self._actor_losses(self.window, env, policy, critic, env_state, key=key)
 
     def loss(
         self,
@@ -218,7 +173,7 @@ class SHAC(AbstractStrategy[SHACState]):
         env_state: State,
         *,
         key: PRNGKeyArray,
-    ) -> tuple[Float[Array, ""], windows.Window]:
+    ) -> tuple[Float[Array, ""], Window]:
         """The actor's window loss (the equation above) with `critic` as `V'`, and the window.
 
         Differentiable in `policy` (through the simulator and `critic`'s input); exactly
@@ -230,63 +185,34 @@ class SHAC(AbstractStrategy[SHACState]):
     def step(self, env: Env, state: SHACState, *, key: PRNGKeyArray) -> tuple[SHACState, Metrics]:
         rollout_key, critic_key = jr.split(key)
         # Actor: gradient of the window loss, bootstrapped with the target critic.
-        params, static = eqx.partition(state.policy, trainable(state.policy))
-        grad = windows.window_gradient(
+        grad = self._gradient(
             lambda policy, env_state, key: self.env_losses(
-                env, policy, state.target_value, env_state, key=key
+                env, policy, state.critic.target, env_state, key=key
             ),
-            params,
-            static,
+            state.policy,
             state.env_state,
             key=rollout_key,
-            per_env=self.mask_nonfinite_envs,
         )
-        actor_opt, critic_opt = self._optimizers()
         policy, policy_opt = guarded_update(
-            state.policy, grad.grads, state.policy_opt, actor_opt, grad.ok
+            state.policy,
+            grad.grads,
+            state.policy_opt,
+            self._optimizer(self.actor_learning_rate),
+            grad.ok,
         )
-
         # Critic: TD(lambda) targets from the target critic, then Polyak averaging.
-        traj = windows.carried_dtype(jax.lax.stop_gradient(grad.window.traj), state.env_state)
-        batch = windows.critic_batch(
-            state.target_value,
-            traj,
-            grad.kept,
-            discount=self.discount,
-            gae_lambda=self.gae_lambda,
-            reward_scale=self.reward_scale,
-        )
-        ok = grad.ok & all_finite(batch)
-        value, value_opt, value_loss = windows.fit_critic(
-            state.value,
-            state.value_opt,
-            batch,
-            ok,
-            key=critic_key,
-            optimizer=critic_opt,
-            epochs=self.critic_epochs,
-            minibatches=self.critic_minibatches,
-        )
-        target = select(
-            ok, windows.polyak(state.target_value, value, self.target_alpha), state.target_value
-        )
-
+        traj = carried_dtype(jax.lax.stop_gradient(grad.window.traj), state.env_state)
+        fit = self._update_critic(state.critic, traj, grad.kept, grad.ok, key=critic_key)
         # Observation statistics, frozen during the window, now take in its observations.
-        policy, value = windows.update_normalizers_from((policy, value), traj, grad.kept, ok)
-        target = eqx.tree_at(lambda v: v.norm, target, value.norm)
+        policy = update_normalizers_from(policy, traj, grad.kept, fit.ok)
         new = SHACState(
-            policy=policy,
-            value=value,
-            target_value=target,
-            policy_opt=policy_opt,
-            value_opt=value_opt,
-            env_state=grad.window.env_state,
+            policy=policy, policy_opt=policy_opt, critic=fit.critic, env_state=grad.window.env_state
         )
         metrics = {
             "loss": grad.loss.astype(jnp.float32),
-            "value_loss": value_loss,
+            "value_loss": fit.loss,
             "grad_norm": optax.tree.norm(grad.grads).astype(jnp.float32),
-            "skipped_updates": (~ok).astype(jnp.float32),
+            "skipped_updates": (~fit.ok).astype(jnp.float32),
             "masked_envs": grad.masked_envs,
             **episode_stats(traj),
         }

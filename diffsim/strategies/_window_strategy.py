@@ -1,0 +1,82 @@
+"""`AbstractWindowStrategy`: what `APG` and `SHAC` share, a policy trained on the gradient
+of a differentiable window with clipped Adam."""
+
+import equinox as eqx
+from brax.envs.base import Env, State
+from equinox import AbstractVar
+from jaxtyping import PRNGKeyArray
+
+from ..policies import trainable
+from . import helpers
+from ._window_gradient import LossFn, WindowGradient, window_gradient
+from ._windows import AbstractWindowed, check_bools, clipped_adam
+from .base import AbstractStrategy, StrategyState
+
+
+class AbstractWindowStrategy(AbstractStrategy[StrategyState], AbstractWindowed):
+    """A strategy whose `step` differentiates a window (`WindowSpec`: `horizon` steps in
+    `num_envs` envs) and updates the policy with Adam after a gradient clip.
+
+    Its fields are declared by the final class (`APG`, `SHAC`); from them this base builds
+    the window, checks the env and policy before compiling, counts the steps, builds the
+    optimiser (decayed over the budget with `lr_decay`) and takes the window's gradient
+    (per env with `mask_nonfinite_envs`).
+    """
+
+    max_grad_norm: AbstractVar[float]
+    max_grad_value: AbstractVar[float | None]
+    adam_b1: AbstractVar[float]
+    adam_b2: AbstractVar[float]
+    adam_eps: AbstractVar[float]
+    mask_nonfinite_envs: AbstractVar[bool]
+    lr_decay: AbstractVar[bool]
+    lr_decay_steps: AbstractVar[int | None]
+
+    def __check_init__(self):
+        check_bools(mask_nonfinite_envs=self.mask_nonfinite_envs)
+        helpers.positive("max_grad_norm", self.max_grad_norm)
+        if self.max_grad_value is not None:
+            helpers.positive("max_grad_value", self.max_grad_value)
+        helpers.in_range("adam_b1", self.adam_b1, 0.0, 1.0)
+        helpers.in_range("adam_b2", self.adam_b2, 0.0, 1.0)
+        helpers.positive("adam_eps", self.adam_eps)
+
+    @property
+    def steps_per_iteration(self) -> int:
+        return self.num_envs * self.horizon
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_envs
+
+    def check(self, env: Env, policy: eqx.Module) -> None:
+        self.window.check(env, policy)
+
+    def _optimizer(self, learning_rate, updates_per_iteration: int = 1):
+        """Clipped Adam with this strategy's constants, its rate decayed with `lr_decay`
+        over `lr_decay_steps` env steps (`updates_per_iteration` updates per iteration)."""
+        rate = helpers.decayed(
+            learning_rate,
+            lr_decay=self.lr_decay,
+            lr_decay_steps=self.lr_decay_steps,
+            steps_per_iteration=self.steps_per_iteration,
+            updates_per_iteration=updates_per_iteration,
+        )
+        return clipped_adam(
+            rate,
+            max_grad_norm=self.max_grad_norm,
+            max_grad_value=self.max_grad_value,
+            b1=self.adam_b1,
+            b2=self.adam_b2,
+            eps=self.adam_eps,
+        )
+
+    def _gradient(
+        self, loss_fn: LossFn, policy: eqx.Module, env_state: State, *, key: PRNGKeyArray
+    ) -> WindowGradient:
+        """The gradient of the mean of `loss_fn`'s per-env losses in `policy`'s trainable
+        parameters, per env (diverged envs dropped) with `mask_nonfinite_envs`."""
+        params, static = eqx.partition(policy, trainable(policy))
+        return window_gradient(
+            loss_fn, params, static, env_state, key=key, per_env=self.mask_nonfinite_envs
+        )
