@@ -567,7 +567,7 @@ def critic_batch(
     *,
     discount: Scalar,
     gae_lambda: Scalar,
-    reward_scale: float = 1.0,
+    reward_scale: Scalar = 1.0,
 ) -> CriticBatch:
     """TD(lambda) targets of the target critic on the window (`gae`), flattened; the rows of
     dropped envs carry weight 0 and zeros instead of their (maybe non-finite) data."""

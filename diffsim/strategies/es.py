@@ -376,6 +376,7 @@ class ES(AbstractStrategy[ESState]):
             "max_return": jnp.max(returns),
             "min_return": jnp.min(returns),
             "nonfinite_members": jnp.sum(bad).astype(jnp.float32),
+            "diverged": jnp.sum(episodes.diverged).astype(jnp.float32),
             "skipped_updates": (~ok).astype(jnp.float32),
             "mean_norm": jnp.linalg.norm(es_state.mean),
         }

@@ -597,6 +597,7 @@ class GuidedES(AbstractStrategy[GuidedESState]):
             "max_return": jnp.max(returns),
             "min_return": jnp.min(returns),
             "nonfinite_members": jnp.sum(bad),
+            "diverged": jnp.sum(episodes.diverged),
             "skipped_updates": ~ok,
             "masked_envs": grad.masked_envs,
             "loss": grad.loss,
