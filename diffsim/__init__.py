@@ -33,11 +33,12 @@ from .strategies.base import AbstractStrategy as AbstractStrategy
 from .strategies.es import ES as ES, ESState as ESState
 from .strategies.guided_es import GuidedES as GuidedES, GuidedESState as GuidedESState
 from .strategies.ppo import PPO as PPO, PPOState as PPOState
+from .strategies.reinforce import REINFORCE as REINFORCE, REINFORCEState as REINFORCEState
 from .strategies.shac import SHAC as SHAC, SHACState as SHACState
 from .train import train as train, train_seeds as train_seeds, train_sweep as train_sweep
 
 register_strategy = _registry.register
-for _cls in (PPO, APG, SHAC, ES, GuidedES):
+for _cls in (PPO, APG, SHAC, ES, GuidedES, REINFORCE):
     register_strategy(_cls)
 
 _config.enable_compilation_cache()

@@ -188,12 +188,14 @@ class Episodes(eqx.Module):
 
     - `returns`: `Float[Array, "B"]`, the undiscounted return of each env's first episode.
     - `steps`: `Int[Array, "B"]`, the env steps inside it (at most `max_length`).
+    - `diverged`: `Float[Array, "B"]`, 1 where it ended on a non-finite step (see `rollout`).
     - `obs`: a `RunningNorm` with the count, mean and variance of the observations inside
       these episodes (what a normaliser should learn from them).
     """
 
     returns: Float[Array, " B"]
     steps: Int[Array, " B"]
+    diverged: Float[Array, " B"]
     obs: RunningNorm
 
 
@@ -201,6 +203,7 @@ class _EpisodeLoop(eqx.Module):
     env_state: State
     returns: Float[Array, " B"]
     steps: Int[Array, " B"]
+    diverged: Float[Array, " B"]
     alive: Bool[Array, " B"]
     obs: RunningNorm
     t: Int[Array, ""]
@@ -256,6 +259,7 @@ def first_episodes(
             env_state=state,
             returns=loop.returns + jnp.sum(jnp.where(inside, traj.reward, 0.0), axis=0),
             steps=loop.steps + jnp.sum(inside, axis=0, dtype=jnp.int32),
+            diverged=loop.diverged + jnp.sum(jnp.where(inside, traj.extras["diverged"], 0.0), 0),
             alive=loop.alive & ~ended & (loop.t + chunk < max_length),
             obs=loop.obs.update(jnp.where(inside[..., None], traj.obs, 0.0), weight),
             t=loop.t + chunk,
@@ -267,13 +271,14 @@ def first_episodes(
         env_state=env_state,
         returns=zeros,
         steps=jnp.zeros(num_envs, jnp.int32),
+        diverged=zeros,
         alive=jnp.ones(num_envs, bool),
         obs=RunningNorm(obs_size),
         t=jnp.zeros((), jnp.int32),
         key=key,
     )
     loop = jax.lax.while_loop(lambda loop: jnp.any(loop.alive), body, loop)
-    return Episodes(returns=loop.returns, steps=loop.steps, obs=loop.obs)
+    return Episodes(returns=loop.returns, steps=loop.steps, diverged=loop.diverged, obs=loop.obs)
 
 
 def evaluate(

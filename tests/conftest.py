@@ -5,12 +5,15 @@ os.environ.setdefault(
     "DIFFSIM_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".venv", "jax-cache")
 )
 
+import contextlib  # noqa: E402
 import importlib  # noqa: E402
+from collections import Counter  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import jax.random as jr  # noqa: E402
 import pytest  # noqa: E402
+from jax import monitoring  # noqa: E402
 
 import diffsim  # noqa: E402
 from diffsim.envs import Reach  # noqa: E402
@@ -21,6 +24,33 @@ class NaNReach(Reach):
 
     def reward(self, s, action, next_s):
         return jnp.where(next_s["pos"][0] > 0.5, jnp.nan, super().reward(s, action, next_s))
+
+
+TRACE = "/jax/core/compile/jaxpr_trace_duration"  # one per function traced for jit
+COMPILE = "/jax/core/compile/backend_compile_duration"  # one per XLA compile or cache load
+
+
+@contextlib.contextmanager
+def compiles():
+    """Count what JAX traces and compiles inside the block, by function name:
+    `counts[TRACE]` and `counts[COMPILE]` (totals) and `counts[TRACE, name]`. Counting
+    compiles, not timing them, is how a test says "nothing was recompiled".
+
+    **Example:** `with compiles() as counts: f(x)`, then `assert counts[TRACE] == 0`.
+    """
+    counts: Counter = Counter()
+
+    def listen(event: str, duration: float, **kwargs) -> None:
+        del duration
+        if event in (TRACE, COMPILE):
+            counts[event] += 1
+            counts[event, kwargs.get("fun_name", "?")] += 1
+
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield counts
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -74,6 +74,7 @@ class Scores(eqx.Module):
             "max_return": jnp.max(self.returns),
             "min_return": jnp.min(self.returns),
             "nonfinite_members": jnp.sum(self.bad).astype(jnp.float32),
+            "diverged": jnp.sum(self.episodes.diverged).astype(jnp.float32),
         }
 
 
