@@ -170,8 +170,15 @@ def test_valid_settings_construct():
     es = diffsim.ES(algorithm="SNES", population_size=7, weight_decay=0.0)
     assert es.for_env(diffsim.make_env("reach")).steps_per_iteration == 7 * 1 * 100
     assert es.min_steps_per_iteration == 7  # ES counts the steps inside scored episodes
-    assert diffsim.ES(population_size=7, antithetic=False, algorithm="SNES").population_size == 7
-    assert diffsim.ES(weight_decay=1e-3, learning_rate=lambda count: 0.01).weight_decay == 1e-3
+    # An odd population without antithetic sampling reaches evosax as it is.
+    snes = diffsim.ES(population_size=7, antithetic=False, algorithm="SNES")
+    assert snes._evosax(np.zeros(3, np.float32)).population_size == 7
+    # Weight decay with a schedule: AdamW's decoupled step, -lr * wd * m on a zero gradient.
+    decayed = diffsim.ES(weight_decay=1e-3, learning_rate=lambda count: 0.01)
+    mean = jnp.array([1.0, -2.0])
+    optimizer = decayed._optimizer()
+    updates, _ = optimizer.update(jnp.zeros(2), optimizer.init(mean), mean)
+    np.testing.assert_allclose(updates, -0.01 * 1e-3 * mean, rtol=1e-6)
 
 
 @pytest.mark.slow
