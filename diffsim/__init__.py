@@ -12,7 +12,12 @@ from . import (
     study as study,
 )
 from ._structure import register_policy as register_policy
-from ._types import LearningCurve as LearningCurve, Metrics as Metrics, Trajectory as Trajectory
+from ._types import (
+    Env as Env,
+    LearningCurve as LearningCurve,
+    Metrics as Metrics,
+    Trajectory as Trajectory,
+)
 from .envs import make_env as make_env
 from .policies import (
     MLP as MLP,

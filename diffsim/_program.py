@@ -17,13 +17,13 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from brax.envs.base import Env
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ._config import compiler_options
 from ._contract import check_step
 from ._plan import Plan
+from ._types import Env
 from .rollout import evaluate
 from .sharding import SEEDS, shard_seeds
 from .strategies.base import AbstractStrategy

@@ -1,9 +1,16 @@
 """Shared array aliases and the named pytrees that flow between modules."""
 
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import equinox as eqx
 from jaxtyping import Array, Bool, Float, Int, Key as KeyArray, PRNGKeyArray, UInt32
+
+if TYPE_CHECKING:  # what strategies receive from `train`: diffsim's own wrapped env
+    from .envs._wrapper import AutoResetEnv as Env  # noqa: F401
+else:  # at run time (and for jaxtyping's checks) any Brax env
+    from brax.envs.base import Env  # noqa: F401
+"""The env type strategies and the rollout core take: a Brax `Env`; the type checker sees
+diffsim's `AutoResetEnv` (from `make_env`), whose `episode_length` and fresh-start pool they use."""
 
 Metrics: TypeAlias = dict[str, Float[Array, ""]]
 """Scalar training diagnostics of one strategy step, by name."""

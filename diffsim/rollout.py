@@ -11,10 +11,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from brax.envs.base import Env, State
+from brax.envs.base import State
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from ._types import Trajectory
+from ._types import Env, Trajectory
 from .policies import RunningNorm
 from .sharding import shard_batch
 

@@ -14,13 +14,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-from brax.envs.base import Env
 from jaxtyping import PRNGKeyArray
 
 from ._loop import Options, run
 from ._program import EVAL_SEED as EVAL_SEED, PolicyOrFactory
 from ._sweep import sweep_grid
-from ._types import Keys
+from ._types import Env, Keys
 from .results import Run
 from .strategies.base import AbstractStrategy
 

@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import optax
-from brax.envs.base import Env, State
+from brax.envs.base import State
 from equinox import AbstractVar
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-from .._types import Scalar, Trajectory
+from .._types import Env, Scalar, Trajectory
 from ..policies import ACTIVATIONS, ValueFunction, trainable
 from . import helpers
 from ._windows import Window, WindowSpec, shac_window_losses, update_normalizers_from

@@ -7,10 +7,10 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import optax
-from brax.envs.base import Env, State
+from brax.envs.base import State
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._types import Metrics
+from .._types import Env, Metrics
 from ._critic import AbstractSHACCritic, Critic
 from ._window_env import carried_dtype
 from ._window_gradient import WindowGradient

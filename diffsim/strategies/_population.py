@@ -11,10 +11,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from brax.envs.base import Env
 from equinox import AbstractVar
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
+from .._types import Env
 from ..policies import trainable, update_normalizers
 from ..rollout import Episodes, first_episodes, reset
 from ..sharding import shard_batch

@@ -9,6 +9,7 @@ or float64 where they cannot apply. Shared by every window (`_windows.WindowSpec
 
 import copy
 import weakref
+from typing import cast
 
 import equinox as eqx
 import jax
@@ -16,9 +17,10 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 from brax.base import System
-from brax.envs.base import Env, State, Wrapper
+from brax.envs.base import State, Wrapper
+from jaxtyping import Array
 
-from .._types import Trajectory
+from .._types import Env, Trajectory
 
 # Backends whose step JAX cannot reverse-differentiate, and why.
 NOT_DIFFERENTIABLE = {
@@ -44,7 +46,7 @@ def like(tree, reference):
 
 def carried_dtype(traj: Trajectory, env_state: State) -> Trajectory:
     """A (float64) window's data in the dtype of the carried env state's observations."""
-    dtype = env_state.obs.dtype
+    dtype = cast(Array, env_state.obs).dtype  # diffsim envs observe one flat vector
     return jax.tree.map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, traj)
 
 
@@ -68,7 +70,7 @@ def _cast_system(env: Env) -> Env:
     """A shallow copy of the wrapper chain down to the Brax env holding `sys`, whose `sys` has
     float64 floating leaves; an env without a Brax system (a toy env) is returned as is."""
     if isinstance(env, Wrapper):
-        inner = _cast_system(env.env)
+        inner = _cast_system(cast(Env, env.env))
         if inner is env.env:
             return env
         out = copy.copy(env)
@@ -78,7 +80,7 @@ def _cast_system(env: Env) -> Env:
     if not isinstance(system, System):
         return env
     out = copy.copy(env)
-    out.sys = jax.tree.map(_to_float64_constant, system)
+    out.sys = jax.tree.map(_to_float64_constant, system)  # pyright: ignore[reportAttributeAccessIssue]  (a Brax PipelineEnv)
     return out
 
 

@@ -2,10 +2,11 @@
 of a differentiable window with clipped Adam."""
 
 import equinox as eqx
-from brax.envs.base import Env, State
+from brax.envs.base import State
 from equinox import AbstractVar
 from jaxtyping import PRNGKeyArray
 
+from .._types import Env
 from ..policies import trainable
 from . import helpers
 from ._window_gradient import LossFn, WindowGradient, window_gradient

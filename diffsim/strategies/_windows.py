@@ -9,16 +9,18 @@ The env a window steps (float64, rematerialised) and the checks before compiling
 `_window_env.py`; SHAC's critic, also used by GuidedES, in `_critic.py`.
 """
 
+from typing import cast
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import optax
-from brax.envs.base import Env, State
+from brax.envs.base import State
 from equinox import AbstractVar
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-from .._types import Scalar, Trajectory
+from .._types import Env, Scalar, Trajectory
 from ..policies import ValueFunction, update_normalizers
 from ..rollout import reset, rollout
 from ..sharding import shard_batch
@@ -110,10 +112,10 @@ class WindowSpec(eqx.Module):
         start = jax.lax.stop_gradient(env_state)  # truncated BPTT: nothing flows to the past
         start = shard_batch(start)
         if self.float64:
-            env = float64_env(env)
+            env = cast(Env, float64_env(env))
             policy, start = to_float64((policy, start))
         if self.remat:
-            env = Rematerialized(env)
+            env = cast(Env, Rematerialized(env))  # steps like the env it wraps
         end, traj = rollout(
             env, policy, start, key=key, length=self.horizon, deterministic=not self.stochastic
         )

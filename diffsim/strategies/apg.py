@@ -12,10 +12,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from brax.envs.base import Env, State
+from brax.envs.base import State
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._types import Metrics
+from .._types import Env, Metrics
 from ..policies import trainable
 from . import helpers
 from ._window_env import carried_dtype

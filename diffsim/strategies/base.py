@@ -4,10 +4,9 @@ import abc
 from typing import Generic, TypeVar
 
 import equinox as eqx
-from brax.envs.base import Env
 from jaxtyping import PRNGKeyArray
 
-from .._types import Metrics
+from .._types import Env, Metrics
 
 StrategyState = TypeVar("StrategyState")
 

@@ -1,7 +1,7 @@
 """Evolution strategies: any distribution-based evosax 0.3 algorithm over the rollout core."""
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax
@@ -9,11 +9,10 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
-from brax.envs.base import Env
 from evosax.algorithms.distribution_based.base import DistributionBasedAlgorithm
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._types import Metrics
+from .._types import Env, Metrics
 from ..policies import trainable
 from . import _algorithms as algorithms, helpers
 from ._algorithms import ALGORITHMS as ALGORITHMS
@@ -170,8 +169,10 @@ class ES(AbstractPopulationStrategy[ESState]):
 
     def _optimizer(self) -> optax.GradientTransformation:
         if self.weight_decay:
-            return optax.adamw(self.learning_rate, weight_decay=self.weight_decay)
-        return optax.adam(self.learning_rate)
+            return optax.adamw(
+                cast(optax.ScalarOrSchedule, self.learning_rate), weight_decay=self.weight_decay
+            )
+        return optax.adam(cast(optax.ScalarOrSchedule, self.learning_rate))
 
     def _evosax(self, params) -> DistributionBasedAlgorithm:
         """The evosax algorithm for parameters shaped like `params` (may be traced)."""

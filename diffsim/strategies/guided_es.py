@@ -7,19 +7,19 @@ critic; `_guide_windows.py`) and the mode that uses its gradient (`Blend` or `Su
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import optax
-from brax.envs.base import Env, State
+from brax.envs.base import State
 from evosax.algorithms import Open_ES
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._types import Metrics
+from .._types import Env, Metrics
 from ..policies import trainable
 from . import _algorithms as algorithms, helpers
 from ._critic import Critic
@@ -201,7 +201,7 @@ class GuidedES(AbstractPopulationStrategy[GuidedESState]):
         mode's fitness shaping."""
         kwargs = algorithms.settings(
             Open_ES,
-            optimizer=optax.adam(self.learning_rate),
+            optimizer=optax.adam(cast(optax.ScalarOrSchedule, self.learning_rate)),
             std=self.std,
             antithetic=True,
             shaping=self.mode.fitness_shaping,

@@ -65,7 +65,9 @@ def in_range(name: str, value, low: float, high: float, *, low_open: bool = Fals
     **Example:** `in_range("discount", self.discount, 0.0, 1.0, low_open=True)`.
     """
     ok = isinstance(value, Real) and not isinstance(value, bool)
-    ok = ok and (low < value if low_open else low <= value) and value <= high
+    if ok:
+        x = float(value)
+        ok = (low < x if low_open else low <= x) and x <= high
     if not ok:
         bracket = "(" if low_open else "["
         raise ValueError(f"{name} must be a number in {bracket}{low}, {high}], got {value!r}")
@@ -76,7 +78,7 @@ def positive(name: str, value) -> None:
 
     **Example:** `positive("max_grad_norm", self.max_grad_norm)`.
     """
-    if not isinstance(value, Real) or isinstance(value, bool) or not value > 0:
+    if not isinstance(value, Real) or isinstance(value, bool) or not float(value) > 0:
         raise ValueError(f"{name} must be a number > 0, got {value!r}")
 
 

@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import optax
-from brax.envs.base import Env, State
+from brax.envs.base import State
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._types import Metrics, Scalar, Trajectory
+from .._types import Env, Metrics, Scalar, Trajectory
 from ..policies import ValueFunction, trainable, update_normalizers
 from ..rollout import reset, rollout
 from ..sharding import shard_batch

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import optax
-from brax.envs.base import Env, State
+from brax.envs.base import State
 from jaxtyping import PRNGKeyArray
 
 import diffsim
@@ -67,7 +67,7 @@ class REINFORCE(diffsim.AbstractStrategy[REINFORCEState]):
     def batch_size(self) -> int:
         return self.num_envs  # the env axis, marked with `diffsim.shard_batch`
 
-    def check(self, env: Env, policy: eqx.Module) -> None:
+    def check(self, env: diffsim.Env, policy: eqx.Module) -> None:
         if not callable(getattr(policy, "log_prob", None)):
             raise ValueError(
                 f"REINFORCE needs a stochastic policy with log_prob(obs, action);"
@@ -77,7 +77,7 @@ class REINFORCE(diffsim.AbstractStrategy[REINFORCEState]):
     def _optimizer(self) -> optax.GradientTransformation:
         return optax.adam(self.learning_rate)
 
-    def init(self, env: Env, policy: eqx.Module, *, key: PRNGKeyArray) -> REINFORCEState:
+    def init(self, env: diffsim.Env, policy: eqx.Module, *, key: PRNGKeyArray) -> REINFORCEState:
         value_key, env_key = jr.split(key)
         value = diffsim.ValueFunction(env.observation_size, hidden=self.value_hidden, key=value_key)
         models = (policy, value)
@@ -91,7 +91,7 @@ class REINFORCE(diffsim.AbstractStrategy[REINFORCEState]):
         return state.models[0]
 
     def step(
-        self, env: Env, state: REINFORCEState, *, key: PRNGKeyArray
+        self, env: diffsim.Env, state: REINFORCEState, *, key: PRNGKeyArray
     ) -> tuple[REINFORCEState, diffsim.Metrics]:
         env_state = diffsim.shard_batch(state.env_state)
         env_state, traj = diffsim.rollout(

@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import optax
-from brax.envs.base import Env, State
+from brax.envs.base import State
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._types import Metrics
+from .._types import Env, Metrics
 from ..policies import ValueFunction, trainable
 from . import helpers
 from ._critic import AbstractSHACCritic, Critic
