@@ -36,7 +36,14 @@ from .strategies import helpers as helpers, registry as _registry
 from .strategies.apg import APG as APG, APGState as APGState
 from .strategies.base import AbstractStrategy as AbstractStrategy
 from .strategies.es import ES as ES, ESState as ESState
-from .strategies.guided_es import GuidedES as GuidedES, GuidedESState as GuidedESState
+from .strategies.guided_es import (
+    APGWindow as APGWindow,
+    Blend as Blend,
+    GuidedES as GuidedES,
+    GuidedESState as GuidedESState,
+    SHACWindow as SHACWindow,
+    Subspace as Subspace,
+)
 from .strategies.ppo import PPO as PPO, PPOState as PPOState
 from .strategies.reinforce import REINFORCE as REINFORCE, REINFORCEState as REINFORCEState
 from .strategies.shac import SHAC as SHAC, SHACState as SHACState

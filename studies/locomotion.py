@@ -144,7 +144,11 @@ def contenders(name: str):
         ("APG", diffsim.APG(**window, learning_rate=1e-3, lr_decay=True), deterministic),
         ("SHAC", shac, gaussian_elu),
         ("ES", diffsim.ES(population_size=32, rollout_length=100), deterministic),
-        ("GuidedES", diffsim.GuidedES(**window, rollout_length=100), deterministic),
+        (
+            "GuidedES",
+            diffsim.GuidedES(gradient=diffsim.APGWindow(**window), rollout_length=100),
+            deterministic,
+        ),
     ]
     if name in SHAC_DEFAULTS_ON:  # diffsim's SHAC defaults against the published settings
         grid.append(("SHAC-det", diffsim.SHAC(**window), deterministic))

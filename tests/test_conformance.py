@@ -75,7 +75,9 @@ TOY = {
         untraceable={"weight_decay": "ES picks AdamW or Adam by whether weight_decay is 0"},
     ),
     "guided-es": Toy(
-        diffsim.GuidedES(population_size=8, rollout_length=50, num_envs=4, horizon=10),
+        diffsim.GuidedES(
+            population_size=8, rollout_length=50, gradient=diffsim.APGWindow(num_envs=4, horizon=10)
+        ),
         deterministic,
         40_000,
         invalid=("population_size", 0),
