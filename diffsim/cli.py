@@ -5,6 +5,7 @@ import dataclasses
 import os
 import runpy
 import sys
+import typing
 import warnings
 from pathlib import Path
 
@@ -25,12 +26,27 @@ def strategies() -> dict[str, type]:
     return registry.strategies()
 
 
-def _add_hyperparameters(parser: argparse.ArgumentParser, cls: type) -> list[str]:
-    """One option per frozen field with a plain default (numbers, flags, int tuples, strings)."""
+def _add_hyperparameters(
+    parser: argparse.ArgumentParser, cls: type, prefix: str = "", *, optional: bool = False
+) -> list[str]:
+    """One option per frozen field with a plain default (numbers, flags, int tuples,
+    strings); a field whose default is a module (GuidedES's `gradient` and `mode`) becomes
+    a component (`_add_components`). With `optional`, options default to None (unset)."""
     added = []
     for field in dataclasses.fields(cls):
         default = field.default
-        flag = "--" + field.name.replace("_", "-")
+        flag = "--" + (prefix + field.name).replace("_", "-")
+        if isinstance(default, eqx.Module) and not prefix:
+            _add_component(parser, cls, field.name, default)
+            added.append(field.name)
+            continue
+        if optional:
+            if any(a.dest == prefix + field.name for a in parser._actions):
+                added.append(field.name)
+                continue
+            default = _unset(default)
+        if default is _SKIP:
+            continue
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         elif isinstance(default, (int, float, str)):
@@ -53,6 +69,78 @@ def _add_hyperparameters(parser: argparse.ArgumentParser, cls: type) -> list[str
             continue
         added.append(field.name)
     return added
+
+
+_SKIP = object()
+
+
+def _unset(default):
+    """The default itself if it is a plain value an option can take, else `_SKIP`."""
+    if isinstance(default, bool | int | float | str):
+        return default
+    if isinstance(default, tuple) and all(isinstance(v, int) for v in default):
+        return default
+    return _SKIP
+
+
+def _final_subclasses(base: type) -> list[type]:
+    """The concrete classes below `base` (equinox: abstract or final)."""
+    found = []
+    for sub in base.__subclasses__():
+        found += [sub] if not getattr(sub, "__abstractmethods__", None) else []
+        found += _final_subclasses(sub)
+    return list(dict.fromkeys(found))
+
+
+def _add_component(parser: argparse.ArgumentParser, cls: type, name: str, default) -> None:
+    """`--NAME KIND` picks the component's class (e.g. `--gradient shac-window`), and
+    `--NAME-FIELD VALUE` sets its fields (`--gradient-horizon 16`): the fields of every kind
+    are listed, and one that the chosen kind lacks is an error."""
+    base = typing.get_type_hints(cls).get(name, type(default))
+    kinds = {registry.command_name(k): k for k in _final_subclasses(base)} or {
+        registry.command_name(type(default)): type(default)
+    }
+    parser.add_argument(
+        "--" + name.replace("_", "-"),
+        dest=f"{name}.kind",
+        choices=list(kinds),
+        default=registry.command_name(type(default)),
+        help=f"{cls.__name__}.{name}; default {registry.command_name(type(default))}",
+    )
+    for kind in kinds.values():
+        for field in _add_hyperparameters(parser, kind, prefix=f"{name}_", optional=True):
+            parser.set_defaults(**{f"{name}_{field}": None})
+    parser.set_defaults(**{f"{name}.kinds": kinds})
+
+
+def _component(args, name: str):
+    """The module `_add_component`'s options describe."""
+    kinds = getattr(args, f"{name}.kinds")
+    kind = kinds[getattr(args, f"{name}.kind")]
+    given = {
+        f.name: getattr(args, f"{name}_{f.name}")
+        for k in kinds.values()
+        for f in dataclasses.fields(k)
+        if getattr(args, f"{name}_{f.name}", None) is not None
+    }
+    fields = {f.name for f in dataclasses.fields(kind)}
+    wrong = sorted(set(given) - fields)
+    if wrong:
+        flags = ", ".join("--" + f"{name}_{w}".replace("_", "-") for w in wrong)
+        raise ValueError(
+            f"{flags} do not apply to {kind.__name__} (--{name} {registry.command_name(kind)})"
+        )
+    return kind(**given)
+
+
+def _strategy_from(args):
+    """The strategy the parsed options describe."""
+    values = {}
+    for name in args.hyperparameters:
+        values[name] = (
+            _component(args, name) if hasattr(args, f"{name}.kinds") else getattr(args, name)
+        )
+    return args.cls(**values)
 
 
 def _add_train_parser(kinds, name: str, cls: type) -> None:
@@ -194,7 +282,7 @@ def _train(args) -> None:
     from .stats import iqm_ci, threshold_crossing
 
     env = diffsim.make_env(args.env, backend=args.backend, episode_length=args.episode_length)
-    strategy = args.cls(**{name: getattr(args, name) for name in args.hyperparameters})
+    strategy = _strategy_from(args)
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     policy_cls = _policy_class(args.policy, strategy, env, args.hidden)

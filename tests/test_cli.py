@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import diffsim
 from diffsim import cli
 from diffsim.study import load_runs
 
@@ -335,3 +336,20 @@ def test_render_to_mp4_without_imageio_ffmpeg_names_the_extra(monkeypatch, tmp_p
     err = capsys.readouterr().err
     assert err.startswith(f"diffsim: error: cannot render to {str(out)!r}: .mp4 needs")
     assert "pip install 'diffsim[video]'" in err and not out.exists()
+
+
+def test_guided_es_components_from_options():
+    """GuidedES's gradient source and mode are objects: `--gradient KIND` picks the class and
+    `--gradient-FIELD` sets its fields; a field the chosen class lacks is an error."""
+    parser = cli._parser()
+    args = parser.parse_args(
+        ["train", "guided-es", "--gradient", "shac-window", "--gradient-horizon", "8"]
+        + ["--gradient-discount", "0.8", "--mode", "subspace", "--mode-alpha", "0.99"]
+    )
+    built = cli._strategy_from(args)
+    assert built.gradient == diffsim.SHACWindow(horizon=8, discount=0.8)
+    assert built.mode == diffsim.Subspace(alpha=0.99)
+    assert cli._strategy_from(parser.parse_args(["train", "guided-es"])) == diffsim.GuidedES()
+    wrong = parser.parse_args(["train", "guided-es", "--gradient-discount", "0.8"])
+    with pytest.raises(ValueError, match="--gradient-discount do not apply to APGWindow"):
+        cli._strategy_from(wrong)
