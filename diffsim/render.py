@@ -15,11 +15,11 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._contract import check_acts
 from .envs._toy import Ball, Pendulum, Reach
 from .rollout import reset, rollout
 
@@ -182,21 +182,8 @@ def _ffmpeg_available() -> bool:
 
 def _check_policy(env, policy) -> None:
     """The policy acts on one observation of `env` with one action: checked abstractly."""
-    obs = jax.ShapeDtypeStruct((env.observation_size,), jnp.float32)
-    try:
-        action = jax.eval_shape(lambda o: policy(o), obs)
-    except Exception as error:
-        raise ValueError(
-            f"policy {type(policy).__name__} cannot act on one observation of shape"
-            f" ({env.observation_size},) from {env.name!r} (a run of several seeds: pick one,"
-            f" jax.tree.map(lambda x: x[0], run.policy)): {error}"
-        ) from error
-    if action.shape != (env.action_size,):
-        raise ValueError(
-            f"policy {type(policy).__name__} returns actions of shape {action.shape}, but"
-            f" {env.name!r} takes ({env.action_size},); for a run of several seeds pick one:"
-            " jax.tree.map(lambda x: x[0], run.policy)"
-        )
+    hint = " (a run of several seeds: pick one, jax.tree.map(lambda x: x[0], run.policy))"
+    check_acts(env, policy, type(policy).__name__, hint)
 
 
 @eqx.filter_jit
