@@ -100,18 +100,18 @@ class REINFORCE(diffsim.AbstractStrategy[REINFORCEState]):
         fresh = diffsim.update_normalizers(state.models, traj.obs)
         models = helpers.select(jnp.all(jnp.isfinite(traj.obs)), fresh, state.models)
         over_tb = lambda f, *xs: jax.vmap(jax.vmap(f))(*xs)  # over time, then envs
-        v, v_next = (over_tb(models[1], obs) for obs in (traj.obs, traj.next_obs))
+        v, v_next = (over_tb(models[1], obs) for obs in (traj.obs, traj.next_obs))  # [T, B]
         gae = helpers.gae(
             traj.reward, v, v_next, traj.done, traj.truncation, discount=self.discount, lam=1.0
         )
         adv = (gae.advantage - gae.advantage.mean()) / (gae.advantage.std() + 1e-8)
 
         def loss(models):
-            pi, v = models
+            pi, critic = models
             log_prob = lambda o, a, u: pi.log_prob(o, a, pre_squash=u)
             log_probs = over_tb(log_prob, traj.obs, traj.action, traj.extras.get("pre_squash"))
             policy_loss = -jnp.mean(log_probs * adv)
-            value_loss = 0.5 * jnp.mean((over_tb(v, traj.obs) - gae.value_target) ** 2)
+            value_loss = 0.5 * jnp.mean((over_tb(critic, traj.obs) - gae.value_target) ** 2)
             return policy_loss + value_loss, {"policy_loss": policy_loss, "value_loss": value_loss}
 
         (total, metrics), grads = eqx.filter_value_and_grad(loss, has_aux=True)(models)
