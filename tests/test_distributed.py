@@ -60,9 +60,9 @@ def test_the_seeds_were_split_over_the_two_processes(runs):
     two, one, _ = runs
     assert (
         two.config["mesh"] == {"seeds": 2, "batch": 1}
-        and len(two.config["machine"]["devices"]) == 2
+        and len(two.config["machine"]["accelerator"]) == 2
     )
-    assert one.config["mesh"] is None and len(one.config["machine"]["devices"]) == 1
+    assert one.config["mesh"] is None and len(one.config["machine"]["accelerator"]) == 1
 
 
 def test_two_processes_give_the_one_process_result(runs):

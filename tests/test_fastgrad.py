@@ -45,7 +45,7 @@ def test_onehot_gather_under_vmap_and_out_of_bounds_fill():
 
 @pytest.mark.parametrize(
     ("name", "onehot", "unroll"),
-    [("reacher", True, True), ("reacher", True, False), ("hopper", True, True)],
+    [("reacher", True, False)],  # unrolled substeps: studies/gradient_cost.py (minutes to compile)
 )
 def test_fastgrad_window_matches_plain(name, onehot, unroll):
     with jax.enable_x64(True):
