@@ -63,19 +63,10 @@ class PPO(AbstractStrategy[PPOState]):
     budget unless given (driving `step` by hand without it: no decay). A minibatch whose
     loss or gradient is not finite is skipped and counted (`metrics["skipped_updates"]`).
 
-    The observation statistics are updated first, from the batch just collected, and the
-    behaviour log-probs `pi_old` and values `V_old` are recomputed under them, so the
-    ratio `r` compares two policies that see the same normalised inputs. `pi_old(a|s)` is
-    evaluated at the stored pre-squash sample (`traj.extras["pre_squash"]`, for policies
-    with `sample`), not at `arctanh(a)`, which loses precision near the action bounds.
-
-    `shuffle="samples"` (default) permutes single transitions; `"envs"` builds minibatches
-    of whole env trajectories (one permutation of the `num_envs` envs per epoch;
-    `num_minibatches` must divide `num_envs`): contiguous rows are cheaper to gather, but
-    the samples of one minibatch are correlated.
-
-    The policy needs `policy.log_prob(obs, action)` and `policy.entropy(obs)`, as
-    `GaussianPolicy` has.
+    Observation statistics are updated first and `pi_old`, `V_old` recomputed under them;
+    `pi_old` is taken at the stored pre-squash sample, not at `arctanh(a)`.
+    `shuffle="samples"` permutes transitions, `"envs"` whole env trajectories
+    (`num_minibatches` must divide `num_envs`). The policy needs `log_prob` and `entropy`.
 
     **Example:**
 
