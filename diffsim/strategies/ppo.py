@@ -57,8 +57,7 @@ class PPO(AbstractStrategy[PPOState]):
 
     with advantages normalised per minibatch; with `value_clip` the value error is also
     taken at `V_old + clip(V - V_old, -value_clip, value_clip)` and the larger one kept.
-    Policy and critic have their own Adam with global-norm clipping, so a large value
-    loss cannot shrink the policy's step. With `lr_decay` (default) both learning rates
+    Policy and critic have their own clipped Adam. With `lr_decay` (default) both rates
     decay linearly to 0 over `lr_decay_steps` env steps, which `train` sets to the run's
     budget unless given (driving `step` by hand without it: no decay). A minibatch whose
     loss or gradient is not finite is skipped and counted (`metrics["skipped_updates"]`).
