@@ -75,19 +75,3 @@ def test_fastgrad_window_matches_plain(name, onehot, unroll):
         for a, b in zip(jax.tree.leaves(grad_f), jax.tree.leaves(grad), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
         assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grad)) > 1e-6
-
-
-def test_fastgrad_removes_scatter_from_the_backward_pass():
-    plain = diffsim.make_env("reacher")
-    env = FastGrad(plain)
-    policy = diffsim.DeterministicPolicy(env.observation_size, env.action_size, key=jr.key(0))
-    state = diffsim.reset(env, key=jr.key(1), num_envs=2)
-
-    def loss(policy, env):
-        _, traj = diffsim.rollout(env, policy, state, key=jr.key(2), length=1, deterministic=True)
-        return jnp.sum(traj.reward)
-
-    count = lambda e: str(jax.make_jaxpr(eqx.filter_grad(lambda p: loss(p, e)))(policy)).count(  # noqa: E731
-        "scatter-add"
-    )
-    assert count(env) < count(plain)
