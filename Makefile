@@ -15,9 +15,11 @@ $(STAMP): pyproject.toml constraints.txt
 study: $(STAMP)
 	$(PY) studies/compare.py
 
-# Lint, type check, then the test suite.
+# Lint, type check, then the test suite: one worker per core of a 2-core machine, each test
+# file on one worker (the files share compiled programs through module-scoped fixtures).
+WORKERS ?= 2
 test: lint typecheck
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -240,7 +240,11 @@ def gait_stats(
         raise ValueError(f"gait_stats knows the bodies {sorted(GAIT_LAYOUT)}, got env {name!r}")
     if not isinstance(num_envs, int) or num_envs < 1:
         raise ValueError(f"num_envs must be a positive int, got {num_envs!r}")
-    layout = GAIT_LAYOUT[name]
+    return _gait_stats(env, policy, key, num_envs, GAIT_LAYOUT[name])
+
+
+@eqx.filter_jit  # one compiled program when called eagerly (not one per Brax operation)
+def _gait_stats(env: Env, policy, key, num_envs: int, layout: dict) -> dict[str, Array]:
     reset_key, act_key = jr.split(key)
     env_state = reset(env, key=reset_key, num_envs=num_envs)
     _, traj = rollout(

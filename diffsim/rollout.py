@@ -29,6 +29,11 @@ def reset(env: Env, *, key: PRNGKeyArray, num_envs: int) -> State:
     env_state.obs.shape   # (64, env.observation_size)
     ```
     """
+    return _reset(env, key, num_envs)
+
+
+@eqx.filter_jit  # one compiled program when called eagerly (not one per Brax operation)
+def _reset(env: Env, key: PRNGKeyArray, num_envs: int) -> State:
     return jax.vmap(env.reset)(jr.split(key, num_envs))
 
 

@@ -21,9 +21,10 @@ in interleaved rounds (each round times every function once, `jax.block_until_re
 the median is kept. `ratio` is the function's time per env step over `forward`'s, measured
 in the same rounds. Each row records `os.getloadavg()`.
 
-Variants: `plain` is the env as `make_env` builds it; `fastgrad` wraps it in
-`diffsim._fastgrad.FastGrad` (the same physics, a cheaper backward pass); `remat` in the
-strategies' `Rematerialized` (each env step recomputed in the backward pass).
+Variants: `plain` is the env as `make_env` builds it (what a window steps with `remat=False`);
+`remat` wraps it in the strategies' `Rematerialized` (`remat=True`: each physics substep
+recomputed in the backward pass); `remat_step` checkpoints each whole env step instead (what
+`remat=True` did until now).
 
 Resumable: rows are appended to results/gradient_cost/cells.csv after each cell, and a cell
 already there is skipped (`--redo` measures it again). `--profile` writes the op-class
@@ -48,19 +49,15 @@ import jax.numpy as jnp
 import jax.random as jr
 
 import diffsim
-from diffsim import _fastgrad
 from diffsim.strategies._windows import Rematerialized
 
 OUT = Path("results/gradient_cost")
 ENVS = ("reacher", "halfcheetah", "ant", "hopper", "reach", "pendulum", "ball")
 KINDS = ("forward", "value_and_grad", "apg_step", "shac_step", "ppo_iteration")
 VARIANTS: dict[str, Callable] = {
-    "plain": lambda env: env,
-    "fastgrad": _fastgrad.FastGrad,  # one-hot transposes, unrolled substeps, remat per step
-    "remat_unroll": lambda env: _fastgrad.FastGrad(env, onehot=False),
-    "unroll": lambda env: _fastgrad.FastGrad(env, onehot=False, remat=False),
-    "onehot": lambda env: _fastgrad.FastGrad(env, unroll=False, remat=False),
-    "remat": Rematerialized,
+    "plain": lambda env: env,  # remat=False (the default)
+    "remat": Rematerialized,  # remat=True: each physics substep under jax.checkpoint
+    "remat_step": lambda env: Rematerialized(env, substeps=False),  # each whole env step
 }
 FIELDS = (
     "env",

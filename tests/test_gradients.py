@@ -55,22 +55,28 @@ def test_float64_env_casts_the_brax_system(reacher):
         assert window_env.float64_env(toy) is toy  # no Brax system: nothing to cast
 
 
+def _window_gradient(env, policy, state, key, *, horizon: int, remat: bool):
+    """The float64 parameters and the jitted `value_and_grad` of APG's float64 window loss
+    in them; its aux says whether the window ran in float64."""
+    params, static = _params(policy)
+    apg = diffsim.APG(num_envs=state.obs.shape[0], horizon=horizon, float64=True, remat=remat)
+
+    def loss(p):
+        value, window = apg.loss(env, eqx.combine(p, static), state, key=key)
+        return value, window.traj.reward.dtype == jnp.float64
+
+    return window_env.to_float64(params), jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+
 def test_gradient_matches_central_differences_on_reacher(reacher, key):
     """The analytic gradient of APG's window loss through the spring pipeline (reacher has
-    no contacts) against central differences along a random direction, in float64."""
+    no contacts) against central differences along a random direction, in float64; with
+    `remat` (each physics substep recomputed) the same loss and gradient to 1e-6."""
     policy = deterministic(reacher, hidden=(16,))
     state = diffsim.reset(reacher, key=key, num_envs=2)
-    params, static = _params(policy)
     with jax.enable_x64(True):
-        apg = diffsim.APG(num_envs=2, horizon=8, float64=True)
-        params = window_env.to_float64(params)  # perturbed in float64
-
-        @jax.jit
-        def loss(p):
-            value, window = apg.loss(reacher, eqx.combine(p, static), state, key=key)
-            return value, window.traj.reward.dtype == jnp.float64
-
-        grad = jax.jit(jax.grad(lambda p: loss(p)[0]))(params)
+        params, plain = _window_gradient(reacher, policy, state, key, horizon=8, remat=False)
+        (value, float64), grad = plain(params)
         leaves, treedef = jax.tree.flatten(params)
         keys = jr.split(jr.key(5), len(leaves))
         direction = jax.tree.unflatten(
@@ -78,11 +84,34 @@ def test_gradient_matches_central_differences_on_reacher(reacher, key):
         )
         eps = 1e-5
         shift = lambda sign: jax.tree.map(lambda p, d: p + sign * eps * d, params, direction)
-        central = (loss(shift(1.0))[0] - loss(shift(-1.0))[0]) / (2 * eps)
-        analytic = _dot(grad, direction)
-        assert bool(loss(params)[1])  # the window ran in float64
+        central = (plain(shift(1.0))[0][0] - plain(shift(-1.0))[0][0]) / (2 * eps)
+        assert bool(float64)  # the window ran in float64
         assert abs(float(central)) > 1e-3  # a gradient worth checking
-        np.testing.assert_allclose(analytic, central, rtol=1e-6)
+        np.testing.assert_allclose(_dot(grad, direction), central, rtol=1e-6)
+        _, remat = _window_gradient(reacher, policy, state, key, horizon=8, remat=True)
+        _assert_same(remat(params), (value, grad))
+
+
+def _assert_same(remat, plain) -> None:
+    """`value_and_grad` outputs equal to 1e-6 relative, and a gradient worth comparing."""
+    (value_r, _), grad_r = remat
+    (value, _), grad = plain
+    np.testing.assert_allclose(value_r, value, rtol=1e-12)
+    assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grad)) > 1e-6
+    for a, b in zip(jax.tree.leaves(grad_r), jax.tree.leaves(grad), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-12)
+
+
+def test_remat_gives_the_plain_gradient_on_a_contact_body(key):
+    """On hopper (spring contacts), a short float64 window with each physics substep
+    rematerialised: the same loss and gradient as the plain window, to 1e-6."""
+    hopper = diffsim.make_env("hopper")
+    policy = deterministic(hopper, hidden=(8,))
+    state = diffsim.reset(hopper, key=key, num_envs=2)
+    with jax.enable_x64(True):
+        params, plain = _window_gradient(hopper, policy, state, key, horizon=3, remat=False)
+        _, remat = _window_gradient(hopper, policy, state, key, horizon=3, remat=True)
+        _assert_same(remat(params), plain(params))
 
 
 # --------------------------------------------------------------------------- remat

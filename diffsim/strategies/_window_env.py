@@ -1,13 +1,14 @@
 """The env a differentiable window steps, and what it rejects before compiling.
 
 A window can run in float64 (`float64_env`: the Brax system's constants cast, with
-`to_float64` for the policy and the env state) and rematerialise each env step in the
+`to_float64` for the policy and the env state) and rematerialise the physics in the
 backward pass (`Rematerialized`). `check_env` rejects what a window cannot do on an env: a
 backend that cannot be reverse-differentiated, a horizon longer than the episode, and remat
 or float64 where they cannot apply. Shared by every window (`_windows.WindowSpec`).
 """
 
 import copy
+import functools
 import weakref
 from typing import cast
 
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 from brax.base import System
-from brax.envs.base import State, Wrapper
+from brax.envs.base import PipelineEnv, State, Wrapper
 from jaxtyping import Array
 
 from .._types import Env, Trajectory
@@ -111,10 +112,39 @@ def float64_env(env: Env) -> Env:
     return cached
 
 
+def _checkpointed_substeps(env: Env) -> Env | None:
+    """A shallow copy of `env`'s wrapper chain whose Brax `PipelineEnv` runs each physics
+    substep under `jax.checkpoint`, or None if `env` has no Brax pipeline (a toy env)."""
+    if isinstance(env, Wrapper):
+        inner = _checkpointed_substeps(env.env)
+        if inner is None:
+            return None
+        out = copy.copy(env)
+        out.env = inner
+        return out
+    if not isinstance(env, PipelineEnv):
+        return None
+    out = copy.copy(env)
+    pipeline, n_frames = env._pipeline, env._n_frames  # noqa: SLF001 (Brax's own fields)
+
+    def pipeline_step(pipeline_state, action):
+        @functools.partial(jax.checkpoint, prevent_cse=False)  # inside a scan: no CSE risk
+        def substep(state, _):
+            return pipeline.step(out.sys, state, action, out._debug), None  # noqa: SLF001
+
+        return jax.lax.scan(substep, pipeline_state, (), n_frames)[0]
+
+    out.pipeline_step = pipeline_step  # the same substeps as Brax's, in the same order
+    return out
+
+
 class Rematerialized(Wrapper):
-    """`env` whose `step` is wrapped in `jax.checkpoint`: reverse mode keeps only each step's
-    inputs (the env state and the action) and recomputes the step's internals (the physics
-    substeps, contacts) during the backward pass. Everything else is `env`'s.
+    """`env` whose steps reverse mode recomputes instead of storing, with the same forward
+    values. On a Brax env each physics substep runs under `jax.checkpoint`: the substep loop
+    keeps one pipeline state per substep, not one stacked buffer per intermediate of the
+    collision and spring code, and recomputes each substep in the backward pass. On an env
+    without a Brax pipeline (the toy envs), or with `substeps=False`, the whole `step` is
+    checkpointed instead. Everything else is `env`'s.
 
     **Example:**
 
@@ -123,8 +153,15 @@ class Rematerialized(Wrapper):
     ```
     """
 
+    def __init__(self, env: Env, substeps: bool = True):
+        checkpointed = _checkpointed_substeps(env) if substeps else None
+        super().__init__(env if checkpointed is None else checkpointed)
+        self.per_substep = checkpointed is not None
+
     def step(self, state: State, action: jax.Array, starts=None) -> State:
-        step = jax.checkpoint(self.env.step, prevent_cse=False)  # inside a scan: no CSE risk
+        step = self.env.step
+        if not self.per_substep:
+            step = jax.checkpoint(step, prevent_cse=False)  # inside a scan: no CSE risk
         return step(state, action) if starts is None else step(state, action, starts)
 
 

@@ -74,9 +74,10 @@ class APG(AbstractWindowStrategy[APGState]):
       dtype. Needs `jax.config.update("jax_enable_x64", True)` before training: x64 cannot
       be switched on inside jit, so `train` rejects `float64=True` without it, and an env
       whose step still computes in float32.
-    - `remat`: rematerialise each env step in the backward pass (`jax.checkpoint`), so
-      reverse mode stores each step's inputs instead of all of the simulator's
-      intermediates: long windows fit in memory, for a second forward pass of the physics.
+    - `remat`: rematerialise the physics in the backward pass (`jax.checkpoint` around
+      each Brax substep, or each step of an env without a Brax pipeline), so reverse mode
+      stores states instead of all of the simulator's intermediates: long windows fit in
+      memory, for a second forward pass of the physics.
     - `lr_decay`, `lr_decay_steps`: decay the learning rate linearly to 0 over
       `lr_decay_steps` env steps (one update per `num_envs * horizon`), which `train` sets
       to the run's budget unless given, as in `PPO`. Off by default.
