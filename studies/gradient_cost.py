@@ -26,19 +26,23 @@ Variants: `plain` is the env as `make_env` builds it (what a window steps with `
 recomputed in the backward pass); `remat_step` checkpoints each whole env step instead (what
 `remat=True` did until now).
 
-Resumable: rows are appended to results/gradient_cost/cells.csv after each cell, and a cell
-already there is skipped (`--redo` measures it again). `--profile` writes the op-class
+Prints the table and writes it to results/gradient_cost/table.txt. Resumable: rows are appended to results/gradient_cost/cells.csv after each cell, and a cell
+already there is skipped (`--redo` measures it again). Each row names the commit that
+measured it; the script refuses an uncommitted tree unless `--allow-dirty`, and writes the
+run's provenance (versions, machine, date) to provenance.json. `--profile` writes the op-class
 breakdown of the backward pass (results/gradient_cost/profile_<env>_h<H>.csv) instead.
 """
 
 import argparse
 import collections
 import csv
+import json
 import math
 import os
 import platform
 import re
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,6 +53,7 @@ import jax.numpy as jnp
 import jax.random as jr
 
 import diffsim
+from diffsim.results import DirtyTreeError, require_clean
 from diffsim.strategies._windows import Rematerialized
 
 OUT = Path("results/gradient_cost")
@@ -77,6 +82,7 @@ FIELDS = (
     "loadavg_1m",
     "device",
     "jax",
+    "commit",
 )
 
 
@@ -179,7 +185,7 @@ def time_all(compiled: dict[str, Compiled], repeats: int) -> dict[str, float]:
     return {kind: statistics.median(t) for kind, t in times.items()}
 
 
-def measure_cell(name: str, horizon: int, variant: str, args) -> list[dict]:
+def measure_cell(name: str, horizon: int, variant: str, args, commit: str) -> list[dict]:
     env = VARIANTS[variant](diffsim.make_env(name))
     compiled = build(env, horizon, args.num_envs, args.kinds)
     seconds = time_all(compiled, args.repeats)
@@ -206,6 +212,7 @@ def measure_cell(name: str, horizon: int, variant: str, args) -> list[dict]:
                 "loadavg_1m": round(os.getloadavg()[0], 2),
                 "device": jax.devices()[0].device_kind or platform.processor(),
                 "jax": jax.__version__,
+                "commit": commit,
             }
         )
     return rows
@@ -228,24 +235,25 @@ def append_rows(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def print_table(rows: list[dict]) -> None:
-    """One line per cell: forward env steps/s and each function's ratio to the forward."""
+def format_table(rows: list[dict]) -> str:
+    """One line per cell: forward env steps/s, each function's time per env step over the
+    forward's, and the temporary memory of `value_and_grad`."""
     cells: dict[tuple, dict[str, dict]] = {}
     for row in rows:
         cells.setdefault((row["env"], int(row["horizon"]), row["variant"]), {})[row["kind"]] = row
-    head = f"{'env':12} {'H':>3} {'variant':9} {'fwd steps/s':>11}"
-    print(head + "".join(f" {k:>14}" for k in KINDS[1:]) + f" {'vg temp MB':>10} {'load':>5}")
+    head = f"{'env':12} {'H':>3} {'variant':10} {'fwd steps/s':>11}"
+    lines = [head + "".join(f" {k:>14}" for k in KINDS[1:]) + f" {'vg temp MB':>10}"]
     for (env, horizon, variant), kinds in sorted(cells.items()):
         fwd = kinds.get("forward")
-        line = f"{env:12} {horizon:3d} {variant:9}"
+        line = f"{env:12} {horizon:3d} {variant:10}"
         line += f" {1e6 / float(fwd['us_per_env_step']):11,.0f}" if fwd else f" {'':>11}"
         for kind in KINDS[1:]:
             ratio = kinds.get(kind, {}).get("ratio", "")
             line += f" {float(ratio):13.2f}x" if ratio != "" else f" {'':>14}"
         vg = kinds.get("value_and_grad")
         line += f" {float(vg['temp_mb']):10.1f}" if vg else f" {'':>10}"
-        line += f" {float(fwd['loadavg_1m']):5.2f}" if fwd else ""
-        print(line)
+        lines.append(line.rstrip())
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- --profile
@@ -421,6 +429,7 @@ def main() -> None:
     parser.add_argument("--redo", action="store_true", help="measure cells already in --out")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--profile", action="store_true", help="op-class breakdown instead")
+    parser.add_argument("--allow-dirty", action="store_true", help="measure uncommitted code")
     args = parser.parse_args()
     if "forward" not in args.kinds:
         args.kinds = ["forward", *args.kinds]
@@ -428,6 +437,12 @@ def main() -> None:
         profile(args)
         return
     if not args.report_only:
+        try:  # the commit that measured each row, on a clean tree unless --allow-dirty
+            prov = require_clean(allow_dirty=args.allow_dirty)
+        except DirtyTreeError as error:
+            sys.exit(str(error))
+        commit = f"{prov['commit'][:10]}{'-dirty' if prov['dirty'] else ''}"
+        (args.out.parent / "provenance.json").write_text(json.dumps(prov, indent=1) + "\n")
         for name in args.envs:
             for horizon in args.horizons:
                 for variant in args.variants:
@@ -438,11 +453,13 @@ def main() -> None:
                         print(f"skip {name} H={horizon} {variant}: already in {args.out}")
                         continue
                     tic = time.perf_counter()
-                    rows = measure_cell(name, horizon, variant, args)
+                    rows = measure_cell(name, horizon, variant, args, commit)
                     append_rows(args.out, rows)
                     print(f"{name} H={horizon} {variant}: {time.perf_counter() - tic:.0f} s")
-                    print_table(rows)
-    print_table(read_rows(args.out))
+                    print(format_table(rows))
+    table = format_table(read_rows(args.out))
+    print(table)
+    (args.out.parent / "table.txt").write_text(table + "\n")
 
 
 if __name__ == "__main__":

@@ -163,7 +163,7 @@ class Child:
         self.folder, self.out = folder, None
         tests = Path(__file__).parent
         path = os.pathsep.join([str(tests.parent), os.environ.get("PYTHONPATH", "")])
-        flags = "--xla_force_host_platform_device_count=4"
+        flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
         env = {**os.environ, "XLA_FLAGS": flags, "PYTHONPATH": path}  # this checkout's diffsim
         self.process = subprocess.Popen(
             [sys.executable, "child.py", str(tests)],

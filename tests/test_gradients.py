@@ -89,7 +89,7 @@ def test_gradient_matches_central_differences_on_reacher(reacher, key):
         assert abs(float(central)) > 1e-3  # a gradient worth checking
         np.testing.assert_allclose(_dot(grad, direction), central, rtol=1e-6)
         _, remat = _window_gradient(reacher, policy, state, key, horizon=8, remat=True)
-        _assert_same(remat(params), (value, grad))
+        _assert_same(remat(params), ((value, float64), grad))
 
 
 def _assert_same(remat, plain) -> None:
@@ -100,18 +100,6 @@ def _assert_same(remat, plain) -> None:
     assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grad)) > 1e-6
     for a, b in zip(jax.tree.leaves(grad_r), jax.tree.leaves(grad), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-12)
-
-
-def test_remat_gives_the_plain_gradient_on_a_contact_body(key):
-    """On hopper (spring contacts), a short float64 window with each physics substep
-    rematerialised: the same loss and gradient as the plain window, to 1e-6."""
-    hopper = diffsim.make_env("hopper")
-    policy = deterministic(hopper, hidden=(8,))
-    state = diffsim.reset(hopper, key=key, num_envs=2)
-    with jax.enable_x64(True):
-        params, plain = _window_gradient(hopper, policy, state, key, horizon=3, remat=False)
-        _, remat = _window_gradient(hopper, policy, state, key, horizon=3, remat=True)
-        _assert_same(remat(params), plain(params))
 
 
 # --------------------------------------------------------------------------- remat

@@ -151,11 +151,9 @@ def test_blend_weights_follow_the_measured_variances():
     "mode, gradient, threshold",
     [
         (Blend(), APGWindow(num_envs=16, horizon=20), -30.0),
-        (Subspace(), APGWindow(num_envs=16, horizon=20), -90.0),
-        (Blend(), SHACWindow(num_envs=16, horizon=20, discount=0.8), -40.0),
         (Subspace(), SHACWindow(num_envs=16, horizon=20, discount=0.8), -90.0),
     ],
-    ids=["blend-apg", "subspace-apg", "blend-shac", "subspace-shac"],
+    ids=["blend-apg", "subspace-shac"],  # each mode and each gradient source once
 )
 def test_every_variant_learns_reach(envs, key, mode, gradient, threshold):
     env = envs("reach")

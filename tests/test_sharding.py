@@ -54,7 +54,7 @@ CHILD = textwrap.dedent(
                         one_devices=len(jax.tree.leaves(one.policy)[0].sharding.device_set))
     two = diffsim.train_seeds(ppo, env, gauss, keys=keys[:2], **args(ppo))
     two_one = jax.tree.map(lambda x: x[:2] if eqx.is_array(x) else x, one)  # the same 2 seeds
-    carry = list(importlib.import_module("diffsim._program").PROGRAMS.values())[-2].carry_sharding
+    carry = list(importlib.import_module("diffsim._program").PROGRAMS.values())[-1].carry_sharding
     out["two_seeds"] = dict(diff=diff(two, two_one), mesh=two.config["mesh"],
                             env_spec=str(carry.state.env_state.obs.spec))
 
@@ -100,7 +100,7 @@ def four_devices(tmp_path_factory):
     path = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4",
         "PYTHONPATH": path,
     }
     out = subprocess.run(
