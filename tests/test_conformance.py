@@ -332,15 +332,20 @@ def test_save_load_round_trip(runs, tmp_path):
 
 
 def test_runs_on_four_devices_with_the_same_result(runs, child, name):
-    """`train` splits the strategy's batch over 4 devices and gives the 1-device result."""
+    """`train` splits the strategy's batch over 4 devices and gives the 1-device result.
+
+    Up to float reassociation: a mean over 4 devices sums in another order, and training
+    grows that 1e-7 over hundreds of updates (PPO: 0.8% of a return midway, measured with
+    the suite's LLVM level 0). A wrong split (a quarter of the batch, one device's
+    gradient) changes the learning curve by far more."""
     assert child.result()[name] == {"mesh": {"seeds": 1, "batch": 4}}
     four = np.load(child.folder / f"{name}.npz")
     np.testing.assert_allclose(
-        four["eval_return"], runs.one.curve.eval_return, rtol=1e-4, atol=1e-3
+        four["eval_return"], runs.one.curve.eval_return, rtol=2e-2, atol=1e-2
     )
     policy = leaves(runs.one.policy)
     for i, leaf in enumerate(policy):
-        np.testing.assert_allclose(four[f"arr_{i}"], leaf, rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(four[f"arr_{i}"], leaf, rtol=2e-2, atol=2e-3)
 
 
 COUNTERS = ("diverged", "nonfinite_members", "masked_envs", "skipped_updates")

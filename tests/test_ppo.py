@@ -139,7 +139,7 @@ def test_update_sees_the_new_observation_statistics_and_stored_samples(key, envs
     exact = jax.vmap(jax.vmap(lambda o, a, u: state.policy.log_prob(o, a, pre_squash=u)))(
         traj.obs, traj.action, u
     )
-    np.testing.assert_allclose(traj.log_prob, exact, rtol=1e-6)
+    np.testing.assert_allclose(traj.log_prob, exact, rtol=1e-5, atol=1e-6)  # float32, fused
 
 
 def test_lr_decays_linearly_over_the_budget():
