@@ -10,6 +10,7 @@ or float64 where they cannot apply. Shared by every window (`_windows.WindowSpec
 import copy
 import functools
 import weakref
+from collections.abc import Callable
 from typing import cast
 
 import equinox as eqx
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 from brax.base import System
-from brax.envs.base import PipelineEnv, State, Wrapper
+from brax.envs.base import Env as BraxEnv, PipelineEnv, State, Wrapper
 from jaxtyping import Array
 
 from .._types import Env, Trajectory
@@ -112,7 +113,7 @@ def float64_env(env: Env) -> Env:
     return cached
 
 
-def _checkpointed_substeps(env: Env) -> Env | None:
+def _checkpointed_substeps(env: BraxEnv) -> BraxEnv | None:
     """A shallow copy of `env`'s wrapper chain whose Brax `PipelineEnv` runs each physics
     substep under `jax.checkpoint`, or None if `env` has no Brax pipeline (a toy env)."""
     if isinstance(env, Wrapper):
@@ -155,11 +156,11 @@ class Rematerialized(Wrapper):
 
     def __init__(self, env: Env, substeps: bool = True):
         checkpointed = _checkpointed_substeps(env) if substeps else None
-        super().__init__(env if checkpointed is None else checkpointed)
+        super().__init__(env if checkpointed is None else cast(Env, checkpointed))
         self.per_substep = checkpointed is not None
 
     def step(self, state: State, action: jax.Array, starts=None) -> State:
-        step = self.env.step
+        step: Callable = self.env.step  # an AutoResetEnv's step also takes its start pool
         if not self.per_substep:
             step = jax.checkpoint(step, prevent_cse=False)  # inside a scan: no CSE risk
         return step(state, action) if starts is None else step(state, action, starts)
