@@ -67,8 +67,7 @@ def default_pool_size(length: int) -> int:
     """Fresh starts `rollout` draws per env and call: one per 32 steps (at least one).
 
     A Brax reset costs about a step; per env and call this draws `ceil(T / 32)` of them,
-    about 3% of a rollout's steps, where a reset on every step cost 22% on
-    `inverted_pendulum`."""
+    about 3% of a rollout's steps, instead of a reset on every step."""
     return max(1, -(-length // 32))
 
 

@@ -74,9 +74,8 @@ class Reach(AbstractToyEnv):
     """A damped 2-D point mass pushed toward a random target.
 
     obs = (position, velocity, target - position), 6 numbers; action = force, 2 numbers.
-    reward = -|position - target| - 0.01 |action|^2 per step, dt = 0.05 s.
-    Measured (IQM of 8 seeds): a still policy returns about -100 over the default 100
-    steps; APG and PPO reach about -11 to -12 within 150k steps.
+    reward = -|position - target| - 0.01 |action|^2 per step, dt = 0.05 s. What each
+    strategy reaches on it: the main comparison study (`studies/compare.py`, in the docs).
 
     **Example:**
 
@@ -114,8 +113,8 @@ class Pendulum(AbstractToyEnv):
 
     The angle is 0 upright; it starts anywhere with a small spin. obs = (cos, sin, angular
     velocity); action = torque / 2. reward = cos(angle) - 0.01 omega^2 - 0.001 torque^2,
-    at most 1 per step; dt = 0.05 s, 200 steps. Measured (IQM of 8 seeds): an untrained
-    policy returns about -120, PPO after 200k steps about 150.
+    at most 1 per step; dt = 0.05 s, 200 steps. What each strategy reaches on it: the main
+    comparison study (`studies/compare.py`, in the docs).
 
     **Example:**
 
@@ -160,8 +159,7 @@ class Ball(AbstractToyEnv):
     nothing. From the release on, reward = -|ball - target| per step, so an action pays
     off only tens of steps later. The target hangs 2-4 m away at 0.5-1.5 m height.
     obs = (position, velocity, target - position, held, time fraction), 8 numbers; dt =
-    0.05 s, 60 steps. Measured (IQM of 8 seeds): letting the ball drop returns about
-    -960; PPO after 200k steps about -320, APG about -350.
+    0.05 s, 60 steps. Letting the ball drop scores far below any thrown ball's return.
 
     **Example:**
 
