@@ -26,10 +26,11 @@ Variants: `plain` is the env as `make_env` builds it (what a window steps with `
 recomputed in the backward pass); `remat_step` checkpoints each whole env step instead (what
 `remat=True` did until now).
 
-Prints the table and writes it to results/gradient_cost/table.txt. Resumable: rows are appended to results/gradient_cost/cells.csv after each cell, and a cell
-already there is skipped (`--redo` measures it again). Each row names the commit that
-measured it; the script refuses an uncommitted tree unless `--allow-dirty`, and writes the
-run's provenance (versions, machine, date) to provenance.json. `--profile` writes the op-class
+Prints the table and writes it to results/gradient_cost/table.txt. Resumable: rows are
+appended to results/gradient_cost/cells.csv after each cell, and a cell already there is
+skipped (`--redo` measures it again). Each row names the commit that measured it; the
+script refuses an uncommitted tree unless `--allow-dirty`, and writes the last run's
+provenance (versions, machine, date) to provenance.json. `--profile` writes the op-class
 breakdown of the backward pass (results/gradient_cost/profile_<env>_h<H>.csv) instead.
 """
 

@@ -12,6 +12,8 @@ os.environ.setdefault(
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     FLAGS = [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]
     os.environ["XLA_FLAGS"] = " ".join(filter(None, FLAGS))
+# XLA_FLAGS for a child process with 4 virtual CPU devices (the suite's flags kept).
+FOUR_DEVICES = f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=4"
 
 import contextlib  # noqa: E402
 import importlib  # noqa: E402

@@ -23,7 +23,15 @@ import jax
 import jax.random as jr
 import numpy as np
 import pytest
-from conftest import COMPILE, TRACE, NaNReach, compiles, deterministic, gaussian
+from conftest import (
+    COMPILE,
+    FOUR_DEVICES,
+    TRACE,
+    NaNReach,
+    compiles,
+    deterministic,
+    gaussian,
+)
 
 import diffsim
 from diffsim import _checkpoint
@@ -163,8 +171,11 @@ class Child:
         self.folder, self.out = folder, None
         tests = Path(__file__).parent
         path = os.pathsep.join([str(tests.parent), os.environ.get("PYTHONPATH", "")])
-        flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
-        env = {**os.environ, "XLA_FLAGS": flags, "PYTHONPATH": path}  # this checkout's diffsim
+        env = {
+            **os.environ,
+            "XLA_FLAGS": FOUR_DEVICES,
+            "PYTHONPATH": path,
+        }  # this checkout's diffsim
         self.process = subprocess.Popen(
             [sys.executable, "child.py", str(tests)],
             cwd=folder,

@@ -12,6 +12,7 @@ import sys
 import textwrap
 
 import pytest
+from conftest import FOUR_DEVICES
 
 CHILD = textwrap.dedent(
     """
@@ -100,7 +101,7 @@ def four_devices(tmp_path_factory):
     path = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
     env = {
         **os.environ,
-        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4",
+        "XLA_FLAGS": FOUR_DEVICES,
         "PYTHONPATH": path,
     }
     out = subprocess.run(

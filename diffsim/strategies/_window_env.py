@@ -126,14 +126,13 @@ def _checkpointed_substeps(env: BraxEnv) -> BraxEnv | None:
     if not isinstance(env, PipelineEnv):
         return None
     out = copy.copy(env)
-    pipeline, n_frames = env._pipeline, env._n_frames  # noqa: SLF001 (Brax's own fields)
 
-    def pipeline_step(pipeline_state, action):
+    def pipeline_step(pipeline_state, action):  # Brax's, with each substep checkpointed
         @functools.partial(jax.checkpoint, prevent_cse=False)  # inside a scan: no CSE risk
         def substep(state, _):
-            return pipeline.step(out.sys, state, action, out._debug), None  # noqa: SLF001
+            return out._pipeline.step(out.sys, state, action, out._debug), None  # noqa: SLF001
 
-        return jax.lax.scan(substep, pipeline_state, (), n_frames)[0]
+        return jax.lax.scan(substep, pipeline_state, (), out._n_frames)[0]  # noqa: SLF001
 
     out.pipeline_step = pipeline_step  # the same substeps as Brax's, in the same order
     return out
