@@ -1,6 +1,7 @@
 """What a run reports while it goes: the JSON-lines log and the progress bar."""
 
 import json
+import time
 
 import numpy as np
 
@@ -26,6 +27,7 @@ class Log:
         line = {
             **self.label,
             "eval": index,
+            "time": time.time(),  # when the line was written (Unix seconds)
             "env_steps": float(np.mean(history["env_steps"][-1])),
             "train_seconds": float(seconds[0]),
             "eval_seconds": float(seconds[1]),

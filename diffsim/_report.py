@@ -48,7 +48,8 @@ def summary(runs: dict[tuple[str, str], Run], references: Sequence[str] = ("PPO"
       `final` with its 95% bootstrap CI (`low`, `high`), `untrained` (the same statistic
       at env step 0), `p_over_untrained` (P(final > untrained) over pairs of seeds),
       `learned` (the CI's lower end lies above `untrained`), `p_over_<REF>` for each
-      reference on the env, seconds, and `tuning` (None for an untuned cell).
+      reference on the env (None where the budgets differ by more than 5%), seconds, and
+      `tuning` (None for an untuned cell).
     - `untrained`: one row per env: the statistic over every cell's seeds at env step 0.
     - `crossings`: per env, reference and cell: the target (the reference's final score),
       each side's first evaluation whose statistic reaches it (`steps`, `seconds`, medians
@@ -123,8 +124,11 @@ def _cell_row(env: str, label: str, run: Run, runs: dict, references: Sequence[s
         "learned": bool(low > untrained),
     }
     for ref in references:
-        if (env, ref) in runs:
-            row[f"p_over_{ref}"] = probability_of_improvement(final, _scores(runs[env, ref], -1))
+        if (env, ref) in runs:  # final scores compare only at the same budget (else None)
+            other = runs[env, ref]
+            same = _same_budget(run.config["total_steps"], other.config["total_steps"])
+            p = probability_of_improvement(final, _scores(other, -1)) if same else None
+            row[f"p_over_{ref}"] = p
     for k in ("train", "eval", "compile"):
         row[f"{k}_s"] = run.config.get(f"{k}_seconds", float("nan"))
     tuning = run.config.get("study", {}).get("tuning")
@@ -143,6 +147,11 @@ def _cell_row(env: str, label: str, run: Run, runs: dict, references: Sequence[s
         "seconds": sum(tuning["seconds"].values()),
     }
     return row
+
+
+def _same_budget(a: int, b: int) -> bool:
+    """Whether two runs' env-step budgets are equal up to iteration rounding (5%)."""
+    return abs(a - b) <= 0.05 * max(a, b)
 
 
 def _crossings(env: str, ref: str, runs: dict) -> list[dict]:

@@ -433,16 +433,12 @@ def _render(args) -> None:
 
 def _envs() -> None:
     print(f"{'name':<26}{'kind':<8}{'obs':>5}{'act':>5}{'episode':>9}")
+    toys, playground = diffsim.envs.toy_names(), diffsim.envs.playground_names()
     for name in diffsim.envs.names():
-        kind = "toy" if name in diffsim.envs.toy_names() else "brax"
+        kind = "toy" if name in toys else "mjx" if name in playground else "brax"
         try:
-            env = (
-                diffsim.make_env(name)
-                if kind == "toy"
-                else diffsim.make_env(
-                    name, backend="spring" if name != "swimmer" else "generalized"
-                )
-            )
+            backend = "generalized" if name == "swimmer" else None  # Brax's: spring else
+            env = diffsim.make_env(name, backend=backend)
             sizes = f"{env.observation_size:>5}{env.action_size:>5}{env.episode_length:>9}"
         except Exception as error:  # an env Brax cannot build here: say so, keep listing
             sizes = f"  ({type(error).__name__})"

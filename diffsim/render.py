@@ -63,8 +63,9 @@ def render(
     - `.png`: one image, a horizontal strip of `stills` evenly spaced frames.
     - `.html`: Brax envs: Brax's interactive 3-D viewer (`brax.io.html`; it loads its
       JavaScript from a CDN when opened). Toy envs: a matplotlib JavaScript animation.
+      Not for MuJoCo Playground envs.
 
-    Brax envs are drawn by MuJoCo's offscreen renderer with a camera that tracks the root
+    Brax and MuJoCo Playground envs are drawn by MuJoCo's offscreen renderer with a camera that tracks the root
     body from the side, so a running Ant stays in view. That needs OpenGL: on headless
     Linux diffsim selects EGL (`MUJOCO_GL=egl`) when `mujoco` is first imported; without
     any GL, `.gif`/`.mp4`/`.png` raise an error and `.html` still works. Toy envs (`reach`,
@@ -107,6 +108,11 @@ def render(
     if fps is not None and not fps > 0:
         raise ValueError(f"fps must be > 0, got {fps!r}")
     scene = _scene(env)
+    if suffix == ".html" and isinstance(scene, _MujocoScene) and scene.sys is None:
+        raise ValueError(
+            f"render draws {env.name!r} (a MuJoCo Playground env) as .gif, .mp4 or .png;"
+            f" .html is Brax's viewer, for Brax envs, got {str(path)!r}"
+        )
     _check_policy(env, policy)
     episode = jax.device_get(_episode(env, policy, key, length))
     fps = fps or _real_time_fps(env)
@@ -234,18 +240,22 @@ def _strip(frames: list[np.ndarray], gap: int = 4) -> np.ndarray:
 # Scenes: how one kind of env turns an Episode into frames and HTML.
 
 
-class _BraxScene:
-    """MuJoCo offscreen frames with a tracking camera; Brax's HTML viewer."""
+class _MujocoScene:
+    """MuJoCo offscreen frames with a tracking camera, for Brax envs (their `sys.mj_model`,
+    states with `q`, `qd`) and Playground's (their `mj_model`, MJX data with `qpos`,
+    `qvel`); Brax's HTML viewer for Brax envs."""
 
     def __init__(self, env):
+        inner = env.unwrapped
         self.env = env
-        self.sys = env.unwrapped.sys
+        self.sys = getattr(inner, "sys", None)  # Brax's System; None for Playground envs
+        self.model = inner.sys.mj_model if self.sys is not None else inner.mj_model
 
     def frames(self, episode: _Episode, picks) -> list[np.ndarray]:
         import mujoco as _mujoco
 
         mujoco: Any = _mujoco  # a compiled module: its attributes are not visible to pyright
-        model = self.sys.mj_model
+        model = self.model
         try:
             renderer = mujoco.Renderer(model, height=_SIZE[1], width=_SIZE[0])
         except Exception as error:  # no GL context of any kind: say how to get one
@@ -258,7 +268,9 @@ class _BraxScene:
         try:
             data = mujoco.MjData(model)
             camera = _tracking_camera(mujoco, model, data)
-            q, qd = np.asarray(episode.states.q), np.asarray(episode.states.qd)
+            states = episode.states
+            q = np.asarray(states.q if self.sys is not None else states.qpos)
+            qd = np.asarray(states.qd if self.sys is not None else states.qvel)
             out = []
             for t in picks:
                 data.qpos[:], data.qvel[:] = q[t], qd[t]
@@ -272,6 +284,8 @@ class _BraxScene:
     def html(self, episode: _Episode, fps: float) -> str:
         del fps
         from brax.io import html
+
+        assert self.sys is not None  # render() refuses .html for Playground envs first
 
         steps = int(episode.reward.shape[0])
         states = [jax.tree.map(lambda x, t=t: x[t], episode.states) for t in range(steps)]
@@ -440,9 +454,9 @@ def _scene(env):
     for cls, draw in _TOY_DRAW.items():
         if isinstance(inner, cls):
             return _ToyScene(env, draw)
-    if hasattr(inner, "sys") and hasattr(inner.sys, "mj_model"):
-        return _BraxScene(env)
+    if hasattr(getattr(inner, "sys", None), "mj_model") or hasattr(inner, "mj_model"):
+        return _MujocoScene(env)
     raise ValueError(
-        f"render cannot draw {env.name!r}: it draws Brax envs and the toy envs"
-        f" {sorted(c.__name__ for c in _TOY_DRAW)}"
+        f"render cannot draw {env.name!r}: it draws Brax envs, MuJoCo Playground envs and"
+        f" the toy envs {sorted(c.__name__ for c in _TOY_DRAW)}"
     )

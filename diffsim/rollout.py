@@ -193,6 +193,9 @@ class Episodes(eqx.Module):
     - `returns`: `Float[Array, "B"]`, the undiscounted return of each env's first episode.
     - `steps`: `Int[Array, "B"]`, the env steps inside it (at most `max_length`).
     - `diverged`: `Float[Array, "B"]`, 1 where it ended on a non-finite step (see `rollout`).
+    - `length`: `Int[Array, ""]`, the steps every env of the batch was simulated for (a
+      multiple of the chunk, at least `max(steps)`): the batch's simulation cost is
+      `B x length` env steps.
     - `obs`: a `RunningNorm` with the count, mean and variance of the observations inside
       these episodes (what a normaliser should learn from them).
     """
@@ -200,6 +203,7 @@ class Episodes(eqx.Module):
     returns: Float[Array, " B"]
     steps: Int[Array, " B"]
     diverged: Float[Array, " B"]
+    length: Int[Array, ""]
     obs: RunningNorm
 
 
@@ -282,7 +286,9 @@ def first_episodes(
         key=key,
     )
     loop = jax.lax.while_loop(lambda loop: jnp.any(loop.alive), body, loop)
-    return Episodes(returns=loop.returns, steps=loop.steps, diverged=loop.diverged, obs=loop.obs)
+    return Episodes(
+        returns=loop.returns, steps=loop.steps, diverged=loop.diverged, length=loop.t, obs=loop.obs
+    )
 
 
 def evaluate(

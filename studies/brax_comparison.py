@@ -1,452 +1,376 @@
-"""Throughput of diffsim's PPO / APG / ES against Brax's own trainers, same hyperparameters.
+"""diffsim's PPO and ES against Brax's own trainers: same settings, same clock, 3 repeats.
 
-    .venv/bin/python studies/brax_comparison.py [--trainers ppo apg es] [--steps 819200]
-                                                [--es-generations 32] [--evals 9] [--skip 2]
+    python studies/brax_comparison.py [--pairs ppo es ppo-halfcheetah es-halfcheetah]
+                                      [--repeats 3] [--out results] [--allow-dirty]
 
-Env: Brax `inverted_pendulum`, spring backend, 1000-step episodes, on the CPU.
+Each pair runs one trainer on one env (spring backend, 1000-step episodes) in Brax
+(`brax.training.agents.{ppo,es}.train`) and in diffsim (`diffsim.train`) with identical
+settings (`PAIRS`): the same networks (64x64 tanh policy and value), constant learning
+rates on both sides (Brax's default schedule; diffsim's `lr_decay=False`), the same
+evaluation (16 deterministic episodes at the same points) and the same env-step budget.
+`inverted_pendulum` with settings at which Brax's PPO solves it (>= 900), and
+`halfcheetah` as a body (throughput; the budget is too short to learn much).
 
-Brax's trainers (`brax.training.agents.{ppo,apg,es}.train`) fail on jax 0.10
-(`jax.device_put_replicated` was removed), so they run in a separate pinned virtualenv,
-`.venv-brax/` (jax==0.9.2, jaxlib==0.9.2, brax==0.14.2), created on first use, as a
-subprocess running the helper embedded below (`BRAX_HELPER`) that prints one JSON line.
-diffsim's side runs in this process with `diffsim.train`. The two sides run one after the
-other, never at the same time.
+Both sides run the same way: a fresh Python process each (Brax's in `.venv-brax/`, with
+jax==0.9.2 and brax==0.14.2, since Brax's trainers fail on jax 0.10; diffsim's in this
+interpreter), under the same `XLA_FLAGS` (`FLAGS`, stated in the table) and no persistent
+compilation cache, one after the other, never at the same time. Repeats alternate sides.
 
-Matched per trainer (Brax name / diffsim name):
+Per run:
+- counted steps/s: steady state, env steps that feed updates over training seconds
+  (evaluation excluded), from the third evaluation on (the first two chunks hold Brax's
+  two compiles of its training epoch; diffsim compiles before training);
+- simulated steps/s: env steps simulated per training second. The same as counted for
+  PPO. For ES, Brax simulates every member's full 1000 steps (its `training/sps`), diffsim
+  stops a generation once its last episode has ended (its `simulated_steps` metric);
+- end-to-end seconds to solve: from launching the process (start-up, imports, compiles
+  and evaluations included) to the first evaluation whose mean return reaches `solve`.
 
-- PPO: 128 envs, unroll 16 (Brax `batch_size` 32 x `num_minibatches` 4 = 128 sequences,
-  one unroll per training step), 4 epochs (`num_updates_per_batch`) x 4 minibatches of 512
-  samples, lr 3e-4, discount 0.97, GAE 0.95, clip 0.2, entropy 1e-3, reward scaling 10,
-  grad-norm clip 0.5, observation normalisation, bootstrap on time-out; policy 64x64 tanh
-  with a state-dependent std (Brax's tanh-normal: softplus of a network output, ~0.69 at
-  the start; diffsim: `state_dependent_std=True, init_std=0.69`), value 64x64 tanh.
-  (Brax ignores `noise_std_type`/`init_noise_std` for its default tanh-normal policy.)
-- APG: 64 envs, horizon 32, lr 1e-3 (no decay), Adam (0.7, 0.95), elementwise clip 1 then
-  global-norm clip 1, stochastic (reparameterised) actions with a state-dependent std
-  starting at ~0.069 (Brax APG's `var_scale` 0.1), obs normalisation, policy 64x64 tanh
-  (Brax's default layer norm off). inverted_pendulum's reward is a constant +1 while alive: the gradient is
-  zero, XLA prunes the backward pass on both sides, so this measures rollout + update.
-- ES: 64 perturbations per generation (Brax `population_size` 32 antithetic pairs),
-  std 0.05, Adam lr 0.01, centred-rank fitness shaping, full 1000-step episodes, obs
-  normalisation, policy 64x64 tanh. Brax samples actions from its tanh-Gaussian (std
-  ~0.69) during ES rollouts; diffsim's ES acts deterministically.
-
-Throughput is env steps per second of training, compile and evaluation excluded, in
-steady state: both trainers run in `--evals - 1` chunks (Brax "epochs", diffsim segments)
-and the first `--skip` (2) chunks are left out on both sides: Brax's training epoch
-compiles on its first call and, as measured here, takes as long again on the second (a
-second compile), then runs ~10x faster. diffsim compiles ahead of time. Brax's times come
-from its `progress_fn` (`training/walltime`), diffsim's from `run.curve.wall_time`, which
-counts training only. Env steps are counted the same way on both sides: for PPO and APG
-every simulated step; for ES only the steps inside each member's scored episode (Brax's
-`num_env_steps`, from its `obs_weights`; diffsim's ES stops simulating a population
-once every member's episode has ended, Brax's simulates all `2 x population x 1000`
-steps of every generation). Both sides get the same budget in those steps.
-
-End-to-end time to solve: seconds from the start of the trainer (subprocess for Brax,
-`diffsim.train` for diffsim) to the first evaluation whose mean return is at least
-`--solve` (950), compile and evaluation included. The final evaluation return (16
-deterministic episodes) is reported too.
-
-Prints a table and writes results/brax_comparison.json.
+Prints the table (means over repeats, with min-max) and writes
+results/brax_comparison/{runs.json,table.txt,table.json}. Finished runs are kept in
+runs.json and not re-run. Refuses a dirty tree unless --allow-dirty.
 """
 
 import argparse
 import json
 import os
 import subprocess
+import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
 
-import jax
-import jax.random as jr
 import numpy as np
 
-os.environ.setdefault("DIFFSIM_CACHE_DIR", "0")  # real compiles on both sides, no cache loads
-import diffsim  # noqa: E402
-
-ENV = "inverted_pendulum"
-BACKEND = "spring"
-EPISODE_LENGTH = 1000
-EVAL_EPISODES = 16
-HIDDEN = (64, 64)
+FLAGS = "--xla_backend_optimization_level=1"  # diffsim's own CPU level, for both sides
 BRAX_VENV = Path(".venv-brax")
 BRAX_PINS = ["jax==0.9.2", "jaxlib==0.9.2", "brax==0.14.2"]
+HIDDEN = (64, 64)
+EVAL_EPISODES = 16
+SKIP = 2  # chunks left out of the steady rates
 
-PPO = dict(
-    num_envs=128,
-    unroll_length=16,
+# Shared PPO settings. One unroll per training step on Brax's side (batch_size x
+# num_minibatches = num_envs), minibatches of whole env sequences (diffsim's
+# shuffle="envs"), as Brax does.
+_PPO = dict(
     num_epochs=4,
-    num_minibatches=4,
     learning_rate=3e-4,
     discount=0.97,
     gae_lambda=0.95,
     clip_epsilon=0.2,
-    entropy_coef=1e-3,
+    entropy_coef=1e-2,
     reward_scale=10.0,
-    max_grad_norm=0.5,
-    init_std=0.69,  # Brax's tanh-normal: std = softplus(net output) + 0.001, ~0.69 at 0
+    max_grad_norm=1.0,
+    init_std=0.69,  # Brax's tanh-normal: softplus(net output) + 0.001, ~0.69 at the start
 )
-APG = dict(
-    num_envs=64,
-    horizon=32,
-    learning_rate=1e-3,
-    adam_b=(0.7, 0.95),
-    grad_clip=1.0,
-    init_std=0.069,  # Brax APG's tanh-normal has var_scale 0.1
-)
-ES = dict(population_size=64, std=0.05, learning_rate=0.01)
+_ES = dict(population_size=64, std=0.05, learning_rate=0.01)
+
+# name: trainer, env, env-step budget, evaluations, solved-at return, settings
+PAIRS = {
+    "ppo": dict(
+        trainer="ppo",
+        env="inverted_pendulum",
+        steps=2_048_000,
+        evals=11,
+        solve=900.0,
+        params=dict(_PPO, num_envs=1024, unroll_length=10, num_minibatches=32),
+    ),
+    "es": dict(
+        trainer="es",
+        env="inverted_pendulum",
+        steps=2_560_000,
+        evals=11,
+        solve=900.0,
+        params=_ES,
+    ),
+    "ppo-halfcheetah": dict(
+        trainer="ppo",
+        env="halfcheetah",
+        steps=409_600,
+        evals=5,
+        solve=float("inf"),
+        params=dict(_PPO, num_envs=256, unroll_length=20, num_minibatches=8),
+    ),
+    "es-halfcheetah": dict(
+        trainer="es",
+        env="halfcheetah",
+        steps=512_000,
+        evals=5,
+        solve=float("inf"),
+        params=_ES,
+    ),
+}
 
 BRAX_HELPER = textwrap.dedent(
     r'''
-    """Brax's side of studies/brax_comparison.py: run one Brax trainer, print one JSON line."""
+    """Brax's side of studies/brax_comparison.py: one Brax trainer, one JSON line out."""
     import functools, json, sys, time
-    import jax, jax.numpy as jnp
+    import jax
     from brax import envs
     from flax import linen
 
     cfg = json.loads(sys.argv[1])
-    env = envs.get_environment(cfg["env"], backend=cfg["backend"])
-    log = []
-    t0 = time.time()
+    p = cfg["params"]
+    env = envs.get_environment(cfg["env"], backend="spring")
+    evals = []
 
     def progress(step, metrics):
-        log.append(dict(
-            step=int(step),
-            time=time.time() - t0,
-            walltime=float(metrics.get("training/walltime", float("nan"))),
-            sps=float(metrics.get("training/sps", float("nan"))),
-            eval_return=float(metrics.get("eval/episode_reward", float("nan"))),
+        evals.append(dict(
+            step=int(step), time=time.time(),
+            walltime=float(metrics.get("training/walltime", 0.0)),
+            sps=float(metrics.get("training/sps", "nan")),
+            eval_return=float(metrics["eval/episode_reward"]),
         ))
-        print(f"[brax {cfg['trainer']}] {log[-1]}", file=sys.stderr, flush=True)
+        print(f"[brax] {evals[-1]}", file=sys.stderr, flush=True)
 
-    hidden, act = tuple(cfg["hidden"]), linen.tanh
-    common = dict(environment=env, episode_length=cfg["episode_length"], num_evals=cfg["evals"],
-                  num_eval_envs=cfg["eval_episodes"], deterministic_eval=True,
-                  normalize_observations=True, progress_fn=progress, seed=cfg["seed"])
-    p = cfg["params"]
+    hidden = tuple(cfg["hidden"])
+    common = dict(environment=env, num_timesteps=cfg["steps"], episode_length=1000,
+                  num_evals=cfg["evals"], num_eval_envs=cfg["eval_episodes"],
+                  deterministic_eval=True, normalize_observations=True,
+                  progress_fn=progress, seed=cfg["seed"])
     if cfg["trainer"] == "ppo":
         from brax.training.agents.ppo import networks, train as ppo
         factory = functools.partial(
             networks.make_ppo_networks, policy_hidden_layer_sizes=hidden,
-            value_hidden_layer_sizes=hidden, activation=act)
-        ppo.train(num_timesteps=cfg["steps"], num_envs=p["num_envs"],
-                  unroll_length=p["unroll_length"], batch_size=p["num_envs"] // p["num_minibatches"],
+            value_hidden_layer_sizes=hidden, activation=linen.tanh)
+        ppo.train(num_envs=p["num_envs"], unroll_length=p["unroll_length"],
+                  batch_size=p["num_envs"] // p["num_minibatches"],
                   num_minibatches=p["num_minibatches"], num_updates_per_batch=p["num_epochs"],
                   learning_rate=p["learning_rate"], discounting=p["discount"],
                   gae_lambda=p["gae_lambda"], clipping_epsilon=p["clip_epsilon"],
                   entropy_cost=p["entropy_coef"], reward_scaling=p["reward_scale"],
                   max_grad_norm=p["max_grad_norm"], bootstrap_on_timeout=True,
                   network_factory=factory, **common)
-    elif cfg["trainer"] == "apg":
-        from brax.training.agents.apg import networks, train as apg
-        factory = functools.partial(networks.make_apg_networks, hidden_layer_sizes=hidden,
-                                    activation=act, layer_norm=False)
-        apg.train(policy_updates=cfg["steps"] // (p["num_envs"] * p["horizon"]),
-                  num_envs=p["num_envs"], horizon_length=p["horizon"],
-                  learning_rate=p["learning_rate"], adam_b=tuple(p["adam_b"]),
-                  use_schedule=False, max_gradient_norm=p["grad_clip"],
-                  network_factory=factory, **common)
-        # progress_fn gets the epoch index for APG: convert to env steps
-        updates_per_epoch = round(cfg["steps"] // (p["num_envs"] * p["horizon"]) / (cfg["evals"] - 1))
-        for row in log:
-            row["step"] *= updates_per_epoch * p["num_envs"] * p["horizon"]
-    elif cfg["trainer"] == "es":
+    else:
         from brax.training.agents.es import networks, train as es
         factory = functools.partial(networks.make_es_networks, hidden_layer_sizes=hidden,
-                                    activation=act)
-        es.train(num_timesteps=cfg["steps"], population_size=p["population_size"] // 2,
-                 perturbation_std=p["std"], learning_rate=p["learning_rate"],
+                                    activation=linen.tanh)
+        es.train(population_size=p["population_size"] // 2, perturbation_std=p["std"],
+                 learning_rate=p["learning_rate"],
                  fitness_shaping=es.FitnessShaping.CENTERED_RANK, network_factory=factory,
                  **common)
-    total = time.time() - t0
-    print(json.dumps(dict(log=log, total_s=total, jax=jax.__version__,
-                          devices=[str(d) for d in jax.devices()])))
+    print(json.dumps(dict(evals=evals, jax=jax.__version__)))
     '''
 )
+
+
+def diffsim_child(cfg: dict) -> None:
+    """diffsim's side, in its own process (`--child`): train, print one JSON line."""
+    import jax.random as jr
+
+    import diffsim
+
+    env = diffsim.make_env(cfg["env"], backend="spring", episode_length=1000)
+    p = dict(cfg["params"])
+    obs, act, hidden = env.observation_size, env.action_size, tuple(cfg["hidden"])
+    if cfg["trainer"] == "ppo":
+        init_std = p.pop("init_std")
+        strategy = diffsim.PPO(**p, value_hidden=hidden, lr_decay=False, shuffle="envs")
+        policy = lambda k: diffsim.GaussianPolicy(
+            obs, act, hidden=hidden, init_std=init_std, state_dependent_std=True, key=k
+        )
+    else:
+        strategy = diffsim.ES(**p, rollout_length=1000, fitness_shaping="centered_rank")
+        policy = lambda k: diffsim.DeterministicPolicy(obs, act, hidden=hidden, key=k)
+    with tempfile.TemporaryDirectory() as log_dir:
+        diffsim.train(
+            strategy,
+            env,
+            policy,
+            key=jr.key(cfg["seed"]),
+            total_steps=cfg["steps"],
+            num_evals=cfg["evals"],
+            num_eval_episodes=cfg["eval_episodes"],
+            progress=False,
+            log_dir=log_dir,
+        )
+        lines = [json.loads(x) for x in (Path(log_dir) / "log.jsonl").read_text().splitlines()]
+    evals, simulated = [], 0.0
+    for before, line in zip([None, *lines], lines, strict=False):
+        if before is not None and "simulated_steps_mean" in line:  # ES: per generation
+            chunk = line["env_steps"] - before["env_steps"]
+            simulated += chunk * line["simulated_steps_mean"] / line["env_steps_mean"]
+        else:
+            simulated = line["env_steps"]
+        evals.append(
+            dict(
+                step=line["env_steps"],
+                time=line["time"],
+                walltime=line["train_seconds"],
+                simulated=simulated,
+                eval_return=line["eval_return_mean"],
+            )
+        )
+    print(json.dumps(dict(evals=evals, jax=diffsim.results.versions()["jax"])))
 
 
 def ensure_brax_venv() -> Path:
     """Create `.venv-brax/` with the pinned jax/brax on first use; return its python."""
     python = BRAX_VENV / "bin" / "python"
-    stamp = BRAX_VENV / ".installed"
-    if stamp.exists():
+    if (BRAX_VENV / ".installed").exists():
         return python
     print(f"setting up {BRAX_VENV}/ with {' '.join(BRAX_PINS)} (first use, a few minutes)")
-    if not python.exists():
-        subprocess.run(["python3", "-m", "venv", str(BRAX_VENV)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(BRAX_VENV)], check=True)
     pip = [str(python), "-m", "pip", "install", "--quiet"]
     subprocess.run([*pip, "--upgrade", "pip"], check=True)
     subprocess.run([*pip, *BRAX_PINS], check=True)
-    trainers = ", ".join(f"brax.training.agents.{t}.train" for t in ("ppo", "apg", "es"))
-    subprocess.run([str(python), "-c", f"import {trainers}"], check=True)
-    stamp.touch()
+    subprocess.run([str(python), "-c", "import brax.training.agents.ppo.train"], check=True)
+    (BRAX_VENV / ".installed").touch()
     return python
 
 
-def steady_state(steps, seconds, skip: int) -> tuple[float, float, list[float]]:
-    """(steps/s over chunks `skip:`, compile estimate, per-chunk steps/s) of training chunks.
-
-    The compile estimate is the time of the first `skip` chunks beyond what they would
-    have taken at the steady rate.
-    """
-    steps, seconds = np.asarray(steps, float), np.asarray(seconds, float)
-    rate = steps[skip:].sum() / seconds[skip:].sum()
-    return (
-        float(rate),
-        float(seconds[:skip].sum() - steps[:skip].sum() / rate),
-        list(steps / seconds),
-    )
-
-
-def run_brax(trainer: str, steps: int, evals: int, seed: int, skip: int, solve: float) -> dict:
-    params = {"ppo": PPO, "apg": APG, "es": ES}[trainer]
-    cfg = dict(
-        trainer=trainer,
-        env=ENV,
-        backend=BACKEND,
-        episode_length=EPISODE_LENGTH,
-        eval_episodes=EVAL_EPISODES,
-        hidden=list(HIDDEN),
-        steps=steps,
-        evals=evals,
-        seed=seed,
-        params=params,
-    )
-    python = ensure_brax_venv()
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    tic = time.perf_counter()
-    proc = subprocess.run(
-        [str(python), "-c", BRAX_HELPER, json.dumps(cfg)],
-        stdout=subprocess.PIPE,  # the JSON result; Brax's progress and errors go to stderr
-        text=True,
-        env=env,
-    )
-    wall = time.perf_counter() - tic
+def run_side(side: str, pair: dict, seed: int) -> dict:
+    """Launch one side's process and measure it; returns the run's row."""
+    cfg = dict(pair, seed=seed, hidden=list(HIDDEN), eval_episodes=EVAL_EPISODES)
+    cfg["solve"] = None  # the child does not need it (and inf is not JSON)
+    if side == "brax":
+        command = [str(ensure_brax_venv()), "-c", BRAX_HELPER, json.dumps(cfg)]
+    else:
+        command = [sys.executable, __file__, "--child", json.dumps(cfg)]
+    env = {k: v for k, v in os.environ.items() if "CACHE" not in k}
+    env.update(XLA_FLAGS=FLAGS, DIFFSIM_CACHE_DIR="0", PYTHONWARNINGS="ignore")
+    launched = time.time()
+    proc = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env, check=False)
+    end_to_end = time.time() - launched
     if proc.returncode != 0:
-        raise RuntimeError(f"Brax {trainer} failed (exit {proc.returncode}; see its stderr above)")
+        raise RuntimeError(f"{side} exited with {proc.returncode} (its stderr is above)")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    log = out["log"]
-    # log[0]: initial eval (before any training); log[i>=1]: after training chunk i.
-    trained = log[1:]
-    last = trained[-1]
-    steps_done = np.diff([0] + [r["step"] for r in trained])
-    seconds = np.diff([0.0] + [r["walltime"] for r in trained])
-    steady_sps, compile_s, per_chunk = steady_state(steps_done, seconds, skip)
+    evals = out["evals"]
+    steps = np.diff([e["step"] for e in evals])[SKIP:]
+    seconds = np.diff([e["walltime"] for e in evals])[SKIP:]
+    if side == "brax" and pair["trainer"] == "es":  # every member's full episode
+        simulated = float(np.mean([e["sps"] for e in evals[1 + SKIP :]]))
+    elif side == "brax":
+        simulated = float(steps.sum() / seconds.sum())
+    else:
+        sim = np.diff([e["simulated"] for e in evals])[SKIP:]
+        simulated = float(sim.sum() / seconds.sum())
+    solved = [e["time"] - launched for e in evals if e["eval_return"] >= pair["solve"]]
     return dict(
-        side="brax",
-        trainer=trainer,
-        env_steps=last["step"],
-        steady_steps_per_s=steady_sps,
-        chunk_steps_per_s=per_chunk,
-        compile_s_estimate=compile_s,
-        train_walltime_s=last["walltime"],
-        end_to_end_s=wall,
-        final_return=last["eval_return"],
-        solve_s=next((r["time"] for r in log if r["eval_return"] >= solve), None),
-        curve=[(r["step"], r["eval_return"]) for r in log],
-        log=log,
+        side=side,
+        seed=seed,
+        counted_steps_per_s=float(steps.sum() / seconds.sum()),
+        simulated_steps_per_s=simulated,
+        train_s=evals[-1]["walltime"],
+        end_to_end_s=end_to_end,
+        solve_s=solved[0] if solved else None,
+        env_steps=evals[-1]["step"],
+        final_return=evals[-1]["eval_return"],
+        curve=[(e["step"], e["eval_return"]) for e in evals],
         jax=out["jax"],
     )
 
 
-def diffsim_strategy(trainer: str, env):
-    obs, act = env.observation_size, env.action_size
-    if trainer == "ppo":
-        p = PPO
-        strategy = diffsim.PPO(
-            num_envs=p["num_envs"],
-            unroll_length=p["unroll_length"],
-            num_epochs=p["num_epochs"],
-            num_minibatches=p["num_minibatches"],
-            learning_rate=p["learning_rate"],
-            discount=p["discount"],
-            gae_lambda=p["gae_lambda"],
-            clip_epsilon=p["clip_epsilon"],
-            entropy_coef=p["entropy_coef"],
-            reward_scale=p["reward_scale"],
-            max_grad_norm=p["max_grad_norm"],
-            value_hidden=HIDDEN,
-        )
-        make = lambda k: diffsim.GaussianPolicy(
-            obs, act, hidden=HIDDEN, init_std=p["init_std"], state_dependent_std=True, key=k
-        )
-    elif trainer == "apg":
-        p = APG
-        strategy = diffsim.APG(
-            num_envs=p["num_envs"],
-            horizon=p["horizon"],
-            learning_rate=p["learning_rate"],
-            adam_b1=p["adam_b"][0],
-            adam_b2=p["adam_b"][1],
-            max_grad_value=p["grad_clip"],
-            max_grad_norm=p["grad_clip"],
-            stochastic=True,
-        )
-        make = lambda k: diffsim.GaussianPolicy(
-            obs, act, hidden=HIDDEN, init_std=p["init_std"], state_dependent_std=True, key=k
-        )
-    else:
-        p = ES
-        strategy = diffsim.ES(
-            population_size=p["population_size"],
-            std=p["std"],
-            learning_rate=p["learning_rate"],
-            rollout_length=EPISODE_LENGTH,
-            fitness_shaping="centered_rank",
-        )
-        make = lambda k: diffsim.DeterministicPolicy(obs, act, hidden=HIDDEN, key=k)
-    return strategy, make
+def _spread(values) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "never"
+    mean = float(np.mean(values))
+    digits = 0 if mean >= 100 else 1
+    return f"{mean:,.{digits}f} [{min(values):,.{digits}f}, {max(values):,.{digits}f}]"
 
 
-def run_diffsim(trainer: str, steps: int, evals: int, seed: int, skip: int, solve: float) -> dict:
-    tic = time.perf_counter()
-    env = diffsim.make_env(ENV, backend=BACKEND, episode_length=EPISODE_LENGTH)
-    strategy, make = diffsim_strategy(trainer, env)
-    log_dir = Path("results/brax_comparison_log") / trainer
-    run = diffsim.train(
-        strategy,
-        env,
-        make,
-        key=jr.key(seed),
-        total_steps=steps,
-        num_evals=evals,
-        num_eval_episodes=EVAL_EPISODES,
-        progress=False,
-        log_dir=log_dir,
+def table(rows: list[dict], pairs: list[str], repeats: int) -> tuple[str, dict]:
+    """The text table and its JSON: per pair and side, means over repeats [min, max]."""
+    head = (
+        f"{'pair':<17}{'side':<9}{'n':>3}{'counted steps/s':>28}{'simulated steps/s':>28}"
+        f"{'s to solve':>22}{'final return':>26}"
     )
-    wall = time.perf_counter() - tic
-    wall_time = np.asarray(run.curve.wall_time, dtype=float)  # training only
-    env_steps = np.asarray(run.curve.env_steps)
-    returns = np.asarray(run.curve.eval_return).mean(-1)
-    steady_sps, _, per_chunk = steady_state(np.diff(env_steps), np.diff(wall_time), skip)
-    lines = [json.loads(x) for x in (log_dir / "log.jsonl").read_text().splitlines()]
-    setup = wall - run.config["compile_seconds"] - lines[-1]["train_seconds"]
-    setup -= lines[-1]["eval_seconds"]  # env building, host work: spread evenly below
-    elapsed = [
-        run.config["compile_seconds"] + x["train_seconds"] + x["eval_seconds"] + setup
-        for x in lines
+    lines, summary = [head], {}
+    for name in pairs:
+        for side in ("brax", "diffsim"):
+            runs = [r for r in rows if r["pair"] == name and r["side"] == side]
+            if not runs:
+                continue
+            solved = [r["solve_s"] for r in runs]
+            lines.append(
+                f"{name:<17}{side:<9}{len(runs):>3}"
+                f"{_spread([r['counted_steps_per_s'] for r in runs]):>28}"
+                f"{_spread([r['simulated_steps_per_s'] for r in runs]):>28}"
+                f"{_spread(solved) if PAIRS[name]['solve'] < float('inf') else '-':>22}"
+                f"{_spread([r['final_return'] for r in runs]):>26}"
+            )
+            summary[f"{name}/{side}"] = runs
+        both = {
+            side: [r for r in rows if r["pair"] == name and r["side"] == side]
+            for side in ("brax", "diffsim")
+        }
+        if all(both.values()):
+            ratios = [
+                d["counted_steps_per_s"] / b["counted_steps_per_s"]
+                for b, d in zip(both["brax"], both["diffsim"], strict=False)
+            ]
+            summary[f"{name}/ratio"] = ratios
+            lines.append(
+                f"{'':<17}diffsim / Brax counted steps/s, per repeat: "
+                + ", ".join(f"{x:.2f}x" for x in ratios)
+            )
+    lines += [
+        "",
+        f"Means over repeats [min, max]; up to {repeats} repeats (seeds 0..) per side,"
+        " sides alternating, never at the same time.",
+        f"Both sides: XLA_FLAGS={FLAGS}, no persistent compilation cache, a fresh process.",
+        "counted steps/s: env steps that feed updates per training second (evaluation"
+        f" excluded), from evaluation {SKIP + 1} on;",
+        "  simulated steps/s: env steps simulated per training second (ES: Brax simulates"
+        " every member's 1000 steps, diffsim stops at the last episode end).",
+        "s to solve: seconds from launching the process (imports, compiles, evaluations"
+        " included) to the first evaluation whose mean return reaches the pair's target.",
     ]
-    solved = [t for t, r in zip(elapsed, returns, strict=True) if r >= solve]
-    return dict(
-        side="diffsim",
-        trainer=trainer,
-        env_steps=int(env_steps[-1]),
-        steady_steps_per_s=steady_sps,
-        chunk_steps_per_s=per_chunk,
-        compile_s_estimate=float(run.config["compile_seconds"]),
-        train_walltime_s=float(wall_time[-1]),
-        eval_s=float(run.config["eval_seconds"]),
-        end_to_end_s=wall,
-        final_return=float(returns[-1]),
-        solve_s=solved[0] if solved else None,
-        curve=[(int(s), float(r)) for s, r in zip(env_steps, returns, strict=True)],
-        jax=jax.__version__,
-    )
+    return "\n".join(lines), summary
 
 
-def _num(x: float | None) -> str:
-    return "n/a" if x is None or np.isnan(x) else f"{x:.1f}"
-
-
-def main():
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trainers", nargs="+", default=["ppo", "apg", "es"])
-    parser.add_argument("--steps", type=int, default=819_200, help="PPO/APG env-step budget")
-    parser.add_argument(
-        "--es-steps",
-        type=int,
-        default=2_500_000,
-        help="ES budget in steps inside scored episodes (both sides count these)",
-    )
-    parser.add_argument("--solve", type=float, default=950.0, help="return that counts as solved")
-    parser.add_argument("--evals", type=int, default=9, help="evaluations: evals-1 chunks")
-    parser.add_argument(
-        "--skip", type=int, default=2, help="chunks left out of the steady-state rate"
-    )
+    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sides", nargs="+", default=["brax", "diffsim"])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="results/brax_comparison.json")
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--allow-dirty", action="store_true")
     args = parser.parse_args()
 
-    # Rows of an earlier run for the sides and trainers not run now are kept (so one side
-    # can be re-measured alone, e.g. `--sides diffsim`).
-    rerun = {(side, t) for side in args.sides for t in args.trainers}
-    earlier = json.loads(Path(args.out).read_text())["rows"] if Path(args.out).exists() else []
-    rows = [r for r in earlier if (r["side"], r["trainer"]) not in rerun and "error" not in r]
-    for trainer in args.trainers:
-        steps = args.es_steps if trainer == "es" else args.steps
-        for side, fn in (("brax", run_brax), ("diffsim", run_diffsim)):
-            if side not in args.sides:
-                continue
-            print(f"--- {side} {trainer}: {steps:,} env steps", flush=True)
-            try:
-                row = fn(trainer, steps, args.evals, args.seed, args.skip, args.solve)
-            except Exception as error:  # report and go on with the other trainers
-                row = dict(side=side, trainer=trainer, error=f"{type(error).__name__}: {error}")
-                print(row["error"][-2000:], flush=True)
-            row["load_average"] = os.getloadavg()
-            rows.append(row)
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(dict(rows=rows), indent=2, default=str))
+    from diffsim.results import DirtyTreeError, require_clean
+    from diffsim.study import provenance_header
 
-    print(f"\n{ENV} ({BACKEND}): steady-state env steps/s, compile and evaluation excluded")
-    header = (
-        f"{'trainer':<8}{'side':<9}{'env steps':>11}{'steps/s':>11}{'compile s':>11}"
-        f"{'train s':>9}{'end-to-end s':>14}{'solved at s':>13}{'final return':>14}"
+    try:
+        provenance = require_clean(allow_dirty=args.allow_dirty)
+    except DirtyTreeError as error:
+        parser.error(str(error))
+    folder = args.out / "brax_comparison"
+    folder.mkdir(parents=True, exist_ok=True)
+    record = folder / "runs.json"
+    rows = json.loads(record.read_text())["rows"] if record.exists() else []
+    for name in args.pairs:
+        for seed in range(args.repeats):
+            for side in args.sides:
+                settings = dict(PAIRS[name], solve=str(PAIRS[name]["solve"]), flags=FLAGS)
+                done = [
+                    r
+                    for r in rows
+                    if (r["pair"], r["side"], r["seed"]) == (name, side, seed)
+                    and r["settings"] == settings
+                ]
+                if done:
+                    continue
+                print(f"--- {name} {side} seed {seed}", flush=True)
+                row = run_side(side, PAIRS[name], seed)
+                row.update(pair=name, settings=settings, commit=provenance["commit"])
+                rows = [r for r in rows if (r["pair"], r["side"], r["seed"]) != (name, side, seed)]
+                rows.append(row)
+                record.write_text(json.dumps(dict(rows=rows), indent=1) + "\n")
+    command = " ".join(["python studies/brax_comparison.py", *sys.argv[1:]])
+    text, summary = table(rows, args.pairs, args.repeats)
+    text = provenance_header(provenance, command) + "\n\n" + text
+    (folder / "table.txt").write_text(text + "\n")
+    (folder / "table.json").write_text(
+        json.dumps(dict(command=command, provenance=provenance, pairs=PAIRS, rows=summary)) + "\n"
     )
-    print(header)
-    for r in rows:
-        if "error" in r:
-            print(f"{r['trainer']:<8}{r['side']:<9}  FAILED: {r['error'].splitlines()[0][:80]}")
-            continue
-        print(
-            f"{r['trainer']:<8}{r['side']:<9}{r['env_steps']:>11,}{r['steady_steps_per_s']:>11,.0f}"
-            f"{_num(r['compile_s_estimate']):>11}{r['train_walltime_s']:>9.1f}"
-            f"{r['end_to_end_s']:>14.1f}{_num(r['solve_s']):>13}{r['final_return']:>14.1f}"
-        )
-    print(
-        "compile s: diffsim's ahead-of-time compile of its two programs (training and"
-        " evaluation);\n  Brax's, estimated as the time its first --skip training chunks took"
-        " beyond the steady rate\n  (Brax's evaluation compiles are not in it; n/a for ES)."
-        "\ntrain s: training time, evaluation excluded; Brax's includes its compiles."
-        "\nend-to-end s: the whole train() call (subprocess for Brax), compile and evaluation"
-        " included.\nsolved at s: end-to-end seconds to the first evaluation >= --solve."
-    )
-    print("\nper-chunk env steps/s (the first --skip chunks are left out of steps/s above):")
-    for r in rows:
-        if "error" not in r:
-            chunks = " ".join(f"{x / 1e3:.1f}k" for x in r["chunk_steps_per_s"])
-            print(f"  {r['trainer']:<5}{r['side']:<9}{chunks}")
-    ratios = {}
-    for trainer in args.trainers:
-        pair = {r["side"]: r for r in rows if r["trainer"] == trainer and "error" not in r}
-        if len(pair) == 2:
-            ratios[trainer] = (
-                pair["diffsim"]["steady_steps_per_s"] / pair["brax"]["steady_steps_per_s"]
-            )
-            print(f"{trainer}: diffsim / Brax steady-state throughput = {ratios[trainer]:.2f}x")
-    meta = dict(
-        env=ENV,
-        backend=BACKEND,
-        episode_length=EPISODE_LENGTH,
-        eval_episodes=EVAL_EPISODES,
-        hidden=HIDDEN,
-        ppo=PPO,
-        apg=APG,
-        es=ES,
-        evals=args.evals,
-        cpu_count=os.cpu_count(),
-        devices=[str(d) for d in jax.devices()],
-        versions=diffsim.results.versions(),
-        brax_venv=BRAX_PINS,
-    )
-    Path(args.out).write_text(
-        json.dumps(dict(meta=meta, rows=rows, ratios=ratios), indent=2, default=str)
-    )
-    print(f"wrote {args.out}")
+    print(text)
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        diffsim_child(json.loads(sys.argv[2]))
+    else:
+        main()

@@ -4,6 +4,7 @@
     python studies/gradient_variance.py --env halfcheetah ant     # Brax bodies, with contact
     python studies/gradient_variance.py --env reacher --horizons 1 4 --samples 4  # a smoke run
     python studies/gradient_variance.py --env halfcheetah ant hopper --replot  # from the CSVs
+    python studies/gradient_variance.py --env PendulumSwingup CheetahRun  # MJX (Playground)
 
 For each env, a freshly initialised deterministic policy, and horizons H up to the
 longest: the mean and the total variance across env samples of the analytic gradient of
@@ -51,6 +52,12 @@ HORIZONS = {
     "halfcheetah": [1, 2, 4, 8, 16, 32, 64, 128],
     "hopper": [1, 2, 4, 8, 16, 32, 64, 128],
     "ant": [1, 2, 4, 8, 16, 32, 64, 128],
+    # MuJoCo Playground's DM Control Suite on MJX (`pip install playground`): no contacts
+    # (PendulumSwingup, CartpoleSwingup: a rail limit) and contacts (CheetahRun, one solver
+    # iteration, Playground's setting).
+    "PendulumSwingup": [1, 2, 4, 8, 16, 32, 64, 128],
+    "CartpoleSwingup": [1, 2, 4, 8, 16, 32, 64, 128],
+    "CheetahRun": [1, 2, 4, 8, 16, 32, 64, 128],
 }
 COLUMNS = [
     "horizon",

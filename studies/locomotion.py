@@ -1,17 +1,25 @@
 """Analytic gradients on Brax bodies: PPO, APG, SHAC, ES and GuidedES on locomotion.
 
-    python studies/locomotion.py [--envs reacher halfcheetah ant hopper]
-                                 [--strategies PPO APG SHAC ES GuidedES SHAC-det]
-                                 [--seeds 5] [--configs 6] [--tuning-seeds 2]
+    python studies/locomotion.py [--envs halfcheetah ant hopper reacher]
+                                 [--strategies PPO ES APG SHAC GuidedES]
+                                 [--seeds 5] [--configs 3] [--tuning-seeds 2]
                                  [--out results] [--figures figures] [--allow-dirty]
     python studies/locomotion.py --report-only   # tables and figures of the finished cells
 
 Brax `reacher` (no contacts), `halfcheetah`, `hopper` and `ant` (contact), spring backend,
-Brax's reward definitions unchanged, 1000-step episodes. Every strategy on an env gets the
-same env-step budget (`ENVS`) and the same tuning effort: `--configs` learning rates
-(log-spaced from 1/8 to 8 times its own; SHAC's actor rate) on `--tuning-seeds` seeds,
-the best re-trained on `--seeds` fresh seeds (5), with 16 evaluation episodes at 7 points
-(21 on reacher). Each finished cell is saved to results/locomotion/<env>/<strategy>/ at once,
+Brax's reward definitions unchanged, 1000-step episodes. Budgets (`BUDGETS`): the
+strategies that only simulate forward (PPO, ES) get 1M env steps, a budget at which tuned
+PPO learns (ant: ~3,600, `studies/ant_ppo.py`); the ones that differentiate the simulator
+(APG, SHAC, GuidedES) get 300k, since each of their steps costs ~6 forward steps on these
+bodies (results/gradient_cost/). The question is how many env steps and training seconds
+each needs to reach tuned PPO's final return, which the unequal budgets do not bias
+(first crossings); final returns are compared only between equal budgets. Every strategy
+gets the same tuning effort: `--configs` learning rates (log-spaced from 1/8 to 8 times its
+own, so 3 are 1/8, 1 and 8 times; SHAC's actor rate) on `--tuning-seeds` seeds, the best
+re-trained on `--seeds` fresh seeds (5), with 16 evaluation episodes at 21 points (every
+50k or 15k steps). The search is smaller than `make study`'s 5 rates because of the CPU:
+a gradient cell trains 11 runs of 300k steps at ~2k env steps/s (about 30 min). Each
+finished cell is saved to results/locomotion/<env>/<strategy>/ at once,
 so an interrupted run resumes where it stopped; several processes may train the grid at
 once (`--envs`, `--strategies`, or the same cells: a per-cell lock makes each train once).
 
@@ -36,7 +44,6 @@ import numpy as np
 
 import diffsim
 from diffsim.diagnostics import GAIT_FIELDS, gait_stats
-from diffsim.stats import threshold_crossing
 from diffsim.study import (
     Cell,
     load_study,
@@ -49,8 +56,12 @@ from diffsim.study import (
 sys.path.insert(0, str(Path(__file__).parent))
 import compare  # noqa: E402  (the learning-rate search and the shared options)
 
-# env: env steps per seed. One budget for every strategy on an env.
-ENVS = {"reacher": 200_000, "halfcheetah": 100_000, "ant": 100_000, "hopper": 100_000}
+ENVS = ("halfcheetah", "ant", "hopper", "reacher")
+
+# Env steps per seed: forward-only strategies 1M, those that differentiate the simulator 300k.
+FORWARD_BUDGET, GRADIENT_BUDGET = 1_000_000, 300_000
+BUDGETS = {"PPO": FORWARD_BUDGET, "ES": FORWARD_BUDGET}  # APG, SHAC, GuidedES: GRADIENT_BUDGET
+EVALS = 21  # evaluations per run: every 50k steps at 1M, every 15k at 300k
 
 # env: (envs, horizon) of the differentiated windows. The horizon is the longest power of
 # two at which the analytic gradient's variance stays below ES's (studies/gradient_variance.py,
@@ -59,16 +70,11 @@ ENVS = {"reacher": 200_000, "halfcheetah": 100_000, "ant": 100_000, "hopper": 10
 # published 32 kept for both), reacher has no contacts (32).
 WINDOWS = {"reacher": (16, 32), "halfcheetah": (64, 8), "ant": (16, 32), "hopper": (16, 32)}
 
-# env: evaluation points where the study's 7 are too coarse. Reacher: every 10k steps, so
-# the grid can tell whether APG reaches PPO's final return in 10x fewer steps (20k).
-EVALS = {"reacher": 21}
-
 
 # PPO: settings adapted from Brax's per-env ones at 2048 envs (the same discount, unroll,
 # entropy bonus, reward scaling and epochs; 64-100 envs, fewer minibatches); they are not
-# Brax's settings at this budget, which has none (one Brax PPO round on these bodies
-# collects more than 100k steps). The learning rate is searched like everyone else's.
-# halfcheetah: unroll 20, 8 epochs, discount 0.95, entropy 1e-3; reacher: unroll 50,
+# Brax's settings, which assume 2048 envs. The learning rate is searched like everyone
+# else's. halfcheetah: unroll 20, 8 epochs, discount 0.95, entropy 1e-3; reacher: unroll 50,
 # 8 epochs, discount 0.95, entropy 1e-3, reward scaling 5 (Brax also repeats each action 4
 # times, which diffsim does not). ant: the settings studies/ant_ppo.py measured (3,660 after
 # 1M steps). Brax publishes no PPO settings for hopper (SAC only): ant's.
@@ -90,25 +96,6 @@ PPO = {
 }
 
 
-# Long PPO runs with the study's PPO settings, to tell how many PPO steps a return is worth
-# where the study's budget is too short for PPO to pass the untrained policy's return.
-LONG_PPO = {"ant": "figures/runs/ant"}  # studies/ant_ppo.py: 1M steps, 5 seeds, 16 episodes
-
-
-def long_ppo_steps(rows: list[dict]) -> str:
-    """For each cell on an env in `LONG_PPO`: the env steps the long PPO run took to reach
-    the cell's final IQM (`threshold_crossing` of its IQM curve), added to the rows."""
-    lines = [f"{'env':<13}{'strategy':<10}{'final':>11}{'long PPO steps to it':>22}"]
-    for row in rows:
-        if row["env"] not in LONG_PPO:
-            continue
-        hit = threshold_crossing(diffsim.load_run(LONG_PPO[row["env"]]), row["final"])
-        row["long_ppo_steps"] = hit["env_steps"]
-        steps = "never" if hit["env_steps"] is None else f"{hit['env_steps']:,}"
-        lines.append(f"{row['env']:<13}{row['strategy']:<10}{row['final']:>11.1f}{steps:>22}")
-    return "\n".join(lines)
-
-
 def gaussian(env, key):
     return diffsim.GaussianPolicy(env.observation_size, env.action_size, key=key)
 
@@ -121,38 +108,30 @@ def deterministic(env, key):
     return diffsim.DeterministicPolicy(env.observation_size, env.action_size, key=key)
 
 
-# diffsim's own SHAC defaults (deterministic tanh actor, discount 0.95, constant learning
-# rates) with the same windows, where the time allowed (ant; halfcheetah's reverse mode runs
-# at ~90 env steps/s per seed, 30 min a cell).
-SHAC_DEFAULTS_ON = ("ant",)
-
-
 def contenders(name: str):
     """(label, strategy, policy) in plot order.
 
     APG, SHAC and GuidedES differentiate windows of `WINDOWS[name]` (envs, horizon): 512
-    env steps per window, so ~195 updates in 100k steps. SHAC as published (stochastic ELU
-    actor, ELU critic, discount 0.99, linear LR decay). ES and GuidedES score their
-    members on 100-step episodes."""
+    env steps per window, with each physics substep rematerialised in the backward pass
+    (`remat`: the same gradient in a tenth of the memory, results/gradient_cost/). SHAC as
+    published (stochastic ELU actor, ELU critic, discount 0.99, linear LR decay). ES and
+    GuidedES score their members on 100-step episodes."""
     num_envs, horizon = WINDOWS[name]
-    window = dict(num_envs=num_envs, horizon=horizon)
+    window = dict(num_envs=num_envs, horizon=horizon, remat=True)
     shac = diffsim.SHAC(
         **window, stochastic=True, value_activation="elu", lr_decay=True, discount=0.99
     )
-    grid = [
+    return [
         ("PPO", PPO[name], gaussian),
+        ("ES", diffsim.ES(population_size=32, rollout_length=100), deterministic),
         ("APG", diffsim.APG(**window, learning_rate=1e-3, lr_decay=True), deterministic),
         ("SHAC", shac, gaussian_elu),
-        ("ES", diffsim.ES(population_size=32, rollout_length=100), deterministic),
         (
             "GuidedES",
             diffsim.GuidedES(gradient=diffsim.APGWindow(**window), rollout_length=100),
             deterministic,
         ),
     ]
-    if name in SHAC_DEFAULTS_ON:  # diffsim's SHAC defaults against the published settings
-        grid.append(("SHAC-det", diffsim.SHAC(**window), deterministic))
-    return grid
 
 
 def cells(names, labels, configs: int):
@@ -164,8 +143,8 @@ def cells(names, labels, configs: int):
         for label, strategy, policy in contenders(name):
             if label in labels:
                 search = compare.rate_search(strategy, configs)
-                evals = EVALS.get(name)
-                grid.append(Cell(env, label, strategy, policy, ENVS[name], None, evals, search))
+                steps = BUDGETS.get(label, GRADIENT_BUDGET)
+                grid.append(Cell(env, label, strategy, policy, steps, None, EVALS, search))
     return grid
 
 
@@ -217,7 +196,7 @@ def main():
     parser.add_argument("--envs", nargs="+", default=list(ENVS), choices=list(ENVS))
     labels = list(dict.fromkeys(label for name in ENVS for label, *_ in contenders(name)))
     parser.add_argument("--strategies", nargs="+", default=labels, choices=labels)
-    compare.protocol_arguments(parser, seeds=5, configs=6)
+    compare.protocol_arguments(parser, seeds=5, configs=3)
     parser.add_argument(
         "--report-only",
         action="store_true",
@@ -239,14 +218,12 @@ def main():
             num_seeds=args.seeds,
             tuning_seeds=args.tuning_seeds,
             out=args.out,
-            num_evals=7,
+            num_evals=EVALS,
             num_eval_episodes=16,
         )
     study_s = time.perf_counter() - tic
     table = summary(runs, references=("PPO",))
-    long_ppo = long_ppo_steps(table["cells"])
     path = write_summary(root, table, provenance=provenance, command=command)
-    path.write_text(path.read_text() + "\n" + long_ppo + "\n")
     print("\n" + path.read_text())
 
     gait_rows = gaits(runs, root)

@@ -81,6 +81,9 @@ def test_step_ranks_the_evaluated_population_and_updates_the_normaliser(envs, ke
     returns = es.evaluate_population(env, state, population, key=eval_key)
     np.testing.assert_allclose(metrics["train_return"], returns.mean(), rtol=1e-5)
     np.testing.assert_allclose(metrics["max_return"], returns.max(), rtol=1e-5)
+    # pendulum never terminates: every member's 2 envs are simulated for the whole episode
+    full = 8 * 2 * env.episode_length
+    assert float(metrics["env_steps"]) == float(metrics["simulated_steps"]) == full
 
     # One normaliser for all members, updated with all P x T x E observations.
     reset_key, _ = jr.split(eval_key)

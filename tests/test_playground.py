@@ -4,8 +4,10 @@ Skipped without `playground` installed (an optional dependency). Each test compi
 one small MJX program (CartpoleBalance, PendulumSwingup).
 """
 
+import re
 import subprocess
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -162,3 +164,61 @@ def test_solver_while_loop_blocks_reverse_mode(cartpole, key):
         else:
             with pytest.raises(ValueError, match="Reverse-mode differentiation does not work"):
                 jax.make_jaxpr(grad)(jnp.zeros((2, 1)))
+
+
+def test_listed_by_names_and_the_envs_command(monkeypatch, capsys):
+    from diffsim import cli
+
+    assert {"CartpoleBalance", "CheetahRun"} <= set(diffsim.envs.names())
+    monkeypatch.setattr(cli.diffsim.envs, "names", lambda: ["reach", "CartpoleBalance"])
+    assert cli.main(["envs"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^CartpoleBalance\s+mjx\s+5\s+1\s+1000$", out, re.M), out
+
+
+def test_render_draws_with_mujoco_and_refuses_html(cartpole, tmp_path):
+    policy = diffsim.DeterministicPolicy(cartpole.observation_size, 1, key=jr.key(0))
+    with pytest.raises(ValueError, match=r"'CartpoleBalance'.*\.gif, \.mp4 or \.png.*x\.html'"):
+        diffsim.render(cartpole, policy, tmp_path / "x.html", key=jr.key(1))
+    path = diffsim.render(cartpole, policy, tmp_path / "x.png", key=jr.key(1), stills=3)
+    import imageio.v3 as iio
+
+    strip = iio.imread(path)
+    assert strip.ndim == 3 and strip.shape[1] > 2 * strip.shape[0]  # 3 frames side by side
+    assert strip.std() > 1.0  # a drawn scene, not a blank image
+
+
+def test_windows_on_a_looping_solver_name_the_fix():
+    two = diffsim.make_env("CartpoleBalance", episode_length=3, solver_iterations=2)
+    policy = diffsim.DeterministicPolicy(two.observation_size, 1, key=jr.key(0))
+    with pytest.raises(ValueError, match=r"Playground env 'CartpoleBalance'.*solver_iterations=1"):
+        diffsim.train(diffsim.APG(num_envs=2, horizon=2), two, policy, key=jr.key(0), total_steps=8)
+
+
+STRATEGIES = {
+    "PPO": diffsim.PPO(num_envs=4, unroll_length=3, num_minibatches=2, num_epochs=1),
+    "APG": diffsim.APG(num_envs=2, horizon=3),
+    "SHAC": diffsim.SHAC(num_envs=2, horizon=3),
+    "ES": diffsim.ES(population_size=4, rollout_length=3),
+    "GuidedES": diffsim.GuidedES(
+        population_size=4, rollout_length=3, gradient=diffsim.APGWindow(num_envs=2, horizon=3)
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_every_strategy_trains_on_a_playground_env(name, cartpole):
+    """Two iterations of each strategy on CartpoleBalance (3-step episodes): the policy
+    changes, and every evaluation is a finite return in [0, 3] (DMC rewards lie in [0, 1])."""
+    strategy = STRATEGIES[name]
+    kind = diffsim.GaussianPolicy if name == "PPO" else diffsim.DeterministicPolicy
+    policy = kind(cartpole.observation_size, 1, key=jr.key(0))
+    steps = 2 * strategy.steps_per_iteration
+    run = diffsim.train(
+        strategy, cartpole, policy, key=jr.key(1), total_steps=steps, num_evals=2, progress=False
+    )
+    returns = np.asarray(run.curve.eval_return)
+    assert np.all(np.isfinite(returns)) and np.all((returns >= 0) & (returns <= 3))
+    before = jax.tree.leaves(eqx.filter(policy, eqx.is_inexact_array))
+    after = jax.tree.leaves(eqx.filter(run.policy, eqx.is_inexact_array))
+    assert any(not np.allclose(a, b) for a, b in zip(after, before, strict=True))

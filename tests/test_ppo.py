@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+import optax
 import pytest
 from conftest import deterministic, gaussian
 
@@ -148,10 +149,37 @@ def test_lr_decays_linearly_over_the_budget():
     assert decayed.lr_decay_steps == 1280 and ppo.lr_decay_steps is None
     assert diffsim.PPO(lr_decay=False).for_budget(10_000).lr_decay_steps is None
     opt = decayed._optimizer()
-    params = {"w": jnp.ones(())}
+    params = ({"w": jnp.ones(())}, {"w": jnp.ones(())})  # (policy, value)
     opt_state = opt.init(params)
     steps = []
     for _ in range(80):
-        updates, opt_state = opt.update({"w": jnp.ones(())}, opt_state, params)
-        steps.append(float(-updates["w"]))
+        updates, opt_state = opt.update(params, opt_state, params)
+        steps.append(float(-updates[0]["w"]))
     assert steps[0] == pytest.approx(3e-4, rel=1e-3) and steps[-1] < 1e-5
+
+
+def test_one_optimiser_updates_as_a_clipped_adam_per_network(key, envs):
+    """PPO's one Adam over (policy, value), each gradient clipped to max_grad_norm on its
+    own, makes the updates of one clipped Adam per network, step after step: a policy
+    gradient far above the clip and a value gradient far below it (a clip of their joint
+    norm would shrink the value's step too)."""
+    env = envs("reach")
+    ppo = diffsim.PPO(max_grad_norm=0.5)
+    models = (gaussian(env), diffsim.ValueFunction(env.observation_size, key=key))
+    params = eqx.filter(models, diffsim.trainable(models))
+    leaves, tree = jax.tree.flatten(params)
+    keys = iter(jr.split(jr.key(3), 3 * len(leaves)))
+    draw = lambda: jax.tree.unflatten(tree, [jr.normal(next(keys), x.shape) for x in leaves])
+    separate = optax.chain(optax.clip_by_global_norm(0.5), optax.adam(3e-4, eps=1e-5))
+    joint, two = ppo._optimizer(), [separate, separate]
+    joint_state = joint.init(params)
+    two_states = [separate.init(params[0]), separate.init(params[1])]
+    for _ in range(3):
+        g = draw()
+        g = (jax.tree.map(lambda x: 10.0 * x, g[0]), jax.tree.map(lambda x: 1e-3 * x, g[1]))
+        updates, joint_state = joint.update(g, joint_state, params)
+        for i in range(2):
+            expected, two_states[i] = two[i].update(g[i], two_states[i], params[i])
+            for a, b in zip(jax.tree.leaves(updates[i]), jax.tree.leaves(expected), strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-12)
+        assert optax.tree.norm(updates[1]) > 0.0

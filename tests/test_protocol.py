@@ -114,6 +114,8 @@ def test_evaluation_stops_when_episodes_end_and_matches_full_rollout(key):
     np.testing.assert_allclose(ep.obs.mean, obs.mean(0), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(ep.obs.var, obs.var(0), rtol=1e-3, atol=1e-5)
     assert float(ep.obs.count) == mask.sum()
+    # the loop ran whole chunks of 7 until the last episode ended (or 100 steps had passed)
+    assert int(ep.length) == min(-(-length.max() // 7) * 7, -(-100 // 7) * 7)
 
 
 def test_es_counts_steps_inside_scored_episodes(key):

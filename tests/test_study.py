@@ -435,3 +435,19 @@ def test_the_tuning_table_shows_the_choice_and_flags_one_at_the_edge_of_the_sear
     assert rows["easy", "SLOW"][2:4] == ["1", "-"] and "(not tuned)" in " ".join(
         rows["easy", "SLOW"]
     )
+
+
+def test_final_scores_compare_only_at_the_same_budget():
+    """A contender trained on a third of PPO's budget still gets its first crossing of PPO's
+    final score, but no P(>PPO): final returns after different budgets do not compare."""
+    runs = _study_runs()
+    runs["easy", "SHORT"] = _run([-100, -9, -5] + OFFSETS, [0, 500, 1300])
+    table = study.summary(runs, references=("PPO",))
+    cells = {(r["env"], r["strategy"]): r for r in table["cells"]}
+    assert cells["easy", "SHORT"]["p_over_PPO"] is None
+    assert cells["easy", "FAST"]["p_over_PPO"] == 1.0  # the same budget: compared
+    short = next(r for r in table["crossings"] if r["strategy"] == "SHORT")
+    assert (short["steps"], short["steps_ratio"]) == (500, pytest.approx(6.0))
+    lines = study.format_summary(table).splitlines()
+    row = next(x for x in lines if x.split()[:2] == ["easy", "SHORT"] and "yes" in x)
+    assert row.split()[-1] == "-"  # P(>PPO)

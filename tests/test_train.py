@@ -148,6 +148,7 @@ def test_log_dir_gets_one_json_line_per_evaluation(reach, tmp_path):
     np.testing.assert_allclose(log["eval_return_mean"], run.curve.eval_return.mean(-1), rtol=1e-5)
     np.testing.assert_allclose(log["train_seconds"], run.curve.wall_time, rtol=1e-4, atol=1e-4)
     assert np.isfinite(log["policy_loss_mean"][1:]).all()
+    assert (np.diff(log["time"]) > 0).all()  # Unix seconds at each line, in order
 
 
 def test_unwritable_log_dir_fails_before_compiling(reach, tmp_path):

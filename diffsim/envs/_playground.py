@@ -20,7 +20,7 @@ from brax.envs.base import Env, State
 
 from ._wrapper import AutoResetEnv
 
-INSTALL_HINT = "pip install playground"
+INSTALL_HINT = "pip install 'diffsim[playground]' (the playground package)"
 # Playground 0.2.0 defaults to MuJoCo Warp (no gradients, no CPU); MJX's JAX implementation
 # runs everywhere JAX does and is what `jax.grad` can go through.
 MJX_IMPL = "jax"
@@ -204,7 +204,7 @@ def make_playground_env(
 
     **Returns:** an `AutoResetEnv` of `observation_size`, `action_size`, `episode_length`.
 
-    **Raises:** `ImportError` naming `pip install playground` without it; `ValueError` for
+    **Raises:** `ImportError` naming the `playground` extra without it; `ValueError` for
     a name needing a download, an unknown name or config key, or a bad value.
 
     **Example:**

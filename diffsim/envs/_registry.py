@@ -9,7 +9,7 @@ from typing import Any
 import brax.envs
 import mujoco as _mujoco
 
-from ._playground import is_playground_name, make_playground_env
+from ._playground import is_playground_name, make_playground_env, playground_names
 from ._toy import TOY_ENVS
 from ._wrapper import AutoResetEnv
 
@@ -80,9 +80,10 @@ def brax_names() -> list[str]:
 
 
 def names() -> list[str]:
-    """Every name `make_env` lists: the toy envs, then Brax's. (An env registered with
-    `brax.envs.register_environment` is accepted too, though not listed.)"""
-    return toy_names() + brax_names()
+    """Every name `make_env` lists: the toy envs, Brax's, then MuJoCo Playground's DM
+    Control Suite envs where `playground` is installed (`playground_names()`). (An env
+    registered with `brax.envs.register_environment` is accepted too, though not listed.)"""
+    return toy_names() + brax_names() + playground_names()
 
 
 def make_env(

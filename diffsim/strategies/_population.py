@@ -68,13 +68,18 @@ class Scores(eqx.Module):
     bad: Bool[Array, " P"]
 
     def metrics(self) -> dict[str, Float[Array, ""]]:
-        """The population's returns (mean, best, worst) and its non-finite members."""
+        """The population's returns (mean, best, worst), its non-finite members, and the env
+        steps simulated to score it (`simulated_steps`: every member's envs step until the
+        last episode of the population ends, so it can exceed the counted `env_steps`)."""
         return {
             "train_return": jnp.mean(self.returns),
             "max_return": jnp.max(self.returns),
             "min_return": jnp.min(self.returns),
             "nonfinite_members": jnp.sum(self.bad).astype(jnp.float32),
             "diverged": jnp.sum(self.episodes.diverged).astype(jnp.float32),
+            "simulated_steps": (self.episodes.steps.size * jnp.max(self.episodes.length)).astype(
+                jnp.float32
+            ),
         }
 
 

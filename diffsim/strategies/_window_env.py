@@ -23,6 +23,7 @@ from brax.envs.base import Env as BraxEnv, PipelineEnv, State, Wrapper
 from jaxtyping import Array
 
 from .._types import Env, Trajectory
+from ..envs._playground import is_playground_name
 
 # Backends whose step JAX cannot reverse-differentiate, and why.
 NOT_DIFFERENTIABLE = {
@@ -200,7 +201,8 @@ def check_env(env: Env, *, owner: str, horizon: int, remat: bool, float64: bool)
     """Reject, before compiling, a window of `owner` (a class name, for the message) that
     cannot be differentiated on `env`:
 
-    - an env whose backend JAX cannot reverse-differentiate (Brax `mjx`);
+    - an env whose backend JAX cannot reverse-differentiate (Brax `mjx`, or a Playground env
+      whose MJX solver runs more than one iteration);
     - `horizon` longer than the env's episode;
     - `remat=True` with `horizon=1` (a window of one step has nothing to rematerialise);
     - `float64=True` without x64, or on an env that still computes in float32 once its state
@@ -208,6 +210,13 @@ def check_env(env: Env, *, owner: str, horizon: int, remat: bool, float64: bool)
     """
     name = getattr(env, "name", "")
     backend = env_backend(env)
+    if backend in NOT_DIFFERENTIABLE and is_playground_name(name):
+        raise ValueError(
+            f"{owner} differentiates through the simulator, but Playground env {name!r} runs"
+            f" MJX's constraint solver for more than one iteration, in a lax.while_loop, which"
+            f" JAX cannot reverse-differentiate; build it with"
+            f" diffsim.make_env({name!r}, solver_iterations=1)"
+        )
     if backend in NOT_DIFFERENTIABLE:
         raise ValueError(
             f"{owner} differentiates through the simulator, but env {name!r} uses Brax's"

@@ -1,0 +1,131 @@
+"""The DeepMind Control Suite on MJX: PPO, APG, SHAC, ES and GuidedES under the protocol.
+
+    pip install -e '.[playground]'
+    python studies/dm_control.py [--envs PendulumSwingup CartpoleBalance CheetahRun]
+                                 [--strategies PPO APG SHAC ES GuidedES]
+                                 [--seeds 5] [--configs 3] [--tuning-seeds 2]
+                                 [--out results] [--figures figures] [--allow-dirty]
+    python studies/dm_control.py --throughput   # MJX against Brax spring, forward steps/s
+
+MuJoCo Playground's DM Control Suite envs (`diffsim.make_env("CheetahRun")`: MJX's JAX
+implementation, Playground's episode length and control step), one swing-up, one balance
+and one with contacts. Every env runs with one constraint-solver iteration
+(`solver_iterations=1`, Playground's own setting for the Cartpole and Cheetah models), so
+that reverse mode passes through MJX's solver; every contender sees the same physics.
+Rewards are DMC's smooth tolerances in [0, 1] per step (at most 1000 per episode).
+
+The protocol of `studies/compare.py`: every contender searches `--configs` learning rates
+(1/8 to 8 times its own) on `--tuning-seeds` seeds; the best is re-trained on `--seeds`
+fresh seeds; the same env-step budget for every strategy on an env (`BUDGETS`), 16
+evaluation episodes at 11 points; an untrained row and first-crossing ratios against PPO's
+final IQM. Each finished cell is saved to results/dm_control/<env>/<strategy>/ at once
+(the study resumes cell by cell). Writes results/dm_control/table.{txt,json} and
+figures/dm_control_*.png.
+
+`--throughput` times the forward rollout (64 envs x 100 steps, zero actions, after a
+warm-up) of CheetahRun on MJX against Brax's halfcheetah on the spring backend, in one
+process, and writes results/dm_control/throughput.txt.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+
+import diffsim
+from diffsim.study import Cell, provenance_header, run_study, summary, write_summary
+
+sys.path.insert(0, str(Path(__file__).parent))
+import compare  # noqa: E402  (the protocol's options, search, policies and figures)
+
+# env: env steps per seed, the same for every strategy on it.
+BUDGETS = {"PendulumSwingup": 300_000, "CartpoleBalance": 300_000, "CheetahRun": 300_000}
+HORIZON = 32  # the differentiated window of APG, SHAC and GuidedES
+
+
+def contenders(name: str):
+    """(label, strategy, policy) in plot order: diffsim's defaults, with 16-env windows of
+    `HORIZON` steps for the gradient methods and 200-step member episodes for ES."""
+    window = dict(num_envs=16, horizon=HORIZON)
+    return [
+        ("PPO", diffsim.PPO(num_envs=64, unroll_length=32, discount=0.99), compare.gaussian),
+        ("APG", diffsim.APG(**window, learning_rate=1e-3), compare.deterministic),
+        ("SHAC", diffsim.SHAC(**window), compare.deterministic),
+        ("ES", diffsim.ES(population_size=32, rollout_length=200), compare.deterministic),
+        (
+            "GuidedES",
+            diffsim.GuidedES(gradient=diffsim.APGWindow(**window), rollout_length=200),
+            compare.deterministic,
+        ),
+    ]
+
+
+def cells(names, labels, configs: int) -> list[Cell]:
+    grid = []
+    for name in names:
+        env = diffsim.make_env(name, solver_iterations=1)
+        for label, strategy, policy in contenders(name):
+            if label in labels:
+                search = compare.rate_search(strategy, configs)
+                grid.append(Cell(env, label, strategy, policy, BUDGETS[name], search=search))
+    return grid
+
+
+def throughput(num_envs: int = 64, length: int = 100) -> str:
+    """Forward env steps/s of MJX CheetahRun and Brax spring halfcheetah, zero actions."""
+    lines = [f"{'env':<13}{'engine':<16}{'envs':>6}{'steps':>7}{'env steps/s':>13}"]
+    for name, engine in (("CheetahRun", "mjx"), ("halfcheetah", "brax spring")):
+        env = diffsim.make_env(name)
+        start = diffsim.reset(env, key=jr.key(0), num_envs=num_envs)
+
+        @jax.jit
+        def run(state, env=env):
+            zeros = jnp.zeros((num_envs, env.action_size))
+            step = jax.vmap(lambda s, a: env.step(s, a, ()))
+            return jax.lax.scan(lambda s, _: (step(s, zeros), None), state, length=length)[0]
+
+        jax.block_until_ready(run(start))  # compile and warm up
+        tic = time.perf_counter()
+        jax.block_until_ready(run(start))
+        rate = num_envs * length / (time.perf_counter() - tic)
+        lines.append(f"{name:<13}{engine:<16}{num_envs:>6}{length:>7}{rate:>13,.0f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--envs", nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
+    labels = [label for label, *_ in contenders("CheetahRun")]
+    parser.add_argument("--strategies", nargs="+", default=labels, choices=labels)
+    parser.add_argument("--throughput", action="store_true", help="only the MJX/Brax timing")
+    compare.protocol_arguments(parser, seeds=5, configs=3)
+    args = parser.parse_args()
+    provenance, command = compare.start(parser, args)
+    root = Path(args.out) / "dm_control"
+    if args.throughput:
+        text = provenance_header(provenance, command) + "\n\n" + throughput()
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "throughput.txt").write_text(text + "\n")
+        print(text)
+        return
+    runs = run_study(
+        "dm_control",
+        cells(args.envs, args.strategies, args.configs),
+        num_seeds=args.seeds,
+        tuning_seeds=args.tuning_seeds,
+        out=args.out,
+        num_evals=11,
+        num_eval_episodes=16,
+    )
+    table = summary(runs, references=("PPO",))
+    path = write_summary(root, table, provenance=provenance, command=command)
+    print("\n" + path.read_text())
+    compare.save_figures(runs, "dm_control", args.figures)
+
+
+if __name__ == "__main__":
+    main()
