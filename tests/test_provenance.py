@@ -194,7 +194,14 @@ def test_study_scripts_refuse_a_dirty_tree_before_training(checkout, monkeypatch
     assert "refusing to write a results table from a dirty tree" in capsys.readouterr().err
     prov, command = compare.start(parser, parser.parse_args(["--allow-dirty"]))
     assert prov["dirty"] is True and command.startswith("python studies/")
-    for script in ("compare", "hybrid", "locomotion", "sample_efficiency", "sensitivity"):
+    for script in (
+        "compare",
+        "hybrid",
+        "locomotion",
+        "dm_control",
+        "sample_efficiency",
+        "sensitivity",
+    ):
         source = (ROOT / "studies" / f"{script}.py").read_text()
         assert "protocol_arguments(parser" in source or '"--allow-dirty"' in source, script
         assert "start(parser, args)" in source, script  # the check, before any training
