@@ -1,13 +1,14 @@
 """Analytic gradients on Brax bodies: PPO, APG, SHAC, ES and GuidedES on locomotion.
 
-    python studies/locomotion.py [--envs halfcheetah ant hopper reacher]
+    python studies/locomotion.py [--envs halfcheetah ant hopper] [--envs reacher]
                                  [--strategies PPO ES APG SHAC GuidedES]
                                  [--seeds 5] [--configs 3] [--tuning-seeds 2]
                                  [--out results] [--figures figures] [--allow-dirty]
     python studies/locomotion.py --report-only   # tables and figures of the finished cells
 
-Brax `reacher` (no contacts), `halfcheetah`, `hopper` and `ant` (contact), spring backend,
-Brax's reward definitions unchanged, 1000-step episodes. Budgets (`BUDGETS`): the
+Brax `halfcheetah`, `ant` and `hopper` (contact; `reacher`, without contacts, with `--envs
+reacher`: the hybrid study has it under the same protocol), spring backend, Brax's reward
+definitions unchanged, 1000-step episodes. Budgets (`BUDGETS`): the
 strategies that only simulate forward (PPO, ES) get 1M env steps, a budget at which tuned
 PPO learns (ant: ~3,600, `studies/ant_ppo.py`); the ones that differentiate the simulator
 (APG, SHAC, GuidedES) get 300k, since each of their steps costs ~6 forward steps on these
@@ -18,7 +19,8 @@ gets the same tuning effort: `--configs` learning rates (log-spaced from 1/8 to 
 own, so 3 are 1/8, 1 and 8 times; SHAC's actor rate) on `--tuning-seeds` seeds, the best
 re-trained on `--seeds` fresh seeds (5), with 16 evaluation episodes at 21 points (every
 50k or 15k steps). The search is smaller than `make study`'s 5 rates because of the CPU:
-a gradient cell trains 11 runs of 300k steps at ~2k env steps/s (about 30 min). Each
+a gradient cell trains 11 runs of 300k steps at ~2k env steps/s (about 30 min; run it pinned
+to one core, `taskset -c 0`, so that training seconds compare like with like). Each
 finished cell is saved to results/locomotion/<env>/<strategy>/ at once,
 so an interrupted run resumes where it stopped; several processes may train the grid at
 once (`--envs`, `--strategies`, or the same cells: a per-cell lock makes each train once).
@@ -56,7 +58,8 @@ from diffsim.study import (
 sys.path.insert(0, str(Path(__file__).parent))
 import compare  # noqa: E402  (the learning-rate search and the shared options)
 
-ENVS = ("halfcheetah", "ant", "hopper", "reacher")
+BODIES = ("halfcheetah", "ant", "hopper")  # the default --envs
+ENVS = (*BODIES, "reacher")
 
 # Env steps per seed: forward-only strategies 1M, those that differentiate the simulator 300k.
 FORWARD_BUDGET, GRADIENT_BUDGET = 1_000_000, 300_000
@@ -193,7 +196,7 @@ def format_gaits(rows: list[dict]) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--envs", nargs="+", default=list(ENVS), choices=list(ENVS))
+    parser.add_argument("--envs", nargs="+", default=list(BODIES), choices=list(ENVS))
     labels = list(dict.fromkeys(label for name in ENVS for label, *_ in contenders(name)))
     parser.add_argument("--strategies", nargs="+", default=labels, choices=labels)
     compare.protocol_arguments(parser, seeds=5, configs=3)
