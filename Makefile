@@ -9,7 +9,7 @@ STAMP   := .venv/.installed
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv .venv
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,docs]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,docs,playground]'
 	touch $(STAMP)
 
 study: $(STAMP)

@@ -10,7 +10,7 @@ from diffsim import envs
 def test_names_cover_toys_and_brax():
     assert envs.toy_names() == ["ball", "pendulum", "reach"]
     assert {"inverted_pendulum", "fast", "ant"} <= set(envs.brax_names())
-    assert envs.names() == envs.toy_names() + envs.brax_names()
+    assert envs.names() == envs.toy_names() + envs.brax_names() + envs.playground_names()
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """MuJoCo Playground's DM Control Suite envs through `make_env`, on MJX's JAX implementation.
 
-Skipped without `playground` installed (an optional dependency). Each test compiles at most
-one small MJX program (CartpoleBalance, PendulumSwingup).
+`make` installs the `playground` extra. Each test compiles at most one small MJX program
+(CartpoleBalance, PendulumSwingup).
 """
 
 import re
@@ -14,10 +14,8 @@ import jax.random as jr
 import numpy as np
 import pytest
 
-pytest.importorskip("mujoco_playground")
-
-import diffsim  # noqa: E402
-from diffsim import envs  # noqa: E402
+import diffsim
+from diffsim import envs
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +79,16 @@ def test_defaults_follow_playground_config(cartpole):
     # No joint limits nor contacts: MJX skips its solver, so the step is differentiable.
     assert (env.unwrapped.constraint_rows, env.unwrapped.backend) == (0, "mjx-differentiable")
     # CartpoleBalance has a rail limit; one solver iteration (Playground's) is differentiable,
-    # two run the solver's while_loop.
+    # and so are two in the bounded loop; MJX's own while_loop over two is not.
     assert cartpole.unwrapped.constraint_rows > 0
     assert cartpole.unwrapped.backend == "mjx-differentiable"
     two = diffsim.make_env("CartpoleBalance", solver_iterations=2)
-    assert (int(two.unwrapped.mjx_model.opt.iterations), two.unwrapped.backend) == (2, "mjx")
+    assert (int(two.unwrapped.mjx_model.opt.iterations), two.unwrapped.backend) == (
+        2,
+        "mjx-differentiable",
+    )
+    looping = diffsim.make_env("CartpoleBalance", solver_iterations=2, bounded_solver=False)
+    assert looping.unwrapped.backend == "mjx"
     assert int(cartpole.unwrapped.mjx_model.opt.iterations) == 1  # the first env is untouched
 
 
@@ -153,17 +156,25 @@ def test_gradient_matches_finite_differences_float64(key):
             np.testing.assert_allclose(jnp.vdot(grad, direction), fd, rtol=1e-6)
 
 
-def test_solver_while_loop_blocks_reverse_mode(cartpole, key):
-    """CartpoleBalance with two solver iterations (a while_loop): reverse-mode fails when
-    traced; with Playground's one iteration it traces. Nothing is compiled."""
-    two = diffsim.make_env("CartpoleBalance", episode_length=3, solver_iterations=2)
-    for env, works in ((cartpole, True), (two, False)):
+def test_bounded_solver_loop_is_reverse_differentiable(key):
+    """CartpoleBalance with four solver iterations: reverse mode fails to trace through MJX's
+    own while_loop and traces through the bounded loop (nothing is compiled; the loop's
+    values are `_bounded_while_loop`'s test below, and `studies/mjx_gradients.py` compares
+    the two solvers' trajectories); the adapter leaves MJX's module as it found it."""
+    from mujoco.mjx._src import solver
+
+    actions = jnp.array([[0.9], [-0.7], [1.0]])
+    for bounded in (True, False):
+        env = diffsim.make_env(
+            "CartpoleBalance", episode_length=3, solver_iterations=4, bounded_solver=bounded
+        )
         grad = jax.grad(lambda a, env=env: _rollout(env, key, a)[:, 0].sum())
-        if works:
-            jax.make_jaxpr(grad)(jnp.zeros((2, 1)))
+        if bounded:
+            jax.make_jaxpr(grad)(actions)
         else:
             with pytest.raises(ValueError, match="Reverse-mode differentiation does not work"):
-                jax.make_jaxpr(grad)(jnp.zeros((2, 1)))
+                jax.make_jaxpr(grad)(actions)
+    assert solver.jax is jax
 
 
 def test_listed_by_names_and_the_envs_command(monkeypatch, capsys):
@@ -189,16 +200,18 @@ def test_render_draws_with_mujoco_and_refuses_html(cartpole, tmp_path):
 
 
 def test_windows_on_a_looping_solver_name_the_fix():
-    two = diffsim.make_env("CartpoleBalance", episode_length=3, solver_iterations=2)
+    two = diffsim.make_env(
+        "CartpoleBalance", episode_length=3, solver_iterations=2, bounded_solver=False
+    )
     policy = diffsim.DeterministicPolicy(two.observation_size, 1, key=jr.key(0))
-    with pytest.raises(ValueError, match=r"Playground env 'CartpoleBalance'.*solver_iterations=1"):
+    with pytest.raises(ValueError, match=r"'CartpoleBalance'.*bounded_solver=True.*iterations=1"):
         diffsim.train(diffsim.APG(num_envs=2, horizon=2), two, policy, key=jr.key(0), total_steps=8)
 
 
 STRATEGIES = {
     "PPO": diffsim.PPO(num_envs=4, unroll_length=3, num_minibatches=2, num_epochs=1),
     "APG": diffsim.APG(num_envs=2, horizon=3),
-    "SHAC": diffsim.SHAC(num_envs=2, horizon=3),
+    "SHAC": diffsim.SHAC(num_envs=4, horizon=3),
     "ES": diffsim.ES(population_size=4, rollout_length=3),
     "GuidedES": diffsim.GuidedES(
         population_size=4, rollout_length=3, gradient=diffsim.APGWindow(num_envs=2, horizon=3)
@@ -206,19 +219,48 @@ STRATEGIES = {
 }
 
 
+@pytest.fixture(scope="module")
+def pendulum():
+    return diffsim.make_env("PendulumSwingup", episode_length=3)
+
+
 @pytest.mark.parametrize("name", list(STRATEGIES))
-def test_every_strategy_trains_on_a_playground_env(name, cartpole):
-    """Two iterations of each strategy on CartpoleBalance (3-step episodes): the policy
-    changes, and every evaluation is a finite return in [0, 3] (DMC rewards lie in [0, 1])."""
+def test_every_strategy_steps_a_playground_env(name, pendulum):
+    """Two `step`s of each strategy on PendulumSwingup (3-step episodes; the cheapest model
+    to compile: no constraints), in one compiled program: the policy changes, every metric
+    is finite, and the episodes' mean return lies in [0, 3] (DMC rewards lie in [0, 1])."""
     strategy = STRATEGIES[name]
     kind = diffsim.GaussianPolicy if name == "PPO" else diffsim.DeterministicPolicy
-    policy = kind(cartpole.observation_size, 1, key=jr.key(0))
-    steps = 2 * strategy.steps_per_iteration
-    run = diffsim.train(
-        strategy, cartpole, policy, key=jr.key(1), total_steps=steps, num_evals=2, progress=False
-    )
-    returns = np.asarray(run.curve.eval_return)
-    assert np.all(np.isfinite(returns)) and np.all((returns >= 0) & (returns <= 3))
+    policy = kind(pendulum.observation_size, 1, key=jr.key(0))
+
+    @eqx.filter_jit
+    def two_steps(policy, key):
+        init_key, *step_keys = jr.split(key, 3)
+        state = strategy.init(pendulum, policy, key=init_key)
+        metrics = []
+        for k in step_keys:
+            state, m = strategy.step(pendulum, state, key=k)
+            metrics.append(m)
+        return strategy.policy(state), metrics
+
+    trained, metrics = two_steps(policy, jr.key(1))
+    for m in metrics:
+        assert all(np.isfinite(float(v)) for v in m.values()), m
+        assert 0.0 <= float(m.get("train_return", 0.0)) <= 3.0
     before = jax.tree.leaves(eqx.filter(policy, eqx.is_inexact_array))
-    after = jax.tree.leaves(eqx.filter(run.policy, eqx.is_inexact_array))
+    after = jax.tree.leaves(eqx.filter(trained, eqx.is_inexact_array))
     assert any(not np.allclose(a, b) for a, b in zip(after, before, strict=True))
+
+
+def test_bounded_while_loop_is_the_while_loop_and_differentiable():
+    """`x <- x * c` while `x < 100`, at most 8 times: from 1 with c = 3 it stops at 3^5 = 243,
+    the same value as lax.while_loop's, with d/dc 3^5 = 5 * 3^4 = 405 in reverse mode; a
+    bound of 3 stops at 27, as MJX's `cond` does at `opt.iterations`."""
+    from diffsim.envs._playground import _bounded_while_loop
+
+    cond = lambda carry: carry[0] < 100.0
+    body = lambda carry: (carry[0] * carry[1], carry[1])
+    run = lambda c, n: _bounded_while_loop(cond, body, (jnp.float32(1.0), c), max_iter=n)[0]
+    assert float(run(3.0, 8)) == float(jax.lax.while_loop(cond, body, (1.0, 3.0))[0]) == 243.0
+    np.testing.assert_allclose(jax.grad(run)(3.0, 8), 405.0, rtol=1e-6)
+    assert float(run(3.0, 3)) == 27.0

@@ -6,6 +6,7 @@ locomotion and manipulation robots are fetched with a `git clone` of mujoco_mena
 first use, which diffsim never starts: those names get an error instead.
 """
 
+import contextlib
 import copy
 import functools
 import importlib
@@ -65,11 +66,19 @@ class PlaygroundEnv(Env):
     rewards are summed (as Brax's `EpisodeWrapper` does); the step is done where any of them
     is. Observations must be flat arrays (every state-based DM Control Suite env's are).
 
+    MJX's constraint solver runs up to `opt.iterations` iterations in a `lax.while_loop`,
+    which JAX cannot reverse-differentiate. With `bounded_solver` (default) this adapter runs
+    that loop as a `lax.scan` of exactly `opt.iterations` steps, each a no-op once MJX's own
+    stopping test holds: the same iterations and the same result, and `jax.grad` goes
+    through it at any iteration count.
+
     **Arguments:**
 
     - `env`: a Playground `MjxEnv` built with `impl="jax"`.
     - `action_repeat`: control steps per `step` (Playground's config gives 1 to every DM
       Control Suite env).
+    - `bounded_solver`: run MJX's solver loop as the bounded scan above (False: MJX's own
+      `while_loop`, forward only where the solver iterates more than once).
 
     **Example:**
 
@@ -81,9 +90,10 @@ class PlaygroundEnv(Env):
     ```
     """
 
-    def __init__(self, env, action_repeat: int = 1):
+    def __init__(self, env, action_repeat: int = 1, bounded_solver: bool = True):
         self.env = env
         self.action_repeat = action_repeat
+        self.bounded_solver = bounded_solver
         self._nefc: int | None = None
 
     def reset(self, rng: jax.Array) -> State:
@@ -97,7 +107,11 @@ class PlaygroundEnv(Env):
         pg = _playground()
         assert pg is not None  # a PlaygroundEnv holds a Playground env: playground is there
         inner = pg.mjx_env.State(**_fields(state, data="pipeline_state"))
-        inner, (rewards, dones) = jax.lax.scan(repeat, inner, length=self.action_repeat)
+        loop = contextlib.nullcontext()
+        if self.bounded_solver:
+            loop = _bounded_solver(int(self.mjx_model.opt.iterations))
+        with loop:
+            inner, (rewards, dones) = jax.lax.scan(repeat, inner, length=self.action_repeat)
         summed: dict[str, Any] = {
             "reward": jnp.sum(rewards, axis=0),
             "done": jnp.max(dones, axis=0),
@@ -114,11 +128,12 @@ class PlaygroundEnv(Env):
 
     @property
     def backend(self) -> str:
-        """`"mjx"` where MJX's constraint solver runs its `lax.while_loop` (constraints, and
-        more than one solver iteration), which JAX cannot reverse-differentiate;
-        `"mjx-differentiable"` where it runs one iteration or none (no constraint rows)."""
-        solver_loops = int(self.mjx_model.opt.iterations) > 1 and self.constraint_rows > 0
-        return "mjx" if solver_loops else "mjx-differentiable"
+        """`"mjx"` where MJX's constraint solver runs its `lax.while_loop` (constraints, more
+        than one solver iteration, and no `bounded_solver`), which JAX cannot
+        reverse-differentiate; `"mjx-differentiable"` where it runs a bounded scan, one
+        iteration, or none (no constraint rows)."""
+        iterates = int(self.mjx_model.opt.iterations) > 1 and self.constraint_rows > 0
+        return "mjx" if iterates and not self.bounded_solver else "mjx-differentiable"
 
     @property
     def constraint_rows(self) -> int:
@@ -154,6 +169,38 @@ class PlaygroundEnv(Env):
         return out
 
 
+def _bounded_while_loop(cond_fun, body_fun, init_val, *, max_iter: int):
+    """`lax.while_loop` as a scan of `max_iter` steps that stop changing the carry once
+    `cond_fun` is false: the same result when the loop ends within `max_iter` iterations,
+    and reverse-differentiable."""
+
+    def step(carry, _):
+        value, running = carry
+        value = jax.lax.cond(running, body_fun, lambda v: v, value)
+        return (value, running & cond_fun(value)), None
+
+    return jax.lax.scan(step, (init_val, cond_fun(init_val)), length=max_iter)[0][0]
+
+
+@contextlib.contextmanager
+def _bounded_solver(iterations: int):
+    """While tracing inside it, MJX's solver (`mujoco.mjx._src.solver.solve`, whose one loop
+    is `jax.lax.while_loop` over at most `opt.iterations` iterations) loops with
+    `_bounded_while_loop` of `iterations` steps. It swaps the solver module's `jax` for a
+    copy whose `lax.while_loop` is bounded, and restores it on exit (tracing is
+    single-threaded: nothing else traces MJX meanwhile)."""
+    from mujoco.mjx._src import solver
+
+    lax = SimpleNamespace(**vars(jax.lax))
+    lax.while_loop = functools.partial(_bounded_while_loop, max_iter=iterations)
+    original = solver.jax
+    solver.jax = SimpleNamespace(**(vars(jax) | {"lax": lax}))
+    try:
+        yield
+    finally:
+        solver.jax = original
+
+
 def _fields(state, **physics: str) -> dict[str, Any]:
     """The fields Brax's and Playground's `State` share, plus the physics one renamed
     (`pipeline_state="data"`: Brax's `pipeline_state` is Playground's `data`)."""
@@ -186,6 +233,7 @@ def make_playground_env(
     backend: str | None = None,
     episode_length: int | None = None,
     solver_iterations: int | None = None,
+    bounded_solver: bool = True,
     **config_overrides,
 ) -> AutoResetEnv:
     """A Playground DM Control Suite env on MJX's JAX implementation, wrapped in
@@ -198,8 +246,11 @@ def make_playground_env(
     - `episode_length`: env steps per episode; default Playground's (its config's
       `episode_length` divided by its `action_repeat`).
     - `solver_iterations`: MJX's constraint-solver iterations (`opt.iterations`); default
-      the model's own. With 1 the solver runs no `while_loop`, so `jax.grad` (APG, SHAC,
-      GuidedES) goes through the step.
+      the model's own.
+    - `bounded_solver`: run the solver's `while_loop` as a scan of `solver_iterations` steps
+      (the same result; `PlaygroundEnv`), so that `jax.grad` (APG, SHAC, GuidedES) goes
+      through the step at any iteration count. False: MJX's own loop, which reverse mode
+      cannot pass unless `solver_iterations=1`.
     - `**config_overrides`: entries of Playground's env config (e.g. `ctrl_dt=0.02`).
 
     **Returns:** an `AutoResetEnv` of `observation_size`, `action_size`, `episode_length`.
@@ -211,7 +262,7 @@ def make_playground_env(
 
     ```python
     env = diffsim.make_env("CartpoleSwingup")                       # 1000 steps of 0.01 s
-    env = diffsim.make_env("PendulumSwingup", solver_iterations=1)  # for APG
+    env = diffsim.make_env("CheetahRun", solver_iterations=1)       # a cheaper solver
     ```
     """
     pg = _playground()
@@ -232,7 +283,7 @@ def make_playground_env(
             " None or 'mjx'"
         )
     _check_iterations(solver_iterations)
-    env, config = _load(pg.dm_control_suite, name, config_overrides)
+    env, config = _load(pg.dm_control_suite, name, config_overrides, bounded_solver)
     if solver_iterations is not None:
         env = env.with_mjx_model(
             lambda m: m.replace(opt=m.opt.replace(iterations=solver_iterations))
@@ -241,7 +292,7 @@ def make_playground_env(
     return AutoResetEnv(env, length, name=name)
 
 
-def _load(suite, name: str, overrides: Mapping):
+def _load(suite, name: str, overrides: Mapping, bounded_solver: bool):
     """Playground's env `name` on MJX's JAX implementation with its config (defaults updated
     by `overrides`), both checked before anything compiles."""
     if overrides.get("impl", MJX_IMPL) != MJX_IMPL:
@@ -264,4 +315,5 @@ def _load(suite, name: str, overrides: Mapping):
             f"Playground env {name!r} observes {jax.tree.map(lambda x: x.shape, obs)}; diffsim"
             " needs one flat observation vector"
         )
-    return PlaygroundEnv(inner, action_repeat=int(config.action_repeat)), config
+    env = PlaygroundEnv(inner, int(config.action_repeat), bounded_solver)
+    return env, config

@@ -202,7 +202,7 @@ def check_env(env: Env, *, owner: str, horizon: int, remat: bool, float64: bool)
     cannot be differentiated on `env`:
 
     - an env whose backend JAX cannot reverse-differentiate (Brax `mjx`, or a Playground env
-      whose MJX solver runs more than one iteration);
+      built with `bounded_solver=False` whose MJX solver runs more than one iteration);
     - `horizon` longer than the env's episode;
     - `remat=True` with `horizon=1` (a window of one step has nothing to rematerialise);
     - `float64=True` without x64, or on an env that still computes in float32 once its state
@@ -213,9 +213,10 @@ def check_env(env: Env, *, owner: str, horizon: int, remat: bool, float64: bool)
     if backend in NOT_DIFFERENTIABLE and is_playground_name(name):
         raise ValueError(
             f"{owner} differentiates through the simulator, but Playground env {name!r} runs"
-            f" MJX's constraint solver for more than one iteration, in a lax.while_loop, which"
-            f" JAX cannot reverse-differentiate; build it with"
-            f" diffsim.make_env({name!r}, solver_iterations=1)"
+            f" MJX's constraint solver for more than one iteration in its own lax.while_loop,"
+            f" which JAX cannot reverse-differentiate; build it with"
+            f" diffsim.make_env({name!r}) (bounded_solver=True, the default) or"
+            f" solver_iterations=1"
         )
     if backend in NOT_DIFFERENTIABLE:
         raise ValueError(
