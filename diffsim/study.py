@@ -27,7 +27,7 @@ import equinox as eqx
 import jax.random as jr
 from jaxtyping import PRNGKeyArray
 
-from . import _tuning
+from . import _tuning, rollout as _rollout
 from ._cellstore import CellLock as _CellLock, copy_dir as _copy_dir, replace_dir as _replace_dir
 from ._checkpoint import key_data as _key_data
 from ._report import (
@@ -38,7 +38,13 @@ from ._report import (
     write_summary as write_summary,
 )
 from ._tuning import log_grid as log_grid
-from .envs import AutoResetEnv as Env, make_env, names as _env_names, toy_names as _toy_names
+from .envs import (
+    AutoResetEnv as Env,
+    _wrapper,
+    make_env,
+    names as _env_names,
+    toy_names as _toy_names,
+)
 from .results import (
     Run,
     _atomic_write,
@@ -404,8 +410,9 @@ def _settings(cell: Cell, num_seeds, seed, num_evals, num_eval_episodes, search,
 
 def code_version(strategy: AbstractStrategy) -> str | None:
     """A hash of the source of the modules that define `strategy`'s class and its strategy
-    base classes (`AbstractStrategy` itself excluded), with the class's `version` attribute
-    if it has one: a study retrains a cell when its strategy's code changes.
+    base classes (`AbstractStrategy` itself excluded) and of the rollout core every strategy
+    steps envs through (`diffsim.rollout`, the `AutoResetEnv` wrapper), with the class's
+    `version` attribute if it has one: a study retrains a cell when that code changes.
 
     **Returns:** `"sha256:<hex>"` (plus `"+version:<v>"`), or None where the source cannot
     be read (such a cell is never reused).
@@ -419,8 +426,9 @@ def code_version(strategy: AbstractStrategy) -> str | None:
     kinds = [k for k in type(strategy).__mro__ if isinstance(k, type)]
     kinds = [k for k in kinds if issubclass(k, AbstractStrategy) and k is not AbstractStrategy]
     digest = hashlib.sha256()
+    modules = [inspect.getmodule(k) for k in kinds] + [_rollout, _wrapper]
     try:
-        for module in dict.fromkeys(inspect.getmodule(k) for k in kinds):
+        for module in dict.fromkeys(modules):
             digest.update(inspect.getsource(module).encode())  # pyright: ignore[reportArgumentType]
     except (OSError, TypeError):
         return None

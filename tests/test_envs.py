@@ -78,6 +78,23 @@ def test_time_limit_is_truncation_and_returns_are_tracked(key):
     np.testing.assert_array_equal(obs[3], final_obs[3])
 
 
+class _PassesDoneOn(envs.Reach):
+    """Reach as Brax's halfcheetah and reacher are written: `step` never sets `done`, so the
+    state's own `done` passes through."""
+
+    def step(self, state, action):
+        return super().step(state, action).replace(done=state.done)
+
+
+def test_an_env_that_passes_done_on_restarts_once_per_time_limit(key):
+    """An episode that ends at the time limit ends once: the next episode runs its full
+    length (the inner env must not see the last step's `done`)."""
+    env = envs.AutoResetEnv(_PassesDoneOn(), 3, name="passes_done_on")
+    done, trunc, *_ = jax.jit(_run_zero_actions, static_argnums=(0, 2))(env, env.reset(key), 9)
+    np.testing.assert_array_equal(done, [0, 0, 1] * 3)
+    np.testing.assert_array_equal(trunc, done)
+
+
 def test_termination_is_not_truncation(envs, key):
     env = envs("inverted_pendulum")
     state = env.reset(key)

@@ -269,6 +269,10 @@ def test_code_version_follows_the_source_and_the_version_attribute(tmp_path, mon
     assert len(set(versions)) == 3
     assert versions[2].endswith("+version:2")
     assert study.code_version(diffsim.PPO()) == study.code_version(TINY)  # fields do not count
+    # The rollout core counts too: another source for the env wrapper, another version.
+    before = study.code_version(diffsim.PPO())
+    monkeypatch.setattr(study, "_wrapper", diffsim.envs._toy)
+    assert study.code_version(diffsim.PPO()) != before
 
 
 def _broken_policy(env, key):

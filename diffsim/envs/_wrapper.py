@@ -124,8 +124,13 @@ class AutoResetEnv(Wrapper):
 
     def step(self, state: State, action: jax.Array, starts: State | tuple | None = None) -> State:
         info = state.info
+        # The inner env sees `done = 0`, as under Brax's AutoResetWrapper: Brax envs without a
+        # termination (halfcheetah, reacher, ...) never write `done` and pass on the one they
+        # are given, so the previous step's end would end every following step.
         with _quiet_brax():
-            stepped = self.env.step(state, action)
+            stepped = self.env.step(
+                dataclasses.replace(state, done=jnp.zeros_like(state.done)), action
+            )
         steps = info["steps"] + 1
         reward = jnp.asarray(stepped.reward, dtype=info["episode_return"].dtype)
         obs = cast(jax.Array, stepped.obs)  # diffsim's envs observe one flat array
