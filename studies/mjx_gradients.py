@@ -24,7 +24,8 @@ solver iterations, which diffsim runs as a bounded scan: `PlaygroundEnv`), in on
   window's loss is its summed reward: PendulumSwingup's is an indicator, flat almost
   everywhere, so JAX prunes that gradient and its ratio is not a gradient's cost.
 
-Prints the table and writes results/mjx_gradients/table.{txt,json} with their provenance.
+Prints the table and writes results/mjx_gradients/table.{txt,json} with their provenance,
+rewritten after each env.
 Refuses an uncommitted tree unless --allow-dirty.
 """
 
@@ -154,19 +155,19 @@ def main() -> None:
         provenance = require_clean(allow_dirty=args.allow_dirty)
     except DirtyTreeError as error:
         parser.error(str(error))
+    command = " ".join(["python studies/mjx_gradients.py", *sys.argv[1:]])
+    folder = args.out / "mjx_gradients"
+    folder.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name in args.envs:
+    for name in args.envs:  # the table is rewritten after each env: a cut run keeps its rows
         row = {"env": name, "fd_rel_err": finite_differences(name)} | solver_errors(name)
         rows.append(row | cost(name, args.repeats))
         print(format_table(rows[-1:]).splitlines()[-1], flush=True)
-    command = " ".join(["python studies/mjx_gradients.py", *sys.argv[1:]])
-    text = provenance_header(provenance, command) + "\n\n" + format_table(rows)
-    folder = args.out / "mjx_gradients"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "table.txt").write_text(text + "\n")
-    record = dict(command=command, provenance=provenance, rows=rows)
-    (folder / "table.json").write_text(json.dumps(record, indent=1) + "\n")
-    print(text)
+        text = provenance_header(provenance, command) + "\n\n" + format_table(rows)
+        (folder / "table.txt").write_text(text + "\n")
+        record = dict(command=command, provenance=provenance, rows=rows)
+        (folder / "table.json").write_text(json.dumps(record, indent=1) + "\n")
+    print((folder / "table.txt").read_text())
 
 
 if __name__ == "__main__":
