@@ -75,27 +75,27 @@ _PPO = dict(
 )
 _ES = dict(population_size=64, std=0.05, learning_rate=0.01)
 
+
+def _pendulum_ppo(num_minibatches: int) -> dict:
+    """The inverted_pendulum PPO pair: 1024 envs x 10 steps per update, 2M env steps."""
+    params = dict(_PPO, num_envs=1024, unroll_length=10, num_minibatches=num_minibatches)
+    return dict(
+        trainer="ppo",
+        env="inverted_pendulum",
+        steps=2_048_000,
+        evals=11,
+        solve=900.0,
+        params=params,
+    )
+
+
 # name: trainer, env, env-step budget, evaluations, solved-at return, settings
 PAIRS = {
     # Minibatches of 128 envs x 10 steps, 32 updates per 10,240 env steps.
-    "ppo": dict(
-        trainer="ppo",
-        env="inverted_pendulum",
-        steps=2_048_000,
-        evals=11,
-        solve=900.0,
-        params=dict(_PPO, num_envs=1024, unroll_length=10, num_minibatches=8),
-    ),
+    "ppo": _pendulum_ppo(num_minibatches=8),
     # The first pair tried: minibatches of 32 envs x 10 steps (128 updates per 10,240 env
     # steps). Kept for the record: Brax's PPO does not reach 900 in every repeat there.
-    "ppo-small-minibatches": dict(
-        trainer="ppo",
-        env="inverted_pendulum",
-        steps=2_048_000,
-        evals=11,
-        solve=900.0,
-        params=dict(_PPO, num_envs=1024, unroll_length=10, num_minibatches=32),
-    ),
+    "ppo-small-minibatches": _pendulum_ppo(num_minibatches=32),
     "es": dict(
         trainer="es",
         env="inverted_pendulum",

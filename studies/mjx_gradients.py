@@ -80,13 +80,21 @@ def finite_differences(name: str) -> float:
         return max(errors)
 
 
-def solver_errors(name: str) -> dict[str, float]:
+def variants(name: str) -> dict:
+    """The env three ways: the bounded scan at the model's iterations (`"bounded"`), MJX's
+    own loop (`"loop"`), and the bounded scan at one iteration (`"one"`)."""
+    return {
+        "bounded": diffsim.make_env(name),
+        "loop": diffsim.make_env(name, bounded_solver=False),
+        "one": diffsim.make_env(name, solver_iterations=1),
+    }
+
+
+def solver_errors(envs: dict) -> dict[str, float]:
     """Over 200 random actions: MJX's own loop against the bounded scan, and one solver
     iteration against the model's own count (observation differences over the largest
     observation magnitude, and the summed rewards' relative difference)."""
-    own = diffsim.make_env(name)
-    loop = diffsim.make_env(name, bounded_solver=False)
-    one = diffsim.make_env(name, solver_iterations=1)
+    own, loop, one = envs["bounded"], envs["loop"], envs["one"]
     actions = jr.uniform(jr.key(1), (SOLVER_STEPS, own.action_size), minval=-1.0, maxval=1.0)
     run = jax.jit(_observed, static_argnums=0)
     (obs, rew), (obs_loop, _), (obs_one, rew_one) = (
@@ -100,13 +108,8 @@ def solver_errors(name: str) -> dict[str, float]:
     }
 
 
-def cost(name: str, repeats: int) -> dict[str, float]:
+def cost(envs: dict, repeats: int) -> dict[str, float]:
     """Forward env steps/s (MJX's loop, the bounded scan) and value_and_grad / forward."""
-    envs = {
-        "loop": diffsim.make_env(name, bounded_solver=False),
-        "bounded": diffsim.make_env(name),
-        "one": diffsim.make_env(name, solver_iterations=1),
-    }
     compiled = {}
     for label, env in envs.items():
         kinds = ("forward",) if label == "loop" else ("forward", "value_and_grad")
@@ -160,8 +163,9 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.envs:  # the table is rewritten after each env: a cut run keeps its rows
-        row = {"env": name, "fd_rel_err": finite_differences(name)} | solver_errors(name)
-        rows.append(row | cost(name, args.repeats))
+        envs = variants(name)
+        row = {"env": name, "fd_rel_err": finite_differences(name)} | solver_errors(envs)
+        rows.append(row | cost(envs, args.repeats))
         print(format_table(rows[-1:]).splitlines()[-1], flush=True)
         text = provenance_header(provenance, command) + "\n\n" + format_table(rows)
         (folder / "table.txt").write_text(text + "\n")
