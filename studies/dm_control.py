@@ -9,9 +9,10 @@
 
 MuJoCo Playground's DM Control Suite envs (`diffsim.make_env("CheetahRun")`: MJX's JAX
 implementation, Playground's episode length and control step), one swing-up, one balance
-and one with contacts. Every env runs with one constraint-solver iteration
-(`solver_iterations=1`, Playground's own setting for the Cartpole and Cheetah models), so
-that reverse mode passes through MJX's solver; every contender sees the same physics.
+and one with contacts. Every env keeps its model's own solver settings (CheetahRun: 4
+constraint-solver iterations, CartpoleBalance: 1, PendulumSwingup: no constraints), with
+MJX's solver loop run as diffsim's bounded one (`bounded_solver=True`, the default) so that
+reverse mode passes through it; every contender sees the same physics.
 Rewards are DMC's smooth tolerances in [0, 1] per step (at most 1000 per episode).
 
 The protocol of `studies/compare.py`: every contender searches `--configs` learning rates
@@ -67,7 +68,7 @@ def contenders(name: str):
 def cells(names, labels, configs: int) -> list[Cell]:
     grid = []
     for name in names:
-        env = diffsim.make_env(name, solver_iterations=1)
+        env = diffsim.make_env(name)
         for label, strategy, policy in contenders(name):
             if label in labels:
                 search = compare.rate_search(strategy, configs)
