@@ -24,8 +24,9 @@ solver iterations, which diffsim runs as a bounded scan: `PlaygroundEnv`), in on
   window's loss is its summed reward: PendulumSwingup's is an indicator, flat almost
   everywhere, so JAX prunes that gradient and its ratio is not a gradient's cost.
 
-Prints the table and writes results/mjx_gradients/table.{txt,json} with their provenance,
-rewritten after each env.
+Prints the table and writes results/mjx_gradients/table.{txt,json}, rewritten after each
+env: the header has this run's provenance, each row the commit that measured it, and rows
+of envs not measured in this run are kept from the saved table.
 Refuses an uncommitted tree unless --allow-dirty.
 """
 
@@ -132,6 +133,7 @@ def format_table(rows: list[dict]) -> str:
         f"{'env':<17}{'iters':>6}{'fd rel. err':>13}{'bounded obs err':>17}"
         f"{'1-iter obs err':>16}{'1-iter ret err':>16}"
         f"{'loop steps/s':>14}{'bounded steps/s':>17}{'vg/fwd':>8}{'vg/fwd 1-iter':>15}"
+        f"{'commit':>9}"
     )
     lines = [head]
     for r in rows:
@@ -140,6 +142,7 @@ def format_table(rows: list[dict]) -> str:
             f"{r['one_iter_obs_err']:>16.1e}{r['one_iter_return_err']:>16.1e}"
             f"{r['loop_steps_per_s']:>14,.0f}{r['bounded_steps_per_s']:>17,.0f}"
             f"{r['vg_over_forward']:>7.2f}x{r['one_iter_vg_over_forward']:>14.2f}x"
+            f"{r['commit']:>9}"
         )
     return "\n".join(lines)
 
@@ -161,16 +164,21 @@ def main() -> None:
     command = " ".join(["python studies/mjx_gradients.py", *sys.argv[1:]])
     folder = args.out / "mjx_gradients"
     folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name in args.envs:  # the table is rewritten after each env: a cut run keeps its rows
+    # Rows of other envs measured earlier are kept, each with its own commit and date; the
+    # table is rewritten after each env, so a cut run keeps what it measured.
+    saved = folder / "table.json"
+    rows = json.loads(saved.read_text())["rows"] if saved.exists() else []
+    for name in args.envs:
         envs = variants(name)
         row = {"env": name, "fd_rel_err": finite_differences(name)} | solver_errors(envs)
-        rows.append(row | cost(envs, args.repeats))
+        row |= cost(envs, args.repeats)
+        row |= {"commit": provenance["commit"][:7], "date": provenance["date"][:10]}
+        rows = [r for r in rows if r["env"] != name] + [row]
         print(format_table(rows[-1:]).splitlines()[-1], flush=True)
         text = provenance_header(provenance, command) + "\n\n" + format_table(rows)
         (folder / "table.txt").write_text(text + "\n")
         record = dict(command=command, provenance=provenance, rows=rows)
-        (folder / "table.json").write_text(json.dumps(record, indent=1) + "\n")
+        saved.write_text(json.dumps(record, indent=1) + "\n")
     print((folder / "table.txt").read_text())
 
 
