@@ -290,7 +290,7 @@ def table(rows: list[dict], pairs: list[str], repeats: int) -> tuple[str, dict]:
     """The text table and its JSON: per pair and side, means over repeats [min, max]."""
     head = (
         f"{'pair':<17}{'side':<9}{'n':>3}{'counted steps/s':>28}{'simulated steps/s':>28}"
-        f"{'s to solve':>22}{'final return':>26}"
+        f"{'s to solve (solved)':>28}{'final return':>26}"
     )
     lines, summary = [head], {}
     for name in pairs:
@@ -299,11 +299,13 @@ def table(rows: list[dict], pairs: list[str], repeats: int) -> tuple[str, dict]:
             if not runs:
                 continue
             solved = [r["solve_s"] for r in runs]
+            count = sum(s is not None for s in solved)
+            solve = f"{_spread(solved)} ({count}/{len(runs)})"
             lines.append(
                 f"{name:<17}{side:<9}{len(runs):>3}"
                 f"{_spread([r['counted_steps_per_s'] for r in runs]):>28}"
                 f"{_spread([r['simulated_steps_per_s'] for r in runs]):>28}"
-                f"{_spread(solved) if PAIRS[name]['solve'] < float('inf') else '-':>22}"
+                f"{solve if PAIRS[name]['solve'] < float('inf') else '-':>28}"
                 f"{_spread([r['final_return'] for r in runs]):>26}"
             )
             summary[f"{name}/{side}"] = runs
@@ -331,7 +333,8 @@ def table(rows: list[dict], pairs: list[str], repeats: int) -> tuple[str, dict]:
         "  simulated steps/s: env steps simulated per training second (ES: Brax simulates"
         " every member's 1000 steps, diffsim stops at the last episode end).",
         "s to solve: seconds from launching the process (imports, compiles, evaluations"
-        " included) to the first evaluation whose mean return reaches the pair's target.",
+        " included) to the first evaluation whose mean return reaches the pair's target;",
+        "  the mean over the repeats that reached it, with how many did.",
     ]
     return "\n".join(lines), summary
 
@@ -377,7 +380,12 @@ def main() -> None:
                 record.write_text(json.dumps(dict(rows=rows), indent=1) + "\n")
     command = " ".join(["python studies/brax_comparison.py", *sys.argv[1:]])
     text, summary = table(rows, args.pairs, args.repeats)
-    text = provenance_header(provenance, command) + "\n\n" + text
+    measured = sorted({r["commit"][:10] for r in rows if r["pair"] in args.pairs})
+    text = (
+        provenance_header(provenance, command)
+        + f"\n# runs measured at: {', '.join(measured)}\n\n"
+        + text
+    )
     (folder / "table.txt").write_text(text + "\n")
     (folder / "table.json").write_text(
         json.dumps(dict(command=command, provenance=provenance, pairs=PAIRS, rows=summary)) + "\n"

@@ -46,6 +46,7 @@ import numpy as np
 
 import diffsim
 from diffsim.diagnostics import GAIT_FIELDS, gait_stats
+from diffsim.stats import aggregate_ci, aggregate_name, probability_of_improvement
 from diffsim.study import (
     Cell,
     load_study,
@@ -194,6 +195,53 @@ def format_gaits(rows: list[dict]) -> str:
     return "\n".join(lines).replace("nan", "  -")
 
 
+def equal_budget(runs, steps: int = GRADIENT_BUDGET) -> list[dict]:
+    """Every cell's statistic (95% bootstrap CI) at its evaluation nearest `steps` env steps,
+    where the forward-only strategies' curves meet the gradient budget, with P(> PPO at the
+    same point) over pairs of seeds: the comparison at equal env steps that the final
+    returns, after different budgets, cannot give."""
+
+    def at(run):
+        point = int(np.argmin(np.abs(np.asarray(run.curve.env_steps)[0] - steps)))
+        step = int(np.asarray(run.curve.env_steps)[0, point])
+        return step, np.asarray(run.curve.eval_return)[:, point].mean(-1)
+
+    rows = []
+    for (name, label), run in runs.items():
+        step, scores = at(run)
+        mid, low, high = aggregate_ci(scores)
+        ppo = runs.get((name, "PPO"))
+        p = None if ppo is None else probability_of_improvement(scores, at(ppo)[1])
+        row = dict(env=name, strategy=label, env_steps=step, seeds=len(scores))
+        rows.append(
+            row
+            | dict(
+                stat=aggregate_name(len(scores)),
+                score=float(mid),
+                low=float(low),
+                high=float(high),
+                p_over_PPO=p,
+            )
+        )
+    return rows
+
+
+def format_equal_budget(rows: list[dict]) -> str:
+    head = (
+        f"{'env':<13}{'strategy':<10}{'env steps':>11}{'seeds':>6}{'stat':>6}{'score':>10}"
+        f"{'95% CI':>21}{'P(>PPO)':>9}"
+    )
+    lines = [head]
+    for r in rows:
+        p = "-" if r["p_over_PPO"] is None else f"{r['p_over_PPO']:.2f}"
+        ci = f"[{r['low']:.1f}, {r['high']:.1f}]"
+        lines.append(
+            f"{r['env']:<13}{r['strategy']:<10}{r['env_steps']:>11,}{r['seeds']:>6}"
+            f"{r['stat']:>6}{r['score']:>10.1f}{ci:>21}{p:>9}"
+        )
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--envs", nargs="+", default=list(BODIES), choices=list(ENVS))
@@ -228,6 +276,16 @@ def main():
     table = summary(runs, references=("PPO",))
     path = write_summary(root, table, provenance=provenance, command=command)
     print("\n" + path.read_text())
+
+    same = equal_budget(runs)
+    same_text = format_equal_budget(same)
+    print(f"\nat {GRADIENT_BUDGET:,} env steps (the evaluation nearest it), every strategy:")
+    print(same_text)
+    (root / "equal_budget.txt").write_text(
+        provenance_header(provenance, command) + "\n\n" + same_text + "\n"
+    )
+    record = {"command": command, "provenance": provenance, "rows": same}
+    (root / "equal_budget.json").write_text(json.dumps(record, indent=2))
 
     gait_rows = gaits(runs, root)
     gait_text = format_gaits(gait_rows)
