@@ -441,6 +441,7 @@ def _finished(job: _Job, roots: list[Path]) -> Path | None:
     if job.settings["code"] is None:
         print(f"[{job.study}] {job.path}: the strategy's source is unreadable; retraining")
         return None
+    different = None
     for root in roots:
         path = root / job.settings["env"] / job.label
         if not (path / "config.json").exists():
@@ -450,7 +451,8 @@ def _finished(job: _Job, roots: list[Path]) -> Path | None:
             return path
         if root == roots[0]:
             different = sorted(k for k in job.settings if (saved or {}).get(k) != job.settings[k])
-            print(f"[{job.study}] {job.path}: saved run differs in {different}; retraining")
+    if different is not None:  # said only once no other root has it either
+        print(f"[{job.study}] {job.path}: saved run differs in {different}; retraining")
     return None
 
 
