@@ -201,26 +201,26 @@ def equal_budget(runs, steps: int = GRADIENT_BUDGET) -> list[dict]:
     same point) over pairs of seeds: the comparison at equal env steps that the final
     returns, after different budgets, cannot give."""
 
-    def at(run):
-        point = int(np.argmin(np.abs(np.asarray(run.curve.env_steps)[0] - steps)))
-        step = int(np.asarray(run.curve.env_steps)[0, point])
-        return step, np.asarray(run.curve.eval_return)[:, point].mean(-1)
-
+    points = {}  # cell: (env step of the evaluation nearest `steps`, each seed's score there)
+    for key, run in runs.items():
+        env_steps = np.asarray(run.curve.env_steps)[0]
+        point = int(np.argmin(np.abs(env_steps - steps)))
+        points[key] = int(env_steps[point]), np.asarray(run.curve.eval_return)[:, point].mean(-1)
     rows = []
-    for (name, label), run in runs.items():
-        step, scores = at(run)
+    for (name, label), (step, scores) in points.items():
         mid, low, high = aggregate_ci(scores)
-        ppo = runs.get((name, "PPO"))
-        p = None if ppo is None else probability_of_improvement(scores, at(ppo)[1])
-        row = dict(env=name, strategy=label, env_steps=step, seeds=len(scores))
+        ppo = points.get((name, "PPO"))
         rows.append(
-            row
-            | dict(
+            dict(
+                env=name,
+                strategy=label,
+                env_steps=step,
+                seeds=len(scores),
                 stat=aggregate_name(len(scores)),
                 score=float(mid),
                 low=float(low),
                 high=float(high),
-                p_over_PPO=p,
+                p_over_PPO=None if ppo is None else probability_of_improvement(scores, ppo[1]),
             )
         )
     return rows
@@ -277,25 +277,25 @@ def main():
     path = write_summary(root, table, provenance=provenance, command=command)
     print("\n" + path.read_text())
 
+    def write(stem: str, text: str, rows: list[dict]) -> None:
+        """results/locomotion/<stem>.txt under the provenance header, and its JSON."""
+        (root / f"{stem}.txt").write_text(
+            provenance_header(provenance, command) + "\n\n" + text + "\n"
+        )
+        record = {"command": command, "provenance": provenance, "rows": rows}
+        (root / f"{stem}.json").write_text(json.dumps(record, indent=2))
+
     same = equal_budget(runs)
-    same_text = format_equal_budget(same)
     print(f"\nat {GRADIENT_BUDGET:,} env steps (the evaluation nearest it), every strategy:")
+    same_text = format_equal_budget(same)
     print(same_text)
-    (root / "equal_budget.txt").write_text(
-        provenance_header(provenance, command) + "\n\n" + same_text + "\n"
-    )
-    record = {"command": command, "provenance": provenance, "rows": same}
-    (root / "equal_budget.json").write_text(json.dumps(record, indent=2))
+    write("equal_budget", same_text, same)
 
     gait_rows = gaits(runs, root)
-    gait_text = format_gaits(gait_rows)
     print("\nfinal policies, 8 deterministic episodes per seed (means over seeds):")
+    gait_text = format_gaits(gait_rows)
     print(gait_text)
-    (root / "gait.txt").write_text(
-        provenance_header(provenance, command) + "\n\n" + gait_text + "\n"
-    )
-    record = {"command": command, "provenance": provenance, "rows": gait_rows}
-    (root / "gait.json").write_text(json.dumps(record, indent=2))
+    write("gait", gait_text, gait_rows)
 
     compare.save_figures(runs, "locomotion", args.figures)
     total = time.perf_counter() - tic
