@@ -23,7 +23,8 @@ The protocol of `studies/compare.py`: every contender searches `--configs` learn
 fresh seeds; the same env-step budget for every strategy on an env (`BUDGETS`), 16
 evaluation episodes at 11 points; an untrained row and first-crossing ratios against PPO's
 final IQM. Each finished cell is saved to results/dm_control/<env>/<strategy>/ at once
-(the study resumes cell by cell). Writes results/dm_control/table.{txt,json} and
+(the study resumes cell by cell). Writes results/dm_control/table.{txt,json},
+results/dm_control/skipped.txt (updates skipped for a non-finite gradient, per cell) and
 figures/dm_control_*.png.
 
 `--throughput` times the forward rollout (64 envs x 100 steps, zero actions, after a
@@ -32,6 +33,7 @@ process, and writes results/dm_control/throughput.txt.
 """
 
 import argparse
+import csv
 import sys
 import time
 from pathlib import Path
@@ -103,6 +105,30 @@ def throughput(num_envs: int = 64, length: int = 100) -> str:
     return "\n".join(lines)
 
 
+def skipped_updates(root: Path) -> str:
+    """Per cell whose strategy guards its gradient update (APG, SHAC, PPO): updates skipped
+    for a non-finite gradient, how many of those fell in a window where an episode
+    restarted, and the largest finite gradient norm, from each cell's metrics.csv (all
+    reported seeds)."""
+    lines = [
+        f"{'env':<17}{'strategy':<10}{'updates':>8}{'skipped':>9}{'at a restart':>14}"
+        f"{'windows with a restart':>24}{'max grad norm':>15}"
+    ]
+    for metrics in sorted(root.glob("*/*/metrics.csv")):
+        rows = list(csv.DictReader(metrics.open()))
+        if not rows or not {"skipped_updates", "episodes", "grad_norm"} <= rows[0].keys():
+            continue
+        skipped = [float(r["skipped_updates"]) > 0 for r in rows]
+        restart = [float(r["episodes"]) > 0 for r in rows]
+        norms = [float(r["grad_norm"]) for r in rows if r["grad_norm"] not in ("nan", "inf")]
+        both = sum(s and r for s, r in zip(skipped, restart, strict=True))
+        lines.append(
+            f"{metrics.parts[-3]:<17}{metrics.parts[-2]:<10}{len(rows):>8}"
+            f"{sum(skipped):>9}{both:>14}{sum(restart):>24}{max(norms):>15.3g}"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--envs", nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
@@ -131,6 +157,11 @@ def main() -> None:
     table = summary(runs, references=("PPO",))
     path = write_summary(root, table, provenance=provenance, command=command)
     print("\n" + path.read_text())
+    skipped = skipped_updates(root)
+    (root / "skipped.txt").write_text(
+        provenance_header(provenance, command) + "\n\n" + skipped + "\n"
+    )
+    print(skipped)
     compare.save_figures(runs, "dm_control", args.figures)
 
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
+from brax.envs.base import State
 
 import diffsim
 from diffsim import envs
@@ -264,3 +265,39 @@ def test_bounded_while_loop_is_the_while_loop_and_differentiable():
     assert float(run(3.0, 8)) == float(jax.lax.while_loop(cond, body, (1.0, 3.0))[0]) == 243.0
     np.testing.assert_allclose(jax.grad(run)(3.0, 8), 405.0, rtol=1e-6)
     assert float(run(3.0, 3)) == 27.0
+
+
+def test_reward_tolerance_has_playgrounds_values_and_a_finite_gradient():
+    """Playground's `reward.tolerance` has a NaN gradient inside an infinite bound (its
+    discarded gaussian branch sees an infinite distance): WalkerWalk's standing reward,
+    bounds (1.2, inf). diffsim's has the same values and a finite gradient, and a
+    `PlaygroundEnv` step computes rewards with it."""
+    import dataclasses
+
+    from mujoco_playground._src import reward
+
+    from diffsim.envs._playground import PlaygroundEnv, _tolerance
+
+    x = jnp.linspace(-2.0, 3.0, 41)
+    for bounds in ((1.2, jnp.inf), (-jnp.inf, 0.5), (-0.25, 0.25), (0.0, 0.0)):
+        for sigmoid, at_margin in (("gaussian", 0.1), ("linear", 0.5), ("long_tail", 0.1)):
+            args = dict(bounds=bounds, margin=0.6, sigmoid=sigmoid, value_at_margin=at_margin)
+            np.testing.assert_allclose(_tolerance(x, **args), reward.tolerance(x, **args))
+            grad = jax.vmap(jax.grad(lambda v, a=args: _tolerance(v, **a)))(x)
+            assert np.all(np.isfinite(grad)), (bounds, sigmoid)
+    standing = dict(bounds=(1.2, jnp.inf), margin=0.6)
+    assert np.isnan(jax.grad(lambda v: reward.tolerance(v, **standing))(1.5))
+    np.testing.assert_allclose(jax.grad(lambda v: _tolerance(v, **standing))(1.5), 0.0)
+
+    class Standing:  # an inner env whose reward is the standing tolerance of the action
+        def step(self, state, action):
+            return dataclasses.replace(state, reward=reward.tolerance(action[0], **standing))
+
+    env = PlaygroundEnv(Standing(), bounded_solver=False)
+    zero = jnp.zeros(())
+    state = State(pipeline_state=None, obs=jnp.zeros(1), reward=zero, done=zero)
+    reward_of = lambda a: env.step(state, a).reward
+    for a, expected in ((1.5, 1.0), (0.9, float(reward.tolerance(0.9, **standing)))):
+        np.testing.assert_allclose(reward_of(jnp.array([a])), expected, rtol=1e-6)
+        assert np.all(np.isfinite(jax.grad(reward_of)(jnp.array([a]))))
+    assert reward.tolerance is not _tolerance  # restored after tracing

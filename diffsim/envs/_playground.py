@@ -110,7 +110,7 @@ class PlaygroundEnv(Env):
         loop = contextlib.nullcontext()
         if self.bounded_solver:
             loop = _bounded_solver(int(self.mjx_model.opt.iterations))
-        with loop:
+        with loop, _finite_tolerance():
             inner, (rewards, dones) = jax.lax.scan(repeat, inner, length=self.action_repeat)
         summed: dict[str, Any] = {
             "reward": jnp.sum(rewards, axis=0),
@@ -180,6 +180,41 @@ def _bounded_while_loop(cond_fun, body_fun, init_val, *, max_iter: int):
         return (value, running & cond_fun(value)), None
 
     return jax.lax.scan(step, (init_val, cond_fun(init_val)), length=max_iter)[0][0]
+
+
+def _tolerance(x, bounds=(0.0, 0.0), margin=0.0, sigmoid="gaussian", value_at_margin=0.1):
+    """Playground's `reward.tolerance` (DM Control's smooth reward), with the same values
+    and a finite gradient everywhere. Playground's takes the distance to the bound as
+    `x - upper` and feeds it to the sigmoid even inside the bounds, where `jnp.where`
+    discards it: with an infinite bound that distance is infinite and the discarded
+    branch's derivative is `0 * inf = nan` (the gaussian), which `jnp.where` passes on.
+    WalkerWalk's standing reward, `bounds=(1.2, inf)`, has a NaN gradient whenever the
+    torso is above 1.2 m. Here the distance is 0 inside the bounds."""
+    from mujoco_playground._src import reward
+
+    lower, upper = bounds
+    x = jnp.asarray(x)
+    if margin == 0:  # Playground's own checks and its indicator; nothing to differentiate
+        return reward.tolerance(x, bounds, margin, sigmoid, value_at_margin)
+    in_bounds = (lower <= x) & (x <= upper)
+    distance = (jnp.maximum(lower - x, 0.0) + jnp.maximum(x - upper, 0.0)) / margin
+    value = reward._sigmoids(distance, value_at_margin, sigmoid)  # noqa: SLF001
+    return jnp.where(in_bounds, 1.0, value)
+
+
+@contextlib.contextmanager
+def _finite_tolerance():
+    """While tracing inside it, Playground's envs compute their rewards with `_tolerance`
+    (they call `reward.tolerance` through the module, so swapping its attribute reaches
+    them); restored on exit."""
+    from mujoco_playground._src import reward
+
+    original = reward.tolerance
+    reward.tolerance = _tolerance
+    try:
+        yield
+    finally:
+        reward.tolerance = original
 
 
 @contextlib.contextmanager
