@@ -285,6 +285,8 @@ def test_reward_tolerance_has_playgrounds_values_and_a_finite_gradient():
             np.testing.assert_allclose(_tolerance(x, **args), reward.tolerance(x, **args))
             grad = jax.vmap(jax.grad(lambda v, a=args: _tolerance(v, **a)))(x)
             assert np.all(np.isfinite(grad)), (bounds, sigmoid)
+    indicator = dict(bounds=(-0.25, 0.25))  # margin 0: PendulumSwingup's reward
+    np.testing.assert_array_equal(_tolerance(x, **indicator), reward.tolerance(x, **indicator))
     standing = dict(bounds=(1.2, jnp.inf), margin=0.6)
     assert np.isnan(jax.grad(lambda v: reward.tolerance(v, **standing))(1.5))
     np.testing.assert_allclose(jax.grad(lambda v: _tolerance(v, **standing))(1.5), 0.0)

@@ -193,10 +193,14 @@ def _tolerance(x, bounds=(0.0, 0.0), margin=0.0, sigmoid="gaussian", value_at_ma
     from mujoco_playground._src import reward
 
     lower, upper = bounds
+    if lower > upper or margin < 0:
+        raise ValueError(
+            f"tolerance: bounds {bounds} and margin {margin}: need lower <= upper, margin >= 0"
+        )
     x = jnp.asarray(x)
-    if margin == 0:  # Playground's own checks and its indicator; nothing to differentiate
-        return reward.tolerance(x, bounds, margin, sigmoid, value_at_margin)
     in_bounds = (lower <= x) & (x <= upper)
+    if margin == 0:  # an indicator: nothing to differentiate
+        return jnp.where(in_bounds, 1.0, 0.0)
     distance = (jnp.maximum(lower - x, 0.0) + jnp.maximum(x - upper, 0.0)) / margin
     value = reward._sigmoids(distance, value_at_margin, sigmoid)  # noqa: SLF001
     return jnp.where(in_bounds, 1.0, value)
