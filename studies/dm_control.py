@@ -49,9 +49,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import compare  # noqa: E402  (the protocol's options, search, policies and figures)
 
 # env: env steps per seed, the same for every strategy on it.
-# WalkerWalk's is smaller: each of its env steps is 10 physics steps with contacts (about
-# 2,800 forward env steps/s for 16 envs on one CPU core, value_and_grad 7x that), so 300k
-# would take its gradient cells several hours each on this machine.
+# WalkerWalk's is smaller: each of its env steps is 10 physics steps with contacts, so even
+# at 50k its gradient cells train for about 10 minutes and search for about 25 on one CPU
+# core (`train s` and `tune s` in results/dm_control/table.txt); 300k would take hours.
 BUDGETS = {"PendulumSwingup": 300_000, "CartpoleBalance": 300_000, "WalkerWalk": 50_000}
 HORIZON = 32  # the differentiated window of APG, SHAC and GuidedES
 
@@ -124,7 +124,7 @@ def skipped_updates(root: Path) -> str:
         both = sum(s and r for s, r in zip(skipped, restart, strict=True))
         lines.append(
             f"{metrics.parts[-3]:<17}{metrics.parts[-2]:<10}{len(rows):>8}"
-            f"{sum(skipped):>9}{both:>14}{sum(restart):>24}{max(norms):>15.3g}"
+            f"{sum(skipped):>9}{both:>14}{sum(restart):>24}{max(norms, default=float('nan')):>15.3g}"
         )
     return "\n".join(lines)
 

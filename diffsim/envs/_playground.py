@@ -207,37 +207,36 @@ def _tolerance(x, bounds=(0.0, 0.0), margin=0.0, sigmoid="gaussian", value_at_ma
 
 
 @contextlib.contextmanager
-def _finite_tolerance():
-    """While tracing inside it, Playground's envs compute their rewards with `_tolerance`
-    (they call `reward.tolerance` through the module, so swapping its attribute reaches
-    them); restored on exit."""
-    from mujoco_playground._src import reward
-
-    original = reward.tolerance
-    reward.tolerance = _tolerance
+def _swapped(owner, name: str, value):
+    """`owner.name` is `value` inside the block and restored on exit (tracing is
+    single-threaded: nothing else traces MJX or Playground meanwhile)."""
+    original = getattr(owner, name)
+    setattr(owner, name, value)
     try:
         yield
     finally:
-        reward.tolerance = original
+        setattr(owner, name, original)
 
 
-@contextlib.contextmanager
+def _finite_tolerance():
+    """While tracing inside it, Playground's envs compute their rewards with `_tolerance`
+    (they call `reward.tolerance` through the module, so swapping its attribute reaches
+    them)."""
+    from mujoco_playground._src import reward
+
+    return _swapped(reward, "tolerance", _tolerance)
+
+
 def _bounded_solver(iterations: int):
     """While tracing inside it, MJX's solver (`mujoco.mjx._src.solver.solve`, whose one loop
     is `jax.lax.while_loop` over at most `opt.iterations` iterations) loops with
-    `_bounded_while_loop` of `iterations` steps. It swaps the solver module's `jax` for a
-    copy whose `lax.while_loop` is bounded, and restores it on exit (tracing is
-    single-threaded: nothing else traces MJX meanwhile)."""
+    `_bounded_while_loop` of `iterations` steps: the solver module's `jax` is swapped for a
+    copy whose `lax.while_loop` is bounded."""
     from mujoco.mjx._src import solver
 
     lax = SimpleNamespace(**vars(jax.lax))
     lax.while_loop = functools.partial(_bounded_while_loop, max_iter=iterations)
-    original = solver.jax
-    solver.jax = SimpleNamespace(**(vars(jax) | {"lax": lax}))
-    try:
-        yield
-    finally:
-        solver.jax = original
+    return _swapped(solver, "jax", SimpleNamespace(**(vars(jax) | {"lax": lax})))
 
 
 def _fields(state, **physics: str) -> dict[str, Any]:
