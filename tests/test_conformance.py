@@ -136,6 +136,38 @@ def assert_same_run(a: diffsim.Run, b: diffsim.Run, **tolerance) -> None:
         np.testing.assert_allclose(x, y, **tolerance)
 
 
+def outcome(run: diffsim.Run) -> dict[str, typing.Any]:
+    """What `assert_same_arithmetic` compares, as arrays (a child process saves it)."""
+    metrics = {f"metric:{k}": np.asarray(v) for k, v in run.metrics.items()}
+    curve = {"env_steps": run.curve.env_steps, "eval_return": run.curve.eval_return}
+    return {**{k: np.asarray(v) for k, v in curve.items()}, **metrics}
+
+
+EXACT_ITERATIONS = 2  # iterations compared to float tolerance, before rounding drift grows
+
+
+def assert_same_arithmetic(a: dict, b: dict) -> None:
+    """`a` and `b` (`outcome`s of one run) are the same arithmetic up to the order of float
+    sums, which XLA may change under `vmap` or across devices, and which depends on the
+    CPU. Where that order cannot matter the check is exact: the env-step counts, the
+    untrained policy's evaluation and the first iterations' metrics agree to float
+    tolerance (a wrong batch, key or gradient changes them at once). Over hundreds of
+    updates the rounding grows chaotically (PPO on `reach`: up to 0.8% of a return, and
+    another CPU rounds otherwise), so the end of the run is checked statistically: both
+    end within 5% of the learning progress of each other."""
+    np.testing.assert_array_equal(a["env_steps"], b["env_steps"])
+    np.testing.assert_allclose(a["eval_return"][0], b["eval_return"][0], rtol=1e-5, atol=1e-6)
+    metrics = [k for k in b if k.startswith("metric:")]
+    assert sorted(metrics) == sorted(k for k in a if k.startswith("metric:"))
+    for k in metrics:
+        first = slice(0, EXACT_ITERATIONS)
+        np.testing.assert_allclose(a[k][first], b[k][first], rtol=1e-4, atol=1e-6, err_msg=k)
+    start, final_a, final_b = (
+        x.mean() for x in (b["eval_return"][0], a["eval_return"][-1], b["eval_return"][-1])
+    )
+    assert abs(final_a - final_b) <= 0.05 * abs(final_b - start), (start, final_a, final_b)
+
+
 # --- the 4-device child: trains every strategy as `runs` trains `one`, on 4 devices ------
 
 CHILD = textwrap.dedent(
@@ -144,7 +176,7 @@ CHILD = textwrap.dedent(
     import jax, numpy as np
     sys.path.insert(0, sys.argv[1])
     import diffsim
-    from test_conformance import NAMES, leaves, toy, train_one
+    from test_conformance import NAMES, outcome, toy, train_one
 
     assert jax.device_count() == 4, jax.devices()
     env = diffsim.make_env("reach")
@@ -153,7 +185,7 @@ CHILD = textwrap.dedent(
         try:
             t = toy(name)
             run = train_one(t, env, lambda k: t.policy(env, k))
-            np.savez(f"{name}.npz", eval_return=run.curve.eval_return, *leaves(run.policy))
+            np.savez(f"{name}.npz", **outcome(run))
             out[name] = {"mesh": run.config["mesh"]}
         except Exception:
             out[name] = {"error": traceback.format_exc()[-3000:]}
@@ -279,7 +311,7 @@ def test_second_identical_call_compiles_nothing(runs):
 
 def test_a_seed_of_train_seeds_is_train(runs):
     seed = jax.tree.map(lambda x: x[1] if eqx.is_array(x) else x, runs.seeds)
-    assert_same_run(seed, runs.one, rtol=1e-4, atol=1e-3)
+    assert_same_arithmetic(outcome(seed), outcome(runs.one))
     assert not np.allclose(runs.seeds.curve.eval_return[0], runs.seeds.curve.eval_return[1])
 
 
@@ -343,20 +375,13 @@ def test_save_load_round_trip(runs, tmp_path):
 
 
 def test_runs_on_four_devices_with_the_same_result(runs, child, name):
-    """`train` splits the strategy's batch over 4 devices and gives the 1-device result.
-
-    Up to float reassociation: a mean over 4 devices sums in another order, and training
-    grows that 1e-7 over hundreds of updates (PPO: 0.8% of a return midway, measured with
-    the suite's LLVM level 0). A wrong split (a quarter of the batch, one device's
-    gradient) changes the learning curve by far more."""
+    """`train` splits the strategy's batch over 4 devices and gives the 1-device result,
+    up to float reassociation (a mean over 4 devices sums in another order): exact at the
+    start, statistically at the end (`assert_same_arithmetic`). A wrong split (a quarter of
+    the batch, one device's gradient) changes the first update at once."""
     assert child.result()[name] == {"mesh": {"seeds": 1, "batch": 4}}
-    four = np.load(child.folder / f"{name}.npz")
-    np.testing.assert_allclose(
-        four["eval_return"], runs.one.curve.eval_return, rtol=2e-2, atol=1e-2
-    )
-    policy = leaves(runs.one.policy)
-    for i, leaf in enumerate(policy):
-        np.testing.assert_allclose(four[f"arr_{i}"], leaf, rtol=2e-2, atol=2e-3)
+    four = dict(np.load(child.folder / f"{name}.npz"))
+    assert_same_arithmetic(four, outcome(runs.one))
 
 
 COUNTERS = ("diverged", "nonfinite_members", "masked_envs", "skipped_updates")
