@@ -11,8 +11,6 @@ per-cell lock so that no two workers train the same cell.
 """
 
 import dataclasses
-import hashlib
-import inspect
 import json
 import os
 import pickle
@@ -27,9 +25,10 @@ import equinox as eqx
 import jax.random as jr
 from jaxtyping import PRNGKeyArray
 
-from . import _tuning, rollout as _rollout
+from . import _tuning
 from ._cellstore import CellLock as _CellLock, copy_dir as _copy_dir, replace_dir as _replace_dir
 from ._checkpoint import key_data as _key_data
+from ._fingerprint import PROTOCOL_VERSION, program_fingerprint
 from ._report import (
     format_summary as format_summary,
     provenance_header as provenance_header,
@@ -40,7 +39,6 @@ from ._report import (
 from ._tuning import log_grid as log_grid
 from .envs import (
     AutoResetEnv as Env,
-    _wrapper,
     make_env,
     names as _env_names,
     toy_names as _toy_names,
@@ -121,6 +119,7 @@ def run_study(
     tuning_seeds: int = 5,
     allow_unequal_search: bool = False,
     executor: "Submitter | None" = None,
+    restamp: bool = False,
 ) -> dict[tuple[str, str], Run]:
     """Train every cell with `train_seeds` over `num_seeds` seeds and `num_evals`
     evaluation points (or the cell's own `num_seeds`, `num_evals`); resume finished cells.
@@ -139,11 +138,20 @@ def run_study(
     configurations (an untuned cell counts as one); otherwise `ValueError`, unless
     `allow_unequal_search`.
 
-    **Reuse.** A cell whose folder (or the same cell's folder in one of the `reuse`
-    studies, e.g. `"results/compare"`) holds a finished run of the same settings (strategy,
-    its hyperparameters and a hash of its source code, policy factory, env, budget, seeds,
-    evaluations, search) is loaded instead of trained; one with other settings is trained
-    again and replaced, with a note. Each finished cell is written atomically.
+    **Reuse.** A cell is keyed by its computation: the fingerprint of its traced program
+    (`diffsim._fingerprint`: the strategy's update, the policy's structure, the env's
+    dynamics and reward, the evaluation and every constant; comments, renames and moved
+    files keep it), a protocol version for the host-side logic, and its settings (budget,
+    seeds, evaluations, search). A cell whose folder (or the same cell's folder in one of
+    the `reuse` studies, e.g. `"results/compare"`) holds a finished run of the same key is
+    loaded instead of trained; one with another key is trained again and replaced, with a
+    note naming what differs. Each finished cell is written atomically.
+
+    **Re-stamping.** After a change known to leave the numbers as they were but to change
+    the key (a new protocol version, a new fingerprint scheme), `restamp=True` trains
+    nothing: it writes each finished cell's new key into its `config.json`, keeping the old
+    one and the re-stamp's provenance under `study.restamped`. Never re-stamp a cell whose
+    maths changed: retrain it.
 
     **Executor.** With `executor` (anything with `submit(fn, arg)` returning a future with
     `result()`: a `concurrent.futures.ProcessPoolExecutor`, a Dask `Client`, a submitit
@@ -178,6 +186,9 @@ def run_study(
         dict(progress=progress, reuse=tuple(map(str, reuse)), tuning_seeds=tuning_seeds),
         allow_unequal_search,
     )
+    if restamp:
+        stamp = {"provenance": _provenance()}
+        jobs = [dataclasses.replace(job, restamp=stamp) for job in jobs]
     _check_writable(root)  # fail before any training
     # The grid's order, for load_study; a process training part of the grid adds its cells.
     listed = root / "cells.json"
@@ -197,7 +208,8 @@ def run_study(
             failed.append((cell.name, error))
             continue
         print(f"[{name}] {cell.name}: {status}")
-        runs[cell.env.name, cell.label] = load_run(root / cell.name)
+        if (root / cell.name / "config.json").exists():  # (re-stamping trains nothing)
+            runs[cell.env.name, cell.label] = load_run(root / cell.name)
     if failed:
         listing = "; ".join(f"{c}: {type(e).__name__}: {e}" for c, e in failed)
         raise RuntimeError(
@@ -260,6 +272,7 @@ class _Job:
     reuse: tuple[str, ...]
     progress: bool
     settings: dict[str, Any]
+    restamp: dict[str, Any] | None = None  # the provenance of a re-stamp, else None
 
     @property
     def path(self) -> Path:
@@ -347,15 +360,32 @@ def _run_job(job: _Job) -> str:
     else train it, holding the cell's lock; returns what happened."""
     path = job.path
     with _CellLock(path.with_name(f"{path.name}.lock")):
-        found = _finished(job, [Path(job.root), *map(Path, job.reuse)])
-        if found == path:
-            return f"finished earlier, loaded from {found}"
-        if found is not None:
-            _copy_dir(found, path)
-            return f"finished earlier, loaded from {found}"
         env = job.env.build() if isinstance(job.env, _EnvSpec) else job.env
+        job = _fingerprinted(job, env)
+        found = _finished(job, [Path(job.root), *map(Path, job.reuse)])
+        if found is not None and job.restamp is None:
+            if found != path:
+                _copy_dir(found, path)
+            return f"finished earlier, loaded from {found}"
+        if job.restamp is not None:
+            return _restamp(job, path)
         _replace_dir(path, lambda tmp: _train(job, env, tmp))
         return f"trained, saved to {path}"
+
+
+def _restamp(job: _Job, path: Path) -> str:
+    """Write `job`'s key into its finished cell's config.json (see `run_study`)."""
+    config_path = path / "config.json"
+    if not config_path.exists():
+        return "not trained: nothing to re-stamp"
+    config = json.loads(config_path.read_text())
+    old = config["study"]["settings"]
+    if old == job.settings:
+        return "already has this key"
+    config["study"].setdefault("restamped", []).append({"from": old, **(job.restamp or {})})
+    config["study"]["settings"] = job.settings
+    _atomic_write(config_path, json.dumps(config, indent=2).encode())
+    return f"re-stamped: {sorted(k for k in job.settings if old.get(k) != job.settings[k])}"
 
 
 def _train(job: _Job, env: Env, folder: Path) -> None:
@@ -387,13 +417,15 @@ def _train(job: _Job, env: Env, folder: Path) -> None:
 
 
 def _settings(cell: Cell, num_seeds, seed, num_evals, num_eval_episodes, search, tuning_seeds):
-    """What a saved cell must match to be reused (`run.config["study"]["settings"]`)."""
+    """What a saved cell must match to be reused (`run.config["study"]["settings"]`), but
+    for the fingerprint of its program (`"program"`), which `_run_job` traces in the
+    worker that trains the cell."""
     strategy = cell.strategy.for_env(cell.env).for_budget(cell.total_steps)
     settings = {
         "strategy": type(cell.strategy).__name__,
         "hyperparameters": _strategy_fields(strategy),
-        "code": code_version(cell.strategy),
-        "policy": getattr(cell.make_policy, "__qualname__", repr(cell.make_policy)),
+        "program": None,
+        "protocol": PROTOCOL_VERSION,
         "env": cell.env.name,
         "backend": cell.env.backend,
         "episode_length": cell.env.episode_length,
@@ -408,39 +440,22 @@ def _settings(cell: Cell, num_seeds, seed, num_evals, num_eval_episodes, search,
     return json.loads(json.dumps(settings))  # as it reads back from config.json
 
 
-def code_version(strategy: AbstractStrategy) -> str | None:
-    """A hash of the source of the modules that define `strategy`'s class and its strategy
-    base classes (`AbstractStrategy` itself excluded) and of the rollout core every strategy
-    steps envs through (`diffsim.rollout`, the `AutoResetEnv` wrapper), with the class's
-    `version` attribute if it has one: a study retrains a cell when that code changes.
-
-    **Returns:** `"sha256:<hex>"` (plus `"+version:<v>"`), or None where the source cannot
-    be read (such a cell is never reused).
-
-    **Example:**
-
-    ```python
-    code_version(diffsim.PPO())   # "sha256:3f1c..."
-    ```
-    """
-    kinds = [k for k in type(strategy).__mro__ if isinstance(k, type)]
-    kinds = [k for k in kinds if issubclass(k, AbstractStrategy) and k is not AbstractStrategy]
-    digest = hashlib.sha256()
-    modules = [inspect.getmodule(k) for k in kinds] + [_rollout, _wrapper]
-    try:
-        for module in dict.fromkeys(modules):
-            digest.update(inspect.getsource(module).encode())  # pyright: ignore[reportArgumentType]
-    except (OSError, TypeError):
-        return None
-    version = getattr(type(strategy), "version", None)
-    return f"sha256:{digest.hexdigest()}" + ("" if version is None else f"+version:{version}")
+def _fingerprinted(job: _Job, env: Env) -> _Job:
+    """`job` with the fingerprint of its computation in its settings (`_fingerprint`)."""
+    program = program_fingerprint(
+        job.strategy,
+        env,
+        lambda k: job.make_policy(env, k),
+        num_seeds=job.num_seeds,
+        total_steps=job.total_steps,
+        num_evals=job.num_evals,
+        num_eval_episodes=job.num_eval_episodes,
+    )
+    return dataclasses.replace(job, settings={**job.settings, "program": program})
 
 
 def _finished(job: _Job, roots: list[Path]) -> Path | None:
     """The first of `roots` whose folder of this cell holds a finished run of its settings."""
-    if job.settings["code"] is None:
-        print(f"[{job.study}] {job.path}: the strategy's source is unreadable; retraining")
-        return None
     different = None
     for root in roots:
         path = root / job.settings["env"] / job.label

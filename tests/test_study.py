@@ -1,17 +1,19 @@
 """Studies (issue 18, issue 21 items 3 and 9): tuning on tuning seeds with equal effort,
 reported on fresh seeds; the report's untrained row, P(> untrained), first-crossing ratios
-and "did not learn"; the strategy's code in the reuse check; an executor, a per-cell lock
+and "did not learn"; cells keyed by their computation (the fingerprint) and re-stamped; an executor, a per-cell lock
 and atomic cell folders."""
 
 import dataclasses
 import json
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 import threading
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import jax.numpy as jnp
 import jax.random as jr
@@ -22,6 +24,7 @@ from conftest import deterministic, gaussian
 import diffsim
 from diffsim import LearningCurve, Run, study
 from diffsim._cellstore import CellLock, replace_dir
+from diffsim._fingerprint import program_fingerprint
 from diffsim.stats import aggregate, iqm
 
 TINY = diffsim.PPO(num_envs=8, unroll_length=16, num_epochs=2, num_minibatches=4)
@@ -237,42 +240,142 @@ def test_the_table_carries_its_provenance(tmp_path):
 # --- reuse, code hash, failures ------------------------------------------------------------
 
 
-def test_editing_the_strategy_code_retrains_the_cell(tmp_path, monkeypatch, capsys):
-    cell = study.Cell(diffsim.make_env("reach"), "PPO", TINY, gaussian, STEPS)
+def test_a_changed_computation_retrains_the_cell_and_an_unchanged_one_loads(tmp_path, capsys):
+    """The key is the cell's computation: the same cell loads; a wider network from a
+    factory of the same name, or another reward, retrains, naming the program."""
+    env = diffsim.make_env("reach")
+    cell = study.Cell(env, "PPO", TINY, _policy, STEPS)
     first = study.run_study("c", [cell], out=tmp_path, num_seeds=2, **QUIET)
-    code = first["reach", "PPO"].config["study"]["settings"]["code"]
-    assert code == study.code_version(TINY) and code.startswith("sha256:")
+    settings = first["reach", "PPO"].config["study"]["settings"]
+    assert settings["program"].startswith("sha256:") and settings["protocol"] >= 2
     study.run_study("c", [cell], out=tmp_path, num_seeds=2, **QUIET)
     assert "finished earlier" in capsys.readouterr().out
-    monkeypatch.setattr(study, "code_version", lambda strategy: "sha256:edited")
-    study.run_study("c", [cell], out=tmp_path, num_seeds=2, **QUIET)
+    global _WIDTH  # the same factory, by name and by object, now builds a wider network
+    _WIDTH = 16
+    try:
+        study.run_study("c", [cell], out=tmp_path, num_seeds=2, **QUIET)
+    finally:
+        _WIDTH = 8
     out = capsys.readouterr().out
-    assert "differs in ['code']; retraining" in out and "trained, saved" in out
+    assert "differs in ['program']; retraining" in out and "trained, saved" in out
 
 
-def test_code_version_follows_the_source_and_the_version_attribute(tmp_path, monkeypatch):
-    source = textwrap.dedent(
-        """
-        import diffsim
+_WIDTH = 8
 
-        class Mine(diffsim.PPO):
-            {body}
-        """
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    versions = []
-    bodies = ["pass", "def step(self, env, state, *, key):\n        return 1", "version = 2"]
-    for i, body in enumerate(bodies):
-        (tmp_path / f"mine{i}.py").write_text(source.format(body=body))
-        module = __import__(f"mine{i}")
-        versions.append(study.code_version(module.Mine()))
-    assert len(set(versions)) == 3
-    assert versions[2].endswith("+version:2")
-    assert study.code_version(diffsim.PPO()) == study.code_version(TINY)  # fields do not count
-    # The rollout core counts too: another source for the env wrapper, another version.
-    before = study.code_version(diffsim.PPO())
-    monkeypatch.setattr(study, "_wrapper", diffsim.envs._toy)
-    assert study.code_version(diffsim.PPO()) != before
+
+def _policy(env, key):
+    return diffsim.GaussianPolicy(env.observation_size, env.action_size, hidden=(_WIDTH,), key=key)
+
+
+class _FarReach(diffsim.envs.Reach):
+    """Reach with another reward (the distance to the target, squared)."""
+
+    def reward(self, s, action, next_s):
+        return 2.0 * super().reward(s, action, next_s)
+
+
+def test_the_fingerprint_follows_the_maths():
+    """Another reward, a hyperparameter or a policy width change the fingerprint; the same
+    cell built twice keeps it."""
+    kw = dict(num_seeds=2, total_steps=STEPS, num_evals=3, num_eval_episodes=2)
+    env = diffsim.make_env("reach")
+    factory = lambda k: _policy(env, k)
+    key = program_fingerprint(TINY, env, factory, **kw)
+    assert key == program_fingerprint(TINY, diffsim.make_env("reach"), factory, **kw)
+    other = [
+        program_fingerprint(
+            TINY, diffsim.envs.AutoResetEnv(_FarReach(), 100, name="reach"), factory, **kw
+        ),
+        program_fingerprint(dataclasses.replace(TINY, gae_lambda=0.9), env, factory, **kw),
+        program_fingerprint(TINY, env, lambda k: diffsim.GaussianPolicy(6, 2, key=k), **kw),
+    ]
+    assert len({key, *other}) == 4
+
+
+FINGERPRINT = """
+import sys, jax.random as jr
+import diffsim
+from diffsim._fingerprint import program_fingerprint
+assert diffsim.__file__.startswith(sys.argv[1]), diffsim.__file__
+env = diffsim.make_env("reach")
+make = lambda k: diffsim.GaussianPolicy(env.observation_size, env.action_size, key=k)
+strategy = diffsim.PPO(num_envs=8, unroll_length=16, num_epochs=2, num_minibatches=4)
+print(program_fingerprint(strategy, env, make, num_seeds=2, total_steps=2048, num_evals=3,
+                          num_eval_episodes=2))
+"""
+
+EDITS = {
+    "as it is": [],
+    # comments and a renamed private function in the rollout core, and a moved module
+    "comments, a rename": [
+        ("rollout.py", "def _act(", "# a comment\n\n\ndef _policy_action(  # another\n"),
+        ("rollout.py", "_act(policy", "_policy_action(policy"),
+    ],
+    # a helper's maths: GAE with the discount applied twice over a done
+    "gae's maths": [
+        (
+            "strategies/helpers.py",
+            "discount * lam * (1.0 - done_t)",
+            "discount * lam * (1.0 - done_t) * 0.5",
+        ),
+    ],
+}
+
+
+def test_the_fingerprint_ignores_comments_and_renames_in_the_core(tmp_path):
+    """Copies of the package with edits to its source, each fingerprinting the same cell
+    in a process of its own: comments and a renamed function keep the key; a change to a
+    helper's maths that no strategy file shows (GAE, used by PPO) changes it."""
+    package = Path(diffsim.__file__).parent
+    processes = {}
+    for name, edits in EDITS.items():
+        root = tmp_path / name.replace(" ", "_").replace(",", "").replace("'", "")
+        shutil.copytree(package, root / "diffsim", ignore=shutil.ignore_patterns("__pycache__"))
+        for file, old, new in edits:
+            path = root / "diffsim" / file
+            text = path.read_text()
+            assert old in text, (file, old)
+            path.write_text(text.replace(old, new))
+        env = {**os.environ, "PYTHONPATH": str(root)}
+        processes[name] = subprocess.Popen(
+            [sys.executable, "-c", FINGERPRINT, str(root)],
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    keys = {}
+    for name, process in processes.items():
+        out, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-2000:]
+        keys[name] = out.strip().splitlines()[-1]
+    assert keys["as it is"].startswith("sha256:")
+    assert keys["comments, a rename"] == keys["as it is"]
+    assert keys["gae's maths"] != keys["as it is"]
+
+
+def test_restamping_writes_the_new_key_and_trains_nothing(tmp_path, monkeypatch, capsys):
+    cell = study.Cell(diffsim.make_env("reach"), "PPO", TINY, gaussian, STEPS)
+    study.run_study("r", [cell], out=tmp_path, num_seeds=2, **QUIET)
+    folder = tmp_path / "r" / "reach" / "PPO"
+    before = (folder / "policy.npz").read_bytes()
+    monkeypatch.setattr(study, "PROTOCOL_VERSION", 99)
+    capsys.readouterr()
+    study.run_study("r", [cell], out=tmp_path, num_seeds=2, restamp=True, **QUIET)
+    assert "re-stamped: ['protocol']" in capsys.readouterr().out
+    config = json.loads((folder / "config.json").read_text())["study"]
+    assert config["settings"]["protocol"] == 99
+    assert config["restamped"][0]["from"]["protocol"] != 99
+    assert "commit" in config["restamped"][0]["provenance"]
+    assert (folder / "policy.npz").read_bytes() == before
+    study.run_study("r", [cell], out=tmp_path, num_seeds=2, **QUIET)
+    assert "finished earlier" in capsys.readouterr().out
+    # a cell never trained is not invented by a re-stamp
+    other = study.Cell(diffsim.make_env("pendulum"), "PPO", TINY, gaussian, STEPS)
+    study.run_study("r2", [other], out=tmp_path, num_seeds=2, restamp=True, **QUIET)
+    assert "not trained: nothing to re-stamp" in capsys.readouterr().out
+    assert not (tmp_path / "r2" / "pendulum" / "PPO" / "config.json").exists()
 
 
 def _broken_policy(env, key):
