@@ -9,13 +9,13 @@ from typing import Any
 
 import numpy as np
 
+from . import _ratios
 from .results import Run
 from .stats import (
     aggregate,
     aggregate_ci,
     aggregate_name,
     probability_of_improvement,
-    threshold_crossing as _crossing,
 )
 
 DID_NOT_LEARN = "did not learn"
@@ -51,11 +51,10 @@ def summary(runs: dict[tuple[str, str], Run], references: Sequence[str] = ("PPO"
       reference on the env (None where the budgets differ by more than 5%), seconds, and
       `tuning` (None for an untuned cell).
     - `untrained`: one row per env: the statistic over every cell's seeds at env step 0.
-    - `crossings`: per env, reference and cell: the target (the reference's final score),
-      each side's first evaluation whose statistic reaches it (`steps`, `seconds`, medians
-      over seeds; `reference_steps`, `reference_seconds`) and the ratios reference /
-      cell. A reference whose final score is not above its untrained score has no target:
-      `reference_learned` is False and the ratios None (`"did not learn"` in the table).
+    - `crossings`: per env, reference and other cell: a common target below both finals
+      and both sides' crossings of it, with the steps and seconds ratios (reference /
+      cell) and their bootstrap CIs over seeds on both sides (`diffsim._ratios`); `target`
+      None where a side did not learn.
 
     **Example:**
 
@@ -129,8 +128,10 @@ def _cell_row(env: str, label: str, run: Run, runs: dict, references: Sequence[s
             same = _same_budget(run.config["total_steps"], other.config["total_steps"])
             p = probability_of_improvement(final, _scores(other, -1)) if same else None
             row[f"p_over_{ref}"] = p
-    for k in ("train", "eval", "compile"):
+    for k in ("train", "eval"):
         row[f"{k}_s"] = run.config.get(f"{k}_seconds", float("nan"))
+    row["compile_s"] = _ratios.compile_seconds(run)
+    row["load"] = run.config.get("study", {}).get("load")  # None: trained before it was kept
     tuning = run.config.get("study", {}).get("tuning")
     row["tuning"] = tuning and {
         "configs": len(tuning["configs"]),
@@ -155,45 +156,30 @@ def _same_budget(a: int, b: int) -> bool:
 
 
 def _crossings(env: str, ref: str, runs: dict) -> list[dict]:
-    """Both sides' first crossings of the reference's final score, for every cell on env."""
+    """Both sides' first crossings of a common target (`_ratios`) and the ratios with their
+    bootstrap intervals, for every other cell on env against the reference."""
     base = runs[env, ref]
-    target, untrained = (
-        float(aggregate(_scores(base, -1))),
-        float(aggregate(untrained_scores(base))),
-    )
-    learned = target > untrained
-    mine = _crossing(base, target) if learned else {"env_steps": None, "wall_time": None}
     rows = []
     for (e, label), run in runs.items():
-        if e != env:
+        if e != env or label == ref:
             continue
-        hit = _crossing(run, target) if learned else {"env_steps": None, "wall_time": None}
-        rows.append(
-            {
-                "env": env,
-                "reference": ref,
-                "target": target if learned else None,
-                "reference_final": target,
-                "reference_untrained": untrained,
-                "reference_learned": learned,
-                "strategy": label,
-                "steps": hit["env_steps"],
-                "seconds": hit["wall_time"],
-                "reference_steps": mine["env_steps"],
-                "reference_seconds": mine["wall_time"],
-                "steps_ratio": _ratio(mine["env_steps"], hit["env_steps"]),
-                "seconds_ratio": _ratio(mine["wall_time"], hit["wall_time"]),
-            }
-        )
+        pooled = np.concatenate([untrained_scores(base), untrained_scores(run)])
+        untrained = float(aggregate(pooled))
+        finals = float(aggregate(_scores(base, -1))), float(aggregate(_scores(run, -1)))
+        target = _ratios.common_target(untrained, *finals)
+        row = {
+            "env": env,
+            "reference": ref,
+            "strategy": label,
+            "untrained": untrained,
+            "reference_final": finals[0],
+            "final": finals[1],
+            "target": target,
+        }
+        if target is not None:
+            row.update(_ratios.crossing_ratios(_ratios.side(base), _ratios.side(run), target))
+        rows.append(row)
     return rows
-
-
-def _ratio(reference, contender) -> float | None:
-    """reference / contender; None where either never crossed or the contender started at
-    or above the target (its crossing is at env step 0)."""
-    if reference is None or not contender:
-        return None
-    return reference / contender
 
 
 def format_summary(
@@ -296,43 +282,65 @@ def _crossings_table(table: dict) -> str:
     if not table["crossings"]:
         return ""
     lines = [
-        "Env steps and training seconds to the reference's final score: each side's first"
-        " evaluation whose statistic reaches it (medians over seeds); ratio: the reference's"
-        " / the strategy's",
-        f"{'env':<19}{'reference':<10}{'target':>10}  {'strategy':<11}{'steps to it':>12}"
-        f"{'steps ratio':>15}{'s to it':>9}{'time ratio':>15}",
+        f"Env steps and training seconds to a common target ({_ratios.TARGET_FRACTION:.0%} of"
+        " the way from the untrained score to the lower of the two finals), reached and held"
+        f" for {_ratios.HOLD} evaluations; ratio: the reference's / the strategy's, with its"
+        " 95% bootstrap CI over seeds on both sides (never: the strategy never held it);"
+        " +compile: seconds with each side's compile; never%: resamples where a side never"
+        " held it; sooner: whether the steps ratio's CI excludes 1",
+        f"{'env':<19}{'reference':<10}{'strategy':<11}{'target':>9}{'ref steps':>11}"
+        f"{'steps':>10}{'steps ratio [CI]':>26}{'time ratio [CI]':>26}{'+compile':>10}"
+        f"{'never%':>8}  sooner",
     ]
     for r in table["crossings"]:
-        target = f"{r['target']:.1f}" if r["reference_learned"] else "-"
+        start = f"{r['env']:<19}{r['reference']:<10}{r['strategy']:<11}"
+        if r["target"] is None:
+            lines.append(f"{start}{'-':>9}  (no target: a side did not learn)")
+            continue
         lines.append(
-            f"{r['env']:<19}{r['reference']:<10}{target:>10}  {r['strategy']:<11}"
-            f"{_steps(r, r['steps'], ',d'):>12}{_times(r, r['steps_ratio']):>15}"
-            f"{_steps(r, r['seconds'], '.1f'):>9}{_times(r, r['seconds_ratio']):>15}"
+            f"{start}{r['target']:>9.1f}{_count(r['ref_steps']):>11}{_count(r['steps']):>10}"
+            f"{_ratio_ci(r['steps_ratio']):>26}{_ratio_ci(r['seconds_ratio']):>26}"
+            f"{_ratio(r['seconds_compiled_ratio'][0]):>10}{r['never']:>8.0%}  "
+            f"{sooner(r['steps_ratio'])}"
         )
     return "\n".join(lines)
 
 
-def _steps(row: dict, value, spec: str) -> str:
-    if not row["reference_learned"]:
+def _count(steps: float | None) -> str:
+    return "never" if steps is None else f"{steps:,.0f}"
+
+
+def _ratio(value: float) -> str:
+    if np.isnan(value):
         return "-"
-    return "never" if value is None else format(value, spec)
+    return "never" if value == 0 else "inf" if np.isinf(value) else f"{value:.2f}x"
 
 
-def _times(row: dict, ratio: float | None) -> str:
-    if not row["reference_learned"]:
-        return DID_NOT_LEARN
-    if ratio is None:
-        return "at start" if row["steps"] == 0 else "-"
-    return f"{ratio:.2f}x"
+def _ratio_ci(ratio: list[float]) -> str:
+    value, low, high = ratio
+    return f"{_ratio(value)} [{_ratio(low).rstrip('x')}, {_ratio(high).rstrip('x')}]"
+
+
+def sooner(ratio: list[float]) -> str:
+    """`"yes"` where a ratio's CI `[value, low, high]` lies above 1, `"no"` where it lies
+    below, else `"CI spans 1"`: what a table may call faster.
+
+    **Example:** `sooner([9.8, 4.9, 19.6]) == "yes"`.
+    """
+    _, low, high = ratio
+    return "yes" if low > 1 else "no" if high < 1 else "CI spans 1"
 
 
 def _cost_table(table: dict) -> str:
     lines = [
         "Tuning (configurations searched on tuning seeds; the best by its final statistic"
         " re-trained on the reported seeds; *: at the edge of the search) and seconds (tune:"
-        " the whole search)",
+        " the whole search; compile: the training program's, c: some loaded from JAX's"
+        " persistent cache); others: cores other processes kept busy while the cell trained"
+        " (!: its seconds are not clean; ?: not recorded)",
         f"{'env':<19}{'strategy':<11}{'configs':>8}{'t. seeds':>9}  {'chosen':<32}"
-        f"{'score':>10}{'worst':>10}{'tune s':>9}{'train s':>9}{'eval s':>8}{'compile s':>10}",
+        f"{'score':>10}{'worst':>10}{'tune s':>9}{'train s':>9}{'eval s':>8}{'compile s':>10}"
+        f"{'others':>8}",
     ]
     for r in table["cells"]:
         t = r["tuning"]
@@ -349,9 +357,21 @@ def _cost_table(table: dict) -> str:
             )
         lines.append(
             f"{r['env']:<19}{r['strategy']:<11}{tuned}"
-            f"{r['train_s']:>9.1f}{r['eval_s']:>8.1f}{r['compile_s']:>10.1f}"
+            f"{r['train_s']:>9.1f}{r['eval_s']:>8.1f}{_compiled(r):>10}{_others(r):>8}"
         )
     return "\n".join(lines)
+
+
+def _compiled(row: dict) -> str:
+    hits = (row.get("load") or {}).get("cache_hits")
+    return f"{row['compile_s']:.1f}" + ("c" if hits else "")
+
+
+def _others(row: dict) -> str:
+    load = row.get("load")
+    if not load or load.get("other_cores") is None:
+        return "?"
+    return f"{load['other_cores']:.2f}" + ("!" if load["busy"] else "")
 
 
 def write_summary(
@@ -374,3 +394,62 @@ def write_summary(
     record = {"command": command, "provenance": provenance, **table}
     (folder / f"{name}.json").write_text(json.dumps(record, indent=2))
     return folder / f"{name}.txt"
+
+
+def reproduction(table: dict, committed: dict) -> str:
+    """A reproduction report: each cell's final statistic and CI beside the committed
+    table's, and each ratio beside the committed one; they agree where the two 95% CIs
+    overlap. `table` and `committed` are `summary`s (the committed one as its
+    `table.json` reads back).
+
+    **Example:**
+
+    ```python
+    committed = json.loads(Path("results/compare/table.json").read_text())
+    print(reproduction(summary(runs), committed))
+    ```
+    """
+    old = {(c["env"], c["strategy"]): c for c in committed.get("cells", [])}
+    lines = [
+        "Reproduction: final statistic [95% CI] here and in the committed table; agree: the"
+        " CIs overlap",
+        f"{'env':<19}{'strategy':<11}{'here':>28}{'committed':>28}  agree",
+    ]
+    agreed = []
+    for c in table["cells"]:
+        o = old.get((c["env"], c["strategy"]))
+        here = f"{c['final']:.1f} [{c['low']:.1f}, {c['high']:.1f}]"
+        there = "-" if o is None else f"{o['final']:.1f} [{o['low']:.1f}, {o['high']:.1f}]"
+        ok = None if o is None else _overlap((c["low"], c["high"]), (o["low"], o["high"]))
+        agreed.append(ok)
+        lines.append(f"{c['env']:<19}{c['strategy']:<11}{here:>28}{there:>28}  {_yes(ok)}")
+    old_ratios = {(r["env"], r["reference"], r["strategy"]): r for r in committed["crossings"]}
+    lines += ["", f"{'env':<19}{'ratio':<16}{'here':>28}{'committed':>28}  agree"]
+    for r in table["crossings"]:
+        o = old_ratios.get((r["env"], r["reference"], r["strategy"]), {})
+        for what in ("steps_ratio", "seconds_ratio"):
+            mine, theirs = r.get(what), o.get(what)
+            ok = None
+            if isinstance(mine, list) and isinstance(theirs, list):
+                ok = _overlap(mine[1:], theirs[1:])
+            agreed.append(ok)
+            name = f"{r['strategy']}/{r['reference']} {what.split('_')[0]}"
+            lines.append(
+                f"{r['env']:<19}{name:<16}{_ci_or_dash(mine):>28}{_ci_or_dash(theirs):>28}"
+                f"  {_yes(ok)}"
+            )
+    checked = [a for a in agreed if a is not None]
+    lines.append(f"\n{sum(checked)} of {len(checked)} numbers agree with the committed table")
+    return "\n".join(lines)
+
+
+def _overlap(a, b) -> bool:
+    return bool(max(a[0], b[0]) <= min(a[1], b[1]))
+
+
+def _yes(ok: bool | None) -> str:
+    return "-" if ok is None else "yes" if ok else "NO"
+
+
+def _ci_or_dash(ratio) -> str:
+    return _ratio_ci(ratio) if isinstance(ratio, list) else "-"

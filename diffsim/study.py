@@ -26,12 +26,15 @@ import jax.random as jr
 from jaxtyping import PRNGKeyArray
 
 from . import _tuning
+from ._cellmeter import meter as _meter
 from ._cellstore import CellLock as _CellLock, copy_dir as _copy_dir, replace_dir as _replace_dir
 from ._checkpoint import key_data as _key_data
 from ._fingerprint import PROTOCOL_VERSION, program_fingerprint
 from ._report import (
     format_summary as format_summary,
     provenance_header as provenance_header,
+    reproduction as reproduction,
+    sooner as sooner,
     summary as summary,
     untrained_scores as untrained_scores,
     write_summary as write_summary,
@@ -399,16 +402,18 @@ def _train(job: _Job, env: Env, folder: Path) -> None:
         progress=job.progress,
     )
     study: dict[str, Any] = {"seed": job.seed, "num_evals_requested": job.num_evals}
-    if job.search:
-        tuning = _tuning.tuning_keys(job.seed, job.tuning_seeds, keys)
-        record = _tuning.tune(job.strategy, env, factory, job.search, keys=tuning, **train)
-        run = _tuning.retrain(job.strategy, env, factory, record["chosen"], keys=keys, **train)
-        record["report_keys"] = _key_data(keys).tolist()
-        (folder / "tuning.json").write_text(json.dumps(record, indent=1))
-        per_seed = ("final_returns", "curves", "env_steps", "tuning_keys", "report_keys")
-        study["tuning"] = {k: v for k, v in record.items() if k not in per_seed}
-    else:
-        run = train_seeds(job.strategy, env, factory, keys=keys, **train)
+    with _meter() as load:
+        if job.search:
+            tuning = _tuning.tuning_keys(job.seed, job.tuning_seeds, keys)
+            record = _tuning.tune(job.strategy, env, factory, job.search, keys=tuning, **train)
+            run = _tuning.retrain(job.strategy, env, factory, record["chosen"], keys=keys, **train)
+            record["report_keys"] = _key_data(keys).tolist()
+            (folder / "tuning.json").write_text(json.dumps(record, indent=1))
+            per_seed = ("final_returns", "curves", "env_steps", "tuning_keys", "report_keys")
+            study["tuning"] = {k: v for k, v in record.items() if k not in per_seed}
+        else:
+            run = train_seeds(job.strategy, env, factory, keys=keys, **train)
+    study["load"] = load
     study["settings"] = job.settings
     study["provenance"] = _provenance()
     study["trained_by"] = {"pid": os.getpid(), "host": socket.gethostname()}

@@ -2,6 +2,11 @@
 
     python studies/compare.py [--seeds 10] [--configs 5] [--tuning-seeds 2] [--out results]
                               [--figures figures] [--full] [--allow-dirty]
+                              [--report-only] [--reproduce results]
+
+`make study` trains every cell afresh into results/local (untracked) and ends with a
+reproduction report against the committed results/compare; `make study-table` rebuilds
+the committed table from the committed cells in seconds (`--report-only`).
 
 Equal tuning effort: every contender searches the same number of learning rates
 (`--configs`, log-spaced from 1/8 to 8 times its default; SHAC's actor rate) on
@@ -20,13 +25,22 @@ the `ball` env and Brax's `inverted_pendulum` (400k steps; tens of minutes on a 
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import diffsim
 from diffsim.plotting import final_scores, study_figure
 from diffsim.results import DirtyTreeError, require_clean
-from diffsim.study import Cell, log_grid, run_study, summary, write_summary
+from diffsim.study import (
+    Cell,
+    load_study,
+    log_grid,
+    reproduction,
+    run_study,
+    summary,
+    write_summary,
+)
 
 
 def gaussian(env, key):
@@ -83,6 +97,12 @@ def protocol_arguments(parser: argparse.ArgumentParser, *, seeds: int, configs: 
     parser.add_argument("--out", default="results")
     parser.add_argument("--figures", default="figures", help="where figures are written")
     parser.add_argument(
+        "--restamp",
+        action="store_true",
+        help="train nothing: write the current key into each finished cell (only after a"
+        " change known to leave its numbers as they were; see docs/guides/studies.md)",
+    )
+    parser.add_argument(
         "--allow-dirty",
         action="store_true",
         help="write the tables from a tree with uncommitted changes (recorded as dirty)",
@@ -117,24 +137,41 @@ def main():
     parser.add_argument(
         "--full", action="store_true", help="add the ball env and Brax's inverted_pendulum"
     )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: the tables and figures from the finished cells in --out",
+    )
+    parser.add_argument(
+        "--reproduce",
+        metavar="FOLDER",
+        help="end with a reproduction report against FOLDER/compare/table.json",
+    )
     args = parser.parse_args()
     provenance, command = start(parser, args)
 
     study = "compare_full" if args.full else "compare"
-    runs = run_study(
-        study,
-        cells(FULL_BUDGETS if args.full else BUDGETS, args.configs),
-        num_seeds=args.seeds,
-        tuning_seeds=args.tuning_seeds,
-        out=args.out,
-        num_evals=11,
-        num_eval_episodes=16,
-        reuse=[Path(args.out) / "compare"] if args.full else [],  # its reach, pendulum cells
-    )
+    if args.report_only:
+        runs = load_study(Path(args.out) / study)
+    else:
+        runs = run_study(
+            study,
+            cells(FULL_BUDGETS if args.full else BUDGETS, args.configs),
+            num_seeds=args.seeds,
+            tuning_seeds=args.tuning_seeds,
+            out=args.out,
+            num_evals=11,
+            num_eval_episodes=16,
+            reuse=[Path(args.out) / "compare"] if args.full else [],  # its reach, pendulum
+            restamp=args.restamp,
+        )
     table = summary(runs, references=("PPO",))
     path = write_summary(Path(args.out) / study, table, provenance=provenance, command=command)
     print("\n" + path.read_text())
     save_figures(runs, study, args.figures)
+    if args.reproduce:
+        committed = json.loads((Path(args.reproduce) / study / "table.json").read_text())
+        print("\n" + reproduction(table, committed))
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ def main():
         num_seeds=args.seeds,
         tuning_seeds=args.tuning_seeds,
         out=args.out,
+        restamp=args.restamp,
         num_evals=11,
         num_eval_episodes=16,
         reuse=[Path(args.out) / "compare"],

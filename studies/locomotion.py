@@ -269,6 +269,7 @@ def main():
             num_seeds=args.seeds,
             tuning_seeds=args.tuning_seeds,
             out=args.out,
+            restamp=args.restamp,
             num_evals=EVALS,
             num_eval_episodes=16,
         )

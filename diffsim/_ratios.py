@@ -1,0 +1,141 @@
+"""Speed-up ratios a reviewer accepts: both sides' first crossings of one common target,
+with a bootstrap confidence interval over seeds on both sides.
+
+**The target** is common to the two sides and below both finals: `TARGET_FRACTION` of the
+way from the untrained score (both sides' seeds pooled) to the lower of the two final
+scores. A side reaches it at the first evaluation from which its statistic across seeds
+(`diffsim.stats.aggregate`: the IQM, the mean below 5 seeds) stays at or above it for
+`HOLD` evaluations in a row. Where the lower final is not above the untrained score there
+is no target (one side did not learn).
+
+**The ratio** is the reference's env steps (or training seconds) to the target over the
+contender's: above 1 the contender got there sooner. Seeds are resampled with replacement
+on both sides at once; a resample where the contender never holds the target counts as a
+ratio of 0, one where the reference never does as infinity, so the interval says "never"
+where the data do, and `never` gives the share of resamples where either side never got
+there. Training seconds are also given with each side's compile seconds added.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+from .results import Run
+from .stats import MIN_IQM_SEEDS
+
+TARGET_FRACTION = 0.8
+HOLD = 2
+
+
+class Side(NamedTuple):
+    """One cell's curves: `scores` `(seeds, E)` (mean return over the episodes of each
+    evaluation), `steps` and `seconds` `(E,)` (medians over seeds), `compile` seconds."""
+
+    scores: np.ndarray
+    steps: np.ndarray
+    seconds: np.ndarray
+    compile: float
+
+
+def side(run: Run) -> Side:
+    """The `Side` of a run from `train_seeds` (a study cell)."""
+    scores = np.asarray(run.curve.eval_return, np.float64).mean(-1)
+    steps = np.median(np.asarray(run.curve.env_steps), 0)
+    seconds = np.median(np.asarray(run.curve.wall_time), 0)
+    return Side(scores, steps, seconds, compile_seconds(run))
+
+
+def compile_seconds(run: Run) -> float:
+    """The seconds to compile a cell's training program: its own, or, where its re-training
+    reused the compiled search (`run_study`'s tuning), the search's."""
+    tuning = run.config.get("study", {}).get("tuning") or {}
+    searched = (tuning.get("seconds") or {}).get("compile", 0.0)
+    return float(max(run.config.get("compile_seconds") or 0.0, searched))
+
+
+def common_target(untrained: float, final_a: float, final_b: float) -> float | None:
+    """`TARGET_FRACTION` of the way from `untrained` to the lower final, or None."""
+    lower = min(final_a, final_b)
+    if not lower > untrained:
+        return None
+    return untrained + TARGET_FRACTION * (lower - untrained)
+
+
+def _aggregate(scores: np.ndarray) -> np.ndarray:
+    """`stats.aggregate` over axis -2 of `(..., seeds, E)`, vectorised over the rest."""
+    n = scores.shape[-2]
+    if n < MIN_IQM_SEEDS:
+        return scores.mean(-2)
+    cut = int(0.25 * n)
+    return np.sort(scores, axis=-2)[..., cut : n - cut, :].mean(-2)
+
+
+def first_held(curves: np.ndarray, target: float) -> np.ndarray:
+    """Per curve `(..., E)`, the first evaluation from which it holds `target` for `HOLD`
+    evaluations in a row; -1 where it never does."""
+    above = curves >= target
+    held = np.ones(above.shape[:-1] + (above.shape[-1] - HOLD + 1,), bool)
+    for k in range(HOLD):
+        held &= above[..., k : above.shape[-1] - HOLD + 1 + k]
+    return np.where(held.any(-1), held.argmax(-1), -1)
+
+
+def _ratios(ref_at: np.ndarray, other_at: np.ndarray, ref_x, other_x) -> np.ndarray:
+    """reference / contender at their crossings (evaluation indices, -1: never): 0 where
+    only the contender never got there, inf where only the reference never did (or the
+    contender was there at the start), NaN where neither did."""
+    a = np.where(ref_at >= 0, ref_x[np.maximum(ref_at, 0)], np.inf)
+    b = np.where(other_at >= 0, other_x[np.maximum(other_at, 0)], np.inf)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = a / b
+    out = np.where((other_at >= 0) & (b == 0), np.inf, out)
+    return np.where((ref_at < 0) & (other_at < 0), np.nan, out)
+
+
+def crossing_ratios(
+    ref: Side, other: Side, target: float, *, resamples: int = 2000, seed: int = 0
+) -> dict:
+    """Both sides' crossings of `target` and the reference / contender ratios, each with
+    a 95% percentile-bootstrap interval over seeds on both sides.
+
+    **Returns:** `{"ref_steps", "steps", "ref_seconds", "seconds"}` (None: never) and, for
+    `"steps"`, `"seconds"` and `"seconds_compiled"` (compile seconds added to both sides),
+    `"<what>_ratio": [value, low, high]` (0: the contender never got there; inf: the
+    reference never did), with `"never"`: the share of resamples where either side never
+    held the target.
+
+    **Example:**
+
+    ```python
+    ratios = crossing_ratios(side(runs["reach", "PPO"]), side(runs["reach", "APG"]), -20.0)
+    ratios["steps_ratio"]   # [9.8, 4.9, 19.6]
+    ```
+    """
+    rng = np.random.default_rng(seed)
+    at = [first_held(_aggregate(s.scores), target) for s in (ref, other)]
+    resampled = [
+        first_held(
+            _aggregate(s.scores[rng.integers(0, len(s.scores), (resamples, len(s.scores)))]), target
+        )
+        for s in (ref, other)
+    ]
+    out: dict = {"target": target}
+    for name, s, i in (("ref", ref, at[0]), ("", other, at[1])):
+        prefix = f"{name}_" if name else ""
+        out[f"{prefix}steps"] = None if i < 0 else float(s.steps[i])
+        out[f"{prefix}seconds"] = None if i < 0 else float(s.seconds[i])
+    clocks = {
+        "steps": (ref.steps, other.steps),
+        "seconds": (ref.seconds, other.seconds),
+        "seconds_compiled": (ref.seconds + ref.compile, other.seconds + other.compile),
+    }
+    for name, (x_ref, x_other) in clocks.items():
+        value = float(_ratios(at[0], at[1], x_ref, x_other))
+        boot = _ratios(resampled[0], resampled[1], x_ref, x_other)
+        boot = boot[~np.isnan(boot)]
+        low, high = (
+            np.quantile(boot, [0.025, 0.975], method="inverted_cdf") if boot.size else (np.nan,) * 2
+        )
+        out[f"{name}_ratio"] = [value, float(low), float(high)]
+    out["never"] = float(np.mean((resampled[0] < 0) | (resampled[1] < 0)))
+    return out
