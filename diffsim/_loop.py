@@ -138,7 +138,8 @@ def _setup(strategy, env, policy, keys, options: Options) -> Setup:
     # its config's values in `hyper`; its arrays get the axes `(configs, seeds)` at the end.
     # `index`: each run's seed index, which picks its evaluation episodes.
     lead: tuple[int, ...] = (len(keys),) if options.seeds else ()
-    index = np.arange(len(keys)) if options.seeds else np.asarray(options.seed_index)
+    first = options.seed_index
+    index = np.arange(first, first + len(keys)) if options.seeds else np.asarray(first)
     hyper, grid = None, options.grid
     if grid is not None:
         lead, hyper = (len(grid.configs), len(keys)), grid.per_run(len(keys))

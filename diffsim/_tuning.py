@@ -23,6 +23,8 @@ from .train import train_sweep
 
 Search = Mapping[str, Sequence[float]]
 TUNING_STREAM = 0x74756E65  # folded into the study's seed: the tuning keys' own stream
+# The tuning runs' first seed index: their evaluation episodes are never a reported seed's.
+TUNING_EPISODES = 1_000_000
 
 
 def log_grid(low: float, high: float, num: int) -> list[float]:
@@ -108,7 +110,9 @@ def tune(
     **Returns:** the record saved as the cell's `tuning.json`: the search, configs,
     per-config scores and final returns per seed, each config's curve of the aggregate,
     the chosen config, the tuning keys and seconds."""
-    sweep = train_sweep(strategy, env, factory, sweep=search, keys=keys, **train)
+    sweep = train_sweep(
+        strategy, env, factory, sweep=search, keys=keys, seed_index=TUNING_EPISODES, **train
+    )
     finals = np.asarray(sweep.curve.eval_return)[:, :, -1].mean(-1)  # (configs, seeds)
     scores = np.array([float(aggregate(f)) for f in finals])
     best = int(np.argmax(np.where(np.isnan(scores), -np.inf, scores)))

@@ -198,6 +198,7 @@ def train_sweep(
     num_eval_episodes: int = 16,
     progress: bool = True,
     devices: Sequence[jax.Device] | None = None,  # pyright: ignore[reportInvalidTypeForm]
+    seed_index: int = 0,
 ) -> Run:
     """`train_seeds` over every combination of float hyperparameters: one compiled program.
 
@@ -218,7 +219,9 @@ def train_sweep(
     Python (ES's `weight_decay`) fails when traced, also with a `ValueError`, before XLA
     compiles. The values replace the fields after `train`'s `for_env` and `for_budget` (so
     PPO's learning-rate decay starts from each config's rate). Checkpoints are not
-    supported for sweeps.
+    supported for sweeps. `seed_index`: seed `s` evaluates on the episodes of seed index
+    `seed_index + s` (a study's tuning uses indices past the reported seeds', so that
+    tuning and reported evaluations never share an episode).
 
     **Returns:** a `Run` whose `policy`, `curve` and `metrics` leaves have leading axes
     `(C, S)`: `C = prod(len(v) for v in sweep.values())` configs and `S = len(keys)` seeds,
@@ -243,7 +246,14 @@ def train_sweep(
     grid = sweep_grid(strategy, sweep)
     _check_keys(keys)
     options = Options(
-        total_steps, num_evals, num_eval_episodes, progress, seeds=True, devices=devices, grid=grid
+        total_steps,
+        num_evals,
+        num_eval_episodes,
+        progress,
+        seeds=True,
+        devices=devices,
+        grid=grid,
+        seed_index=seed_index,
     )
     template = dataclasses.replace(strategy, **grid.listing()[0])  # its fields get replaced
     return run(template, env, policy, keys, options)

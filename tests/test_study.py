@@ -22,7 +22,7 @@ import pytest
 from conftest import deterministic, gaussian
 
 import diffsim
-from diffsim import LearningCurve, Run, _ratios, study
+from diffsim import LearningCurve, Run, _ratios, _tuning, study
 from diffsim._cellstore import CellLock, replace_dir
 from diffsim._fingerprint import program_fingerprint
 from diffsim.stats import aggregate, iqm
@@ -52,11 +52,18 @@ def test_tuning_selects_on_tuning_seeds_and_reports_on_fresh_ones(tmp_path):
     assert len(_keys(record["tuning_keys"])) == 2
     assert not _keys(record["tuning_keys"]) & _keys(record["report_keys"])
 
-    # The search really ran on the tuning keys: the same sweep, trained here, agrees.
+    # The search really ran on the tuning keys, and evaluated on episodes of its own: the
+    # same sweep, trained here with the tuning's seed indices, agrees.
     factory = lambda k: gaussian(env, k)
     tuning = jr.wrap_key_data(np.asarray(record["tuning_keys"], dtype=np.uint32))
     train = dict(total_steps=STEPS, **QUIET)
-    sweep = diffsim.train_sweep(TINY, env, factory, sweep=search, keys=tuning, **train)
+    first = _tuning.TUNING_EPISODES
+    sweep = diffsim.train_sweep(
+        TINY, env, factory, sweep=search, keys=tuning, seed_index=first, **train
+    )
+    shared = diffsim.train_sweep(TINY, env, factory, sweep=search, keys=tuning, **train)
+    untrained = lambda r: np.asarray(r.curve.eval_return)[:, :, 0]  # same policies, episodes?
+    assert not np.allclose(untrained(sweep), untrained(shared))  # the reported seeds' are not
     finals = np.asarray(sweep.curve.eval_return)[:, :, -1].mean(-1)
     np.testing.assert_allclose(record["final_returns"], finals, rtol=1e-6)
     np.testing.assert_allclose(record["scores"], finals.mean(1), rtol=1e-6)  # mean: 2 seeds
@@ -379,7 +386,7 @@ def test_restamping_writes_the_new_key_and_trains_nothing(tmp_path, monkeypatch,
     cell = study.Cell(diffsim.make_env("reach"), "PPO", TINY, gaussian, STEPS)
     study.run_study("r", [cell], out=tmp_path, num_seeds=2, **QUIET)
     folder = tmp_path / "r" / "reach" / "PPO"
-    before = (folder / "policy.npz").read_bytes()
+    before = (folder / "policy.eqx").read_bytes()
     monkeypatch.setattr(study, "PROTOCOL_VERSION", 99)
     capsys.readouterr()
     study.run_study("r", [cell], out=tmp_path, num_seeds=2, restamp=True, **QUIET)
@@ -388,7 +395,7 @@ def test_restamping_writes_the_new_key_and_trains_nothing(tmp_path, monkeypatch,
     assert config["settings"]["protocol"] == 99
     assert config["restamped"][0]["from"]["protocol"] != 99
     assert "commit" in config["restamped"][0]["provenance"]
-    assert (folder / "policy.npz").read_bytes() == before
+    assert (folder / "policy.eqx").read_bytes() == before
     study.run_study("r", [cell], out=tmp_path, num_seeds=2, **QUIET)
     assert "finished earlier" in capsys.readouterr().out
     # a cell never trained is not invented by a re-stamp
