@@ -5,10 +5,14 @@ The critic `V` fits TD(lambda) targets computed on a window with the target crit
 (`critic_batch`) for `epochs x minibatches` Adam steps on `0.5 (V - G)^2` (`fit_critic`),
 then `V' <- target_alpha V' + (1 - target_alpha) V` (`polyak`).
 `AbstractSHACCritic._update_critic` is the whole update, with the observation statistics.
+`critic_batch` and `fit_critic` also serve the ensembles of `AHAC` and `SAPO`
+(`_ensemble_critic.py`): a critic whose output has a trailing axis of `K` critics fits
+every one of them to the same targets.
 """
 
 import abc
 from collections.abc import Callable
+from typing import TypeVar
 
 import equinox as eqx
 import jax
@@ -24,6 +28,8 @@ from ..policies import ACTIVATIONS, ValueFunction, trainable
 from . import helpers
 from ._windows import Window, WindowSpec, shac_window_losses, update_normalizers_from
 from .helpers import all_finite, gae, guarded_update, select
+
+CriticT = TypeVar("CriticT", bound=eqx.Module)
 
 
 class Critic(eqx.Module):
@@ -45,7 +51,7 @@ class CriticBatch(eqx.Module):
 
 
 def critic_batch(
-    target: ValueFunction,
+    target: Callable[[Float[Array, " obs"]], Float[Array, ""]],
     traj: Trajectory,
     kept: Bool[Array, " B"],
     *,
@@ -54,7 +60,9 @@ def critic_batch(
     reward_scale: Scalar = 1.0,
 ) -> CriticBatch:
     """TD(lambda) targets of the target critic on the window (`gae`), flattened; the rows of
-    dropped envs carry weight 0 and zeros instead of their (maybe non-finite) data."""
+    dropped envs carry weight 0 and zeros instead of their (maybe non-finite) data.
+    `target` is any function of one observation to a scalar (a `ValueFunction`, or the
+    minimum over an ensemble's critics)."""
     values = jax.vmap(jax.vmap(target))(traj.obs)
     next_values = jax.vmap(jax.vmap(target))(traj.next_obs)
     targets = gae(
@@ -76,7 +84,7 @@ def critic_batch(
 
 
 def fit_critic(
-    value: ValueFunction,
+    value: CriticT,
     opt_state: optax.OptState,
     batch: CriticBatch,
     ok: Bool[Array, ""],
@@ -85,12 +93,16 @@ def fit_critic(
     optimizer: optax.GradientTransformation,
     epochs: int,
     minibatches: int,
-) -> tuple[ValueFunction, optax.OptState, Float[Array, ""]]:
-    """`epochs x minibatches` Adam steps on the weighted `0.5 (V - G)^2` (shuffled each
-    epoch); none applied unless `ok` and the step's loss and gradient are finite."""
+) -> tuple[CriticT, optax.OptState, Float[Array, ""]]:
+    """`epochs x minibatches` optimiser steps on the weighted `0.5 (V - G)^2` (shuffled each
+    epoch); none applied unless `ok` and the step's loss and gradient are finite. A `value`
+    whose output has a trailing axis (an ensemble's `K` critics) fits every critic to the
+    same targets, its loss the mean over critics."""
 
     def loss_fn(v, mb: CriticBatch):
-        error = (jax.vmap(v)(mb.obs) - mb.target) ** 2
+        predicted = jax.vmap(v)(mb.obs)  # [N] or [N, K]
+        target = mb.target.reshape(-1, *([1] * (predicted.ndim - 1)))
+        error = ((predicted - target) ** 2).reshape(predicted.shape[0], -1).mean(axis=1)
         return 0.5 * jnp.sum(mb.weight * error) / jnp.maximum(jnp.sum(mb.weight), 1.0)
 
     def minibatch(carry, mb: CriticBatch):
