@@ -138,16 +138,23 @@ def _cell_row(env: str, label: str, run: Run, runs: dict, references: Sequence[s
         "tuning_seeds": tuning["tuning_seeds"],
         "stat": tuning["stat"],
         "chosen": tuning["chosen"],
-        "at_edge": [  # the best value is the search's smallest or largest: search wider
-            k
-            for k, v in tuning["chosen"].items()
-            if len(tuning["search"][k]) > 1
-            and v in (min(tuning["search"][k]), max(tuning["search"][k]))
-        ],
+        "at_edge": _at_edge(tuning),
+        "widened": len(tuning.get("widened", [])),
         "scores": tuning["scores"],
         "seconds": sum(tuning["seconds"].values()),
     }
     return row
+
+
+def _at_edge(tuning: dict) -> list[str]:
+    """The fields whose chosen value is the smallest or largest of all tried (widenings
+    included): the search did not bracket the best."""
+    edge = []
+    for k, v in tuning["chosen"].items():
+        tried = [c[k] for c in tuning["configs"]]
+        if len(set(tried)) > 1 and v in (min(tried), max(tried)):
+            edge.append(k)
+    return edge
 
 
 def _same_budget(a: int, b: int) -> bool:
@@ -334,7 +341,8 @@ def sooner(ratio: list[float]) -> str:
 def _cost_table(table: dict) -> str:
     lines = [
         "Tuning (configurations searched on tuning seeds; the best by its final statistic"
-        " re-trained on the reported seeds; *: at the edge of the search) and seconds (tune:"
+        " re-trained on the reported seeds; w: one more round past the edge of the search,"
+        " each; *: at the edge of all values tried) and seconds (tune:"
         " the whole search; compile: the training program's, c: some loaded from JAX's"
         " persistent cache); others: cores other processes kept busy while the cell trained"
         " (!: its seconds are not clean; ?: not recorded)",
@@ -351,8 +359,9 @@ def _cost_table(table: dict) -> str:
             chosen = ", ".join(
                 f"{k}={v:.3g}" + ("*" if k in t["at_edge"] else "") for k, v in t["chosen"].items()
             )
+            configs = f"{t['configs']}" + ("w" * t.get("widened", 0))
             tuned = (
-                f"{t['configs']:>8}{t['tuning_seeds']:>9}  {chosen:<32}"
+                f"{configs:>8}{t['tuning_seeds']:>9}  {chosen:<32}"
                 f"{np.nanmax(scores):>10.1f}{np.nanmin(scores):>10.1f}{t['seconds']:>9.1f}"
             )
         lines.append(

@@ -107,28 +107,91 @@ def tune(
     """Train every configuration of `search` on the tuning `keys` (one `train_sweep`) and
     pick the one with the best final `aggregate` over seeds (NaN counts as the worst).
 
-    **Returns:** the record saved as the cell's `tuning.json`: the search, configs,
-    per-config scores and final returns per seed, each config's curve of the aggregate,
-    the chosen config, the tuning keys and seconds."""
-    sweep = train_sweep(
-        strategy, env, factory, sweep=search, keys=keys, seed_index=TUNING_EPISODES, **train
-    )
-    finals = np.asarray(sweep.curve.eval_return)[:, :, -1].mean(-1)  # (configs, seeds)
-    scores = np.array([float(aggregate(f)) for f in finals])
-    best = int(np.argmax(np.where(np.isnan(scores), -np.inf, scores)))
-    returns = np.asarray(sweep.curve.eval_return).mean(-1)  # (configs, seeds, evals)
+    **Widening.** Where a one-field search picks its smallest or largest value, the search
+    goes on past that edge: as many new values, at the same log spacing (`widened`), up to
+    `MAX_WIDENINGS` more rounds or until the strategy refuses the values. Each round is the
+    same compiled program (the values are traced). The record lists every configuration
+    tried, so the table shows the effort spent.
+
+    **Returns:** the record saved as the cell's `tuning.json`: the search and its
+    widenings, configs, per-config scores and final returns per seed, each config's curve
+    of the aggregate, the chosen config, the tuning keys and seconds."""
+    rounds = [_round(strategy, env, factory, search, keys, train)]
+    searches: list[Search] = [dict(search)]
+    while len(rounds) <= MAX_WIDENINGS:
+        tried = [c for r in rounds for c in r["configs"]]
+        scores = np.concatenate([r["scores"] for r in rounds])
+        wider = widened(strategy, tried, tried[int(np.nanargmax(_worst_nan(scores)))])
+        if wider is None:
+            break
+        searches.append(wider)
+        rounds.append(_round(strategy, env, factory, wider, keys, train))
+    tried = [c for r in rounds for c in r["configs"]]
+    scores = np.concatenate([r["scores"] for r in rounds])
+    finals = np.concatenate([r["finals"] for r in rounds])
+    best = int(np.argmax(_worst_nan(scores)))
     return {
         "search": {k: list(v) for k, v in search.items()},
-        "configs": sweep.config["sweep"],
+        "widened": [{k: list(v) for k, v in w.items()} for w in searches[1:]],
+        "configs": tried,
         "tuning_seeds": len(keys),
         "stat": aggregate_name(len(keys)),
         "scores": [_number(s) for s in scores],
         "chosen_index": best,
-        "chosen": sweep.config["sweep"][best],
+        "chosen": tried[best],
         "final_returns": [[_number(x) for x in row] for row in finals],
+        "env_steps": rounds[0]["env_steps"],
+        "curves": [c for r in rounds for c in r["curves"]],
+        "tuning_keys": key_data(keys).tolist(),
+        "seconds": {k: sum(r["seconds"][k] for r in rounds) for k in rounds[0]["seconds"]},
+    }
+
+
+MAX_WIDENINGS = 2  # more search rounds past an edge, at most
+
+
+def widened(strategy, tried: list[dict], best: dict) -> dict[str, list[float]] | None:
+    """The next round of a one-field search whose `best` value is the smallest or largest
+    `tried`: as many values again past that edge at the search's log spacing, those the
+    strategy accepts; None where the best is interior, the search has several fields or
+    fewer than 2 values, or no value past the edge is valid."""
+    names = {name for config in tried for name in config}
+    if len(names) != 1:
+        return None
+    (name,) = names
+    values = sorted({c[name] for c in tried})
+    if len(values) < 2 or min(values) <= 0 or best[name] not in (values[0], values[-1]):
+        return None
+    step = (values[-1] / values[0]) ** (1 / (len(values) - 1))
+    sign = 1 if best[name] == values[-1] else -1
+    new = [float(f"{best[name] * step ** (sign * k):.3g}") for k in range(1, len(values) + 1)]
+    valid = []
+    for value in new:
+        try:
+            dataclasses.replace(strategy, **{name: value})
+        except ValueError:
+            break  # past the field's bound: stop there
+        valid.append(value)
+    return {name: valid} if valid else None
+
+
+def _worst_nan(scores: np.ndarray) -> np.ndarray:
+    return np.where(np.isnan(scores), -np.inf, scores)
+
+
+def _round(strategy, env, factory, search: Search, keys, train: dict) -> dict[str, Any]:
+    """One search round: its configs, scores and per-seed finals, curves and seconds."""
+    sweep = train_sweep(
+        strategy, env, factory, sweep=search, keys=keys, seed_index=TUNING_EPISODES, **train
+    )
+    finals = np.asarray(sweep.curve.eval_return)[:, :, -1].mean(-1)  # (configs, seeds)
+    returns = np.asarray(sweep.curve.eval_return).mean(-1)  # (configs, seeds, evals)
+    return {
+        "configs": sweep.config["sweep"],
+        "scores": np.array([float(aggregate(f)) for f in finals]),
+        "finals": finals,
         "env_steps": np.median(np.asarray(sweep.curve.env_steps), axis=(0, 1)).tolist(),
         "curves": [[_number(aggregate(r[:, e])) for e in range(r.shape[1])] for r in returns],
-        "tuning_keys": key_data(keys).tolist(),
         "seconds": {
             k: sweep.config[f"{k}_seconds"] for k in ("compile", "train", "eval", "checkpoint")
         },

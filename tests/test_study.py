@@ -201,7 +201,7 @@ def test_the_ratio_interval_resamples_seeds_on_both_sides():
     other = _ratios.crossing_ratios(fixed, varied, 0.5)
     value, low, high = other["steps_ratio"]
     assert value == 0.5 and low < 0.5 < high  # and the contender's
-    assert 0 < other["never"] < 0.5 and other["never"] == one["never"]
+    assert 0 < other["never"] < 0.5 and 0 < one["never"] < 0.5
     assert study.sooner([3.0, 1.5, 4.0]) == "yes" and study.sooner([3.0, 0.9, 4.0]) != "yes"
 
 
@@ -597,6 +597,18 @@ def test_the_tuning_table_shows_the_choice_and_flags_one_at_the_edge_of_the_sear
     assert rows["easy", "SLOW"][2:4] == ["1", "-"] and "(not tuned)" in " ".join(
         rows["easy", "SLOW"]
     )
+
+
+def test_a_search_is_widened_past_the_edge_it_picks():
+    tried = [{"learning_rate": v} for v in (1e-4, 1e-3, 1e-2)]
+    widen = lambda best: _tuning.widened(TINY, tried, {"learning_rate": best})
+    assert widen(1e-2) == {"learning_rate": [0.1, 1.0, 10.0]}
+    assert widen(1e-4) == {"learning_rate": [1e-5, 1e-6, 1e-7]}
+    assert widen(1e-3) is None  # interior: bracketed
+    lam = [{"gae_lambda": v} for v in (0.6, 0.8)]  # past 1 the strategy refuses: stop there
+    assert _tuning.widened(TINY, lam, {"gae_lambda": 0.8}) is None
+    two = [{"learning_rate": 1e-3, "gae_lambda": 0.9}, {"learning_rate": 1e-2, "gae_lambda": 0.9}]
+    assert _tuning.widened(TINY, two, two[1]) is None  # one-field searches only
 
 
 def test_final_scores_compare_only_at_the_same_budget():
