@@ -1,0 +1,158 @@
+"""First-order methods through contact: PPO, SHAC, AHAC and SAPO at equal env-step budgets.
+
+    python studies/contact.py [--envs halfcheetah ant WalkerWalk]
+                              [--strategies PPO SHAC AHAC SAPO] [--strategies APG ES GuidedES]
+                              [--seeds 5] [--configs 3] [--tuning-seeds 2]
+                              [--out results] [--figures figures] [--allow-dirty]
+    python studies/contact.py --report-only   # tables and figures of the finished cells
+
+Brax `halfcheetah` and `ant` (spring backend, Brax's rewards, 1000-step episodes) and MuJoCo
+Playground's `WalkerWalk` (MJX, contacts). Every contender on an env gets the same budget
+(`BUDGET`, 300k env steps: first-order methods claim sample efficiency, so a small equal
+budget is their natural test), the same tuning effort (`--configs` learning rates from 1/8
+to 8 times its own on `--tuning-seeds` seeds, widened past an edge), `--seeds` fresh seeds,
+16 evaluation episodes at `EVALS` points and an untrained row. The first-order contenders
+run with their defaults through contact: SHAC as published (64 envs x 32 steps), AHAC
+(per-env windows cut where contact gets stiff, a learned horizon) and SAPO (maximum
+entropy), each with the gradient valve of the shared window; APG, ES and GuidedES join with
+`--strategies` where the machine affords them.
+
+Writes results/contact/table.{txt,json} (final IQM with 95% CI, P(>PPO), P(>untrained),
+ratios at a common target with CIs, the tuning), gradients.txt (per cell: updates, the share
+skipped for a non-finite gradient, the largest and median pre-clip gradient norm and the
+largest per-step cotangent norm), gait.txt (how the final policies move) and
+figures/contact_*.png. A gradient cell trains 11 runs of 300k steps: tens of minutes per
+cell on a CPU core (hours on WalkerWalk); run one process per core and commit each cell as
+it lands.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import diffsim
+from diffsim.study import Cell, load_study, provenance_header, run_study, summary, write_summary
+
+sys.path.insert(0, str(Path(__file__).parent))
+import compare  # noqa: E402  (the protocol's options, search, policies and figures)
+import locomotion  # noqa: E402  (PPO's settings per body, gaits)
+
+ENVS = ("halfcheetah", "ant", "WalkerWalk")
+BUDGET = 300_000  # env steps per seed, the same for every contender on every env
+EVALS = 16  # every 20k env steps
+DEFAULT = ("PPO", "SHAC", "AHAC", "SAPO")
+PPO_WALKER = diffsim.PPO(num_envs=64, unroll_length=32, discount=0.99)  # studies/dm_control.py
+
+
+def stochastic(env, key):
+    """SAPO's and AHAC's actor: a squashed Gaussian with a learned, state-dependent std."""
+    return diffsim.GaussianPolicy(
+        env.observation_size, env.action_size, state_dependent_std=True, key=key
+    )
+
+
+def contenders(name: str):
+    """(label, strategy, policy) in plot order. On the Brax bodies every differentiated
+    window rematerialises each physics substep in the backward pass (`remat`)."""
+    brax = name != "WalkerWalk"
+    remat = {"remat": True} if brax else {}
+    ppo = locomotion.PPO[name] if brax else PPO_WALKER
+    window = dict(num_envs=16, horizon=32, **remat)
+    return [
+        ("PPO", ppo, compare.gaussian),
+        ("SHAC", diffsim.SHAC(num_envs=64, horizon=32, stochastic=True, **remat), stochastic),
+        ("AHAC", diffsim.AHAC(**remat), stochastic),
+        ("SAPO", diffsim.SAPO(**remat), stochastic),
+        ("APG", diffsim.APG(**window, learning_rate=1e-3), compare.deterministic),
+        ("ES", diffsim.ES(population_size=32, rollout_length=100), compare.deterministic),
+        (
+            "GuidedES",
+            diffsim.GuidedES(gradient=diffsim.APGWindow(**window), rollout_length=100),
+            compare.deterministic,
+        ),
+    ]
+
+
+def cells(names, labels, configs: int) -> list[Cell]:
+    grid = []
+    for name in names:
+        env = diffsim.make_env(name)
+        for label, strategy, policy in contenders(name):
+            if label in labels:
+                search = compare.rate_search(strategy, configs)
+                grid.append(Cell(env, label, strategy, policy, BUDGET, None, EVALS, search))
+    return grid
+
+
+def gradients(runs) -> str:
+    """Per cell with gradient metrics: updates over the reported seeds, the share skipped
+    for a non-finite gradient, the largest and median pre-clip gradient norm, and the
+    largest per-step cotangent norm in a window."""
+    lines = [
+        f"{'env':<13}{'strategy':<10}{'updates':>9}{'skipped':>9}{'max norm':>11}"
+        f"{'median norm':>13}{'max step norm':>15}"
+    ]
+    for (name, label), run in runs.items():
+        metrics = {k: np.asarray(v, np.float64) for k, v in run.metrics.items()}
+        if "grad_norm" not in metrics:
+            continue
+        ran = np.isfinite(metrics["env_steps"])
+        norms = metrics["grad_norm"][ran & np.isfinite(metrics["grad_norm"])]
+        skipped = np.nansum(metrics.get("skipped_updates", np.zeros_like(ran, float))[ran] > 0)
+        step = metrics.get("grad_norm_step_max")
+        step_max = np.nanmax(step[ran]) if step is not None else float("nan")
+        lines.append(
+            f"{name:<13}{label:<10}{int(ran.sum()):>9}{skipped / max(ran.sum(), 1):>9.1%}"
+            f"{np.max(norms, initial=np.nan):>11.3g}{np.median(norms) if norms.size else np.nan:>13.3g}"
+            f"{step_max:>15.3g}"
+        )
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--envs", nargs="+", default=list(ENVS), choices=list(ENVS))
+    labels = [label for label, *_ in contenders("ant")]
+    parser.add_argument("--strategies", nargs="+", default=list(DEFAULT), choices=labels)
+    compare.protocol_arguments(parser, seeds=5, configs=3)
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: tables and figures from the finished cells in --out",
+    )
+    args = parser.parse_args()
+    provenance, command = compare.start(parser, args)
+    root = Path(args.out) / "contact"
+    if args.report_only:
+        found = load_study(root)
+        grid = [(n, label) for n in args.envs for label, *_ in contenders(n)]
+        runs = {k: found[k] for k in grid if k in found and k[1] in args.strategies}
+    else:
+        runs = run_study(
+            "contact",
+            cells(args.envs, args.strategies, args.configs),
+            num_seeds=args.seeds,
+            tuning_seeds=args.tuning_seeds,
+            out=args.out,
+            restamp=args.restamp,
+            num_evals=EVALS,
+            num_eval_episodes=16,
+        )
+    table = summary(runs, references=("PPO",))
+    path = write_summary(root, table, provenance=provenance, command=command)
+    print("\n" + path.read_text())
+    header = provenance_header(provenance, command) + "\n\n"
+    text = gradients(runs)
+    (root / "gradients.txt").write_text(header + text + "\n")
+    print(text)
+    brax = {k: r for k, r in runs.items() if k[0] != "WalkerWalk"}
+    gait = locomotion.format_gaits(locomotion.gaits(brax, root)) if brax else ""
+    (root / "gait.txt").write_text(header + gait + "\n")
+    print(gait)
+    compare.save_figures(runs, "contact", args.figures)
+
+
+if __name__ == "__main__":
+    main()
