@@ -166,5 +166,6 @@ class APG(AbstractWindowStrategy[APGState]):
             "skipped_updates": (~grad.ok).astype(jnp.float32),
             "masked_envs": grad.masked_envs,
             **episode_stats(traj),
+            "env_steps": jnp.asarray(self.steps_per_iteration, jnp.float32),
         }
         return new, metrics

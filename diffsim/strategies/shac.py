@@ -215,5 +215,6 @@ class SHAC(AbstractWindowStrategy[SHACState], AbstractSHACCritic):
             "skipped_updates": (~fit.ok).astype(jnp.float32),
             "masked_envs": grad.masked_envs,
             **episode_stats(traj),
+            "env_steps": jnp.asarray(self.steps_per_iteration, jnp.float32),
         }
         return new, metrics
