@@ -11,12 +11,14 @@ from . import (
     stats as stats,
     study as study,
 )
+from ._select import select_run as select_run
 from ._structure import register_policy as register_policy
 from ._types import (
     Env as Env,
     LearningCurve as LearningCurve,
     Metrics as Metrics,
     Trajectory as Trajectory,
+    VanishingGradientWarning as VanishingGradientWarning,
 )
 from .envs import make_env as make_env
 from .policies import (

@@ -7,6 +7,8 @@ host after each segment.
 """
 
 import dataclasses
+import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +18,11 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 
+from ._types import VanishingGradientWarning
+from .policies import trainable
 from .strategies.base import AbstractStrategy
+
+SENSITIVITY_FLOOR = 1e-3  # see VanishingGradientWarning
 
 
 def check_inputs(strategy, env, policy, num_eval_episodes: int) -> None:
@@ -150,3 +156,71 @@ def check_env_steps(strategy: AbstractStrategy, counts: np.ndarray, least: int, 
             f" [min_steps_per_iteration, steps_per_iteration] = [{least}, {most}]: the budget"
             f" plan counts on every step's count lying within those bounds"
         )
+
+
+def gradient_metric(strategy: AbstractStrategy, metrics: dict) -> str | None:
+    """The metric holding the norm of the gradient through the simulator: GuidedES's
+    `analytic_grad_norm`, a window strategy's (APG, SHAC, AHAC, SAPO) `grad_norm`; None
+    for a strategy that does not differentiate the env (PPO's `grad_norm` is a score
+    function's)."""
+    from .strategies._window_strategy import AbstractWindowStrategy
+
+    if "analytic_grad_norm" in metrics:
+        return "analytic_grad_norm"
+    if isinstance(strategy, AbstractWindowStrategy) and "grad_norm" in metrics:
+        return "grad_norm"
+    return None
+
+
+def warn_vanishing(strategy: AbstractStrategy, policy, metrics: dict, *, batched: bool) -> None:
+    """On the host after the first segment: `VanishingGradientWarning` if, for some run,
+    the median over the segment's updates of the relative sensitivity
+    `grad_norm * (1 + ||theta||) / |loss|` is below `SENSITIVITY_FLOOR` (see the warning's
+    docstring). `metrics`: `[*runs, iterations]` arrays; `policy`: the runs' policies
+    (a leading run axis if `batched`)."""
+    name = gradient_metric(strategy, metrics)
+    if name is None:
+        return
+    norm = np.asarray(metrics[name], np.float64)
+    loss = np.abs(np.asarray(metrics.get("loss", np.ones_like(norm)), np.float64))
+    leaves = jax.tree.leaves(eqx.filter(policy, trainable(policy)))
+    axes = lambda x: tuple(range(1 if batched else 0, np.ndim(x)))
+    theta = np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)), axis=axes(x)) for x in leaves))
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN runs: no update ran
+        sensitivity = np.where(norm == 0, 0.0, norm * (1 + np.asarray(theta)[..., None]) / loss)
+        sensitivity[~np.isfinite(norm) | ~np.isfinite(loss)] = np.nan
+        median = np.nanmedian(sensitivity, axis=-1)
+        median_norm = np.nanmedian(np.where(np.isfinite(norm), norm, np.nan), axis=-1)
+    median, median_norm = np.atleast_1d(median), np.atleast_1d(median_norm)
+    low = median < SENSITIVITY_FLOOR
+    if not np.any(low):
+        return
+    updates = int(np.max(np.sum(np.isfinite(sensitivity), axis=-1)))
+    runs = f" in {int(np.sum(low))} of {low.size} runs" if low.size > 1 else ""
+    warnings.warn(
+        f"{type(strategy).__name__}'s gradient through the env vanishes{runs}: over the first"
+        f" {updates} updates the median {name} was {float(np.min(median_norm[low])):.3g},"
+        f" a relative sensitivity grad_norm * (1 + ||theta||) / |loss| of"
+        f" {float(np.min(median[low])):.3g} (< {SENSITIVITY_FLOOR:g}), so the policy learns"
+        f" nothing from the simulator. Likely causes: a reward without a gradient with respect"
+        f" to the action (an alive bonus, an indicator or a threshold), a jax.lax.stop_gradient"
+        f" in the reward or the dynamics, or a gymnax env without transition gradients. ES and"
+        f" PPO need no gradient through the env (docs: guides/gradients.md)",
+        VanishingGradientWarning,
+        stacklevel=_user_level(sys._getframe()),
+    )
+
+
+def _user_level(frame) -> int:
+    """The `stacklevel`, for a warning raised in `frame`, of its first caller outside
+    diffsim (and the type checkers that wrap its functions under test): the user's
+    `train`."""
+    level = 1
+    internal = ("diffsim.", "jaxtyping", "beartype", "typeguard")
+    while frame is not None:
+        name = frame.f_globals.get("__name__", "")
+        if not (name.startswith(internal) or frame.f_code.co_filename.startswith("<")):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1

@@ -33,10 +33,17 @@ class Log:
             "eval_seconds": float(seconds[1]),
             "eval_return_mean": float(np.mean(returns)),
             "eval_return_per_seed": np.mean(returns, axis=-1).reshape(-1).tolist(),
-            **{f"{k}_mean": float(np.nanmean(v)) for k, v in metrics.items() if v.size},
+            **{f"{k}_mean": _nanmean(v) for k, v in metrics.items() if v.size},
         }
         with self.path.open("a") as f:
             f.write(json.dumps(line) + "\n")
+
+
+def _nanmean(values: np.ndarray) -> float | None:
+    """The mean over the entries that are not NaN (`train_return` is NaN in iterations
+    where no episode ended), or None (JSON null) where every entry is NaN."""
+    kept = values[~np.isnan(values)]
+    return float(np.mean(kept)) if kept.size else None
 
 
 class Progress:

@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from . import _checkpoint as checkpoint, _program
-from ._contract import check_env_steps, check_hashable, check_inputs
+from ._contract import check_env_steps, check_hashable, check_inputs, warn_vanishing
 from ._log import Log, Progress
 from ._plan import make_plan
 from ._program import Job, Program
@@ -100,6 +100,9 @@ def run(strategy, env, policy, keys, options: Options) -> Run:
     for i in range(done + 1, setup.job.plan.num_evals):
         carry, history = _advance(setup, i, carry, history, clock)
         bar.update(history)
+        if i == done + 1:  # once per call, on the first segment's updates
+            policy = gather(setup.job.strategy.policy(carry.state))
+            warn_vanishing(setup.job.strategy, policy, _metrics(history), batched=options.seeds)
     bar.close()
     return _finish(setup, carry, history)
 
@@ -254,6 +257,10 @@ def _append(history: dict, returns, env_steps, metrics: dict) -> dict:
     return out
 
 
+def _metrics(history: dict) -> dict[str, np.ndarray]:
+    return {k[len("metric/") :]: v for k, v in history.items() if k.startswith("metric/")}
+
+
 def _finish(setup: Setup, carry, history: dict) -> Run:
     """The `Run` of the history (evaluations first, moved behind the run axes)."""
     seeds, grid = setup.options.seeds, setup.options.grid
@@ -264,9 +271,7 @@ def _finish(setup: Setup, carry, history: dict) -> Run:
         wall_time=jnp.asarray(np.tile(times, (len(setup.keys), 1)) if seeds else times),
         eval_return=jnp.asarray(np.moveaxis(history["eval_return"], 0, axis)),
     )
-    metrics = {
-        k[len("metric/") :]: jnp.asarray(v) for k, v in history.items() if k.startswith("metric/")
-    }
+    metrics = {k: jnp.asarray(v) for k, v in _metrics(history).items()}
     policy = gather(setup.job.strategy.policy(carry.state))
     run = Run(policy=policy, curve=curve, metrics=metrics, config=_config(setup, history, metrics))
     return run if grid is None else grid.unflatten(run, (setup.lead[0], setup.lead[1]))

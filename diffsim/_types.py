@@ -86,6 +86,35 @@ class LearningCurve(eqx.Module):
     eval_return: Float[Array, "*seeds E episodes"]
 
 
+class VanishingGradientWarning(UserWarning):
+    """`train` found that a first-order strategy's gradient carries no signal: over the
+    first segment of updates its median relative sensitivity
+
+        S = grad_norm * (1 + ||theta||) / |loss|
+
+    (`grad_norm`: the norm of the gradient through the simulator, `metrics["grad_norm"]`
+    of APG, SHAC, AHAC and SAPO or `metrics["analytic_grad_norm"]` of GuidedES;
+    `theta`: the policy's trainable parameters; `loss`: `metrics["loss"]`, 1 where none
+    is reported) stayed below `1e-3`, or the gradient was exactly zero. To first order,
+    moving every parameter by the parameters' whole norm would change the loss by less
+    than 0.1%. On the smooth toy envs `S` is 0.5-60 (reach, pendulum and ball under APG
+    and SHAC).
+
+    Likely causes: a reward without a gradient with respect to the action (an alive
+    bonus, an indicator or a threshold), a `jax.lax.stop_gradient` in the reward or the
+    dynamics, or a gymnax env without transition gradients. Silence it with
+    `warnings.simplefilter("ignore", diffsim.VanishingGradientWarning)`.
+
+    **Example:**
+
+    ```python
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", diffsim.VanishingGradientWarning)
+        diffsim.train(diffsim.APG(), env, policy, key=key, total_steps=100_000)
+    ```
+    """
+
+
 __all__ = [
     "Any",
     "Array",
@@ -98,4 +127,5 @@ __all__ = [
     "Metrics",
     "Scalar",
     "Trajectory",
+    "VanishingGradientWarning",
 ]

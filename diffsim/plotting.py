@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ._select import run_axes, select_run
 from .results import Run
 from .stats import iqm_ci
 
@@ -45,10 +46,16 @@ def learning_curves(
 ) -> Figure:
     """Plot each run's IQM evaluation return across seeds with a bootstrap band.
 
+    The line is `diffsim.stats.iqm_ci`'s IQM of the per-seed mean returns at each
+    evaluation point, the band its percentile bootstrap interval; the x value of a point
+    is the median across seeds.
+
     **Arguments:**
 
-    - `runs_by_label`: label -> `Run` (from `train_seeds`: leading seed axis; a single
-      `train` run is one seed, drawn without a band).
+    - `runs_by_label`: label -> `Run`. A run from `train_seeds` (leading seed axis) is one
+      line with a band; a single `train` run is one seed, drawn without a band; a
+      `train_sweep` run (leading `(configs, seeds)` axes) is one line and band per
+      configuration, labelled by its values (`"APG learning_rate=1e-3"`).
     - `x`: `"env_steps"` or `"wall_time"`.
     - `ax`: draw into this axes (else a new figure).
     - `title`: axes title; default names the env, the number of seeds and the budget.
@@ -60,6 +67,7 @@ def learning_curves(
     ```python
     fig = diffsim.plotting.learning_curves({"PPO": ppo_runs, "ES": es_runs}, x="wall_time")
     fig.savefig("figures/curves.png", dpi=150)
+    fig = diffsim.plotting.learning_curves({"APG": sweep_run})   # one band per config
     ```
     """
     if x not in _X_LABELS:
@@ -67,16 +75,16 @@ def learning_curves(
     if not runs_by_label:
         raise ValueError("runs_by_label is empty: nothing to plot")
     if ax is None:
-        ax = _figure(figsize=(6, 4)).subplots()
+        ax = _figure(figsize=(6.0, 4.0)).subplots()
     seeds, budget, env = set(), 0, set()
-    for i, (label, run) in enumerate(runs_by_label.items()):
+    for i, (label, run, color) in enumerate(_lines(runs_by_label)):
         scores = np.asarray(run.curve.eval_return).mean(-1)  # (seeds, E) or (E,)
         xs = np.asarray(getattr(run.curve, x), dtype=float)
         if scores.ndim == 1:
             scores, xs = scores[None], xs[None]
         mid, low, high = iqm_ci(scores, confidence=confidence)
         xs = np.median(xs, axis=0)
-        color = color_for(label, i)
+        color = color or color_for(label, i)
         ax.plot(xs, mid, label=label, color=color, lw=2)
         if scores.shape[0] > 1:
             ax.fill_between(xs, low, high, color=color, alpha=0.2, lw=0)
@@ -93,6 +101,34 @@ def learning_curves(
     ax.grid(alpha=0.3)
     ax.legend(frameon=False)
     return _root(ax)
+
+
+def _lines(runs_by_label: Mapping[str, Run]) -> list[tuple[str, Run, str | None]]:
+    """`(label, run, color)` per line: a sweep run becomes one per configuration, labelled
+    by its values and colored from the cycle (None: the label's strategy color)."""
+    out: list[tuple[str, Run, str | None]] = []
+    for label, run in runs_by_label.items():
+        if run_axes(run) != ("config", "seed"):
+            out.append((label, run, None))
+            continue
+        for c, values in enumerate(run.config["sweep"]):
+            named = " ".join(f"{k}={format_value(v)}" for k, v in values.items())
+            color = f"C{len(out) % 10}"
+            out.append((f"{label} {named}", select_run(run, config=c), color))
+    return out
+
+
+def format_value(value: float) -> str:
+    """A swept value as a short label: `1e-3`, `3e-4`, `0.2`, `64`.
+
+    **Example:** `format_value(0.001) == "1e-3"`.
+    """
+    value = float(value)
+    if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4):
+        mantissa, exponent = f"{value:.2e}".split("e")
+        mantissa = mantissa.rstrip("0").rstrip(".")
+        return f"{mantissa}e{int(exponent)}"
+    return f"{value:.3g}"
 
 
 def _figure(figsize: tuple[float, float]) -> Figure:
@@ -134,6 +170,7 @@ def study_figure(runs: Mapping[tuple[str, str], Run], *, x: str = "env_steps") -
 
 def final_scores(runs: Mapping[tuple[str, str], Run], *, confidence: float = 0.95) -> Figure:
     """Final evaluation return per env and strategy: IQM across seeds with its interval.
+    A `train_sweep` run gives one row per configuration, labelled by its values.
 
     **Example:**
 
@@ -145,18 +182,17 @@ def final_scores(runs: Mapping[tuple[str, str], Run], *, confidence: float = 0.9
     fig = _figure(figsize=(3.6 * len(envs), 3.2))
     axes = fig.subplots(1, len(envs), squeeze=False)
     for ax, env in zip(axes[0], envs, strict=True):
-        labels = [label for (e, label) in runs if e == env]
-        for i, label in enumerate(labels):
-            scores = (
-                np.asarray(runs[env, label].curve.eval_return)[..., -1, :].mean(-1).reshape(-1, 1)
-            )
+        lines = _lines({label: run for (e, label), run in runs.items() if e == env})
+        labels = [label for label, _, _ in lines]
+        for i, (label, run, color) in enumerate(lines):
+            scores = np.asarray(run.curve.eval_return)[..., -1, :].mean(-1).reshape(-1, 1)
             mid, low, high = iqm_ci(scores, confidence=confidence)
             ax.errorbar(
                 [mid[0]],
                 [i],
                 xerr=[[mid[0] - low[0]], [high[0] - mid[0]]],
                 fmt="o",
-                color=color_for(label, i),
+                color=color or color_for(label, i),
                 capsize=4,
             )
         ax.set_yticks(range(len(labels)), labels)

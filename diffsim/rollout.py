@@ -171,14 +171,16 @@ def episode_returns(traj: Trajectory) -> Float[Array, " B"]:
 def episode_stats(traj: Trajectory) -> dict[str, Float[Array, ""]]:
     """What strategies log about a training rollout. Not differentiated.
 
-    `"episodes"`: episodes that ended in `traj`; `"train_return"`: their mean return (0
-    when none ended); `"diverged"`: steps that went non-finite (each ended its episode);
-    `"reused_starts"`: episodes that restarted from a reused start (see `rollout`).
+    `"episodes"`: episodes that ended in `traj`; `"train_return"`: their mean return (NaN
+    when none ended: average it over iterations with `np.nanmean`); `"diverged"`: steps
+    that went non-finite (each ended its episode); `"reused_starts"`: episodes that
+    restarted from a reused start (see `rollout`).
     """
     traj = jax.lax.stop_gradient(traj)
     episodes = jnp.sum(traj.done)
     ended = jnp.where(traj.done > 0, traj.extras["episode_return"], 0.0)
-    stats = {"episodes": episodes, "train_return": jnp.sum(ended) / jnp.maximum(episodes, 1)}
+    mean = jnp.sum(ended) / jnp.maximum(episodes, 1)
+    stats = {"episodes": episodes, "train_return": jnp.where(episodes > 0, mean, jnp.nan)}
     for name, extra in (("diverged", "diverged"), ("reused_starts", "reused_start")):
         if extra in traj.extras:
             stats[name] = jnp.sum(traj.extras[extra])

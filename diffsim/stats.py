@@ -144,6 +144,12 @@ def threshold_crossing(run, threshold: float) -> dict[str, int | float | None]:
     """
     scores = np.asarray(run.curve.eval_return).mean(-1)
     steps, times = np.asarray(run.curve.env_steps), np.asarray(run.curve.wall_time)
+    if scores.ndim > 2:
+        raise ValueError(
+            f"threshold_crossing takes one run or a train_seeds run, got a run with leading"
+            f" axes {scores.shape[:-1]} (a train_sweep run: configs, seeds); pick one"
+            f" configuration first with diffsim.select_run(run, config=c)"
+        )
     if scores.ndim == 1:
         scores, steps, times = scores[None], steps[None], times[None]
     reached = np.nonzero(aggregate(scores) >= threshold)[0]

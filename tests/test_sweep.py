@@ -190,3 +190,104 @@ def test_a_float_used_in_control_flow_fails_while_tracing_with_a_pointer_to_a_lo
             total_steps=3200,
             num_evals=3,
         )
+
+
+def arrays(run) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree.leaves(eqx.filter(run, eqx.is_array))]
+
+
+@pytest.mark.parametrize(
+    "pick, shape, index",
+    [
+        (dict(config=4), (2, 3, 4), (4,)),
+        (dict(config={"std": 0.1, "learning_rate": 0.03}), (2, 3, 4), (4,)),
+        (dict(seed=1), (6, 1, 3, 4), (slice(None), slice(1, 2))),
+        (dict(config=2, seed=0), (3, 4), (2, 0)),
+    ],
+    ids=["config-index", "config-values", "seed", "both"],
+)
+def test_select_run_picks_a_config_or_a_seed_and_round_trips(
+    es_sweep, tmp_path, pick, shape, index
+):
+    one = diffsim.select_run(es_sweep, **pick)
+    assert one.curve.eval_return.shape == shape
+    whole = jax.tree.map(lambda x: x[index] if eqx.is_array(x) else x, es_sweep)
+    for a, b in zip(arrays(one), arrays(whole), strict=True):
+        np.testing.assert_array_equal(a, b)
+    expected = {"config": index[0]} if "config" in pick else {}
+    assert one.config["selected"] == {**expected, **{k: v for k, v in pick.items() if k == "seed"}}
+    back = diffsim.load_run(one.save(tmp_path / "one"))
+    for a, b in zip(arrays(back), arrays(one), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert back.config == one.config
+
+
+def test_a_selected_config_reads_as_train_seeds_with_its_values(es_sweep):
+    one = diffsim.select_run(es_sweep, config={"learning_rate": 0.03, "std": 0.02})
+    assert one.config["hyperparameters"]["learning_rate"] == 0.03
+    assert one.config["hyperparameters"]["std"] == 0.02
+    assert "sweep" not in one.config and one.config["num_seeds"] == 2
+    single = diffsim.select_run(one, seed=1)
+    assert single.config["num_seeds"] is None
+    assert single.config["selected"] == {"config": 1, "seed": 1}
+    assert single.curve.eval_return.shape == (3, 4)
+
+
+@pytest.mark.parametrize(
+    "pick, message",
+    [
+        (dict(config=6), r"config=6 is out of range: this run has 6 configs \[0, 6\)"),
+        (dict(config=-1), r"config=-1 is out of range"),
+        (dict(seed=2), r"seed=2 is out of range: this run has 2 seeds"),
+        (dict(config={"lr": 0.1}), r"names 'lr', which the sweep does not vary; it varies: std"),
+        (dict(config={"std": 0.5}), r"matches no configuration; the sweep's configurations"),
+        (dict(config={"std": 0.1}), r"matches 3 configurations.*every swept name"),
+        (dict(seed=True), r"seed must be an int index in \[0, 2\), got True"),
+    ],
+)
+def test_select_run_names_the_bad_value(es_sweep, pick, message):
+    with pytest.raises(ValueError, match=message):
+        diffsim.select_run(es_sweep, **pick)
+
+
+def test_select_run_refuses_what_the_run_does_not_have(es_sweep):
+    seeds = diffsim.select_run(es_sweep, config=0)
+    with pytest.raises(ValueError, match=r"config=0, but this run is not a sweep"):
+        diffsim.select_run(seeds, config=0)
+    with pytest.raises(ValueError, match=r"seed=0, but this is a single run"):
+        diffsim.select_run(diffsim.select_run(seeds, seed=0), seed=0)
+
+
+def test_a_sweep_plots_one_iqm_band_per_config(es_sweep):
+    from matplotlib.collections import PolyCollection
+
+    from diffsim.plotting import learning_curves
+    from diffsim.stats import iqm_ci
+
+    ax = learning_curves({"ES": es_sweep}).axes[0]
+    lines, bands = ax.get_lines(), [c for c in ax.collections if isinstance(c, PolyCollection)]
+    assert [line.get_label() for line in lines] == [
+        f"ES std={c['std']:g} learning_rate={c['learning_rate']:g}" for c in LISTING
+    ]
+    assert len(bands) == len(LISTING)
+    for c, (line, band) in enumerate(zip(lines, bands, strict=True)):
+        scores = np.asarray(es_sweep.curve.eval_return[c]).mean(-1)  # (seeds, E)
+        mid, low, high = iqm_ci(scores)
+        xs = np.median(np.asarray(es_sweep.curve.env_steps[c], float), axis=0)
+        np.testing.assert_allclose(line.get_xdata(), xs)
+        np.testing.assert_allclose(line.get_ydata(), mid, rtol=1e-6)
+        outline = band.get_paths()[0].vertices  # fill_between: along `high`, back along `low`
+        for x, lo, hi in zip(xs, low, high, strict=True):
+            at = outline[np.isclose(outline[:, 0], x)][:, 1]
+            np.testing.assert_allclose([at.min(), at.max()], [lo, hi], rtol=1e-6)
+
+
+def test_diffsim_plot_draws_a_saved_sweep(es_sweep, tmp_path, capsys):
+    from diffsim import cli
+
+    folder = es_sweep.save(tmp_path / "sweep")
+    for x in ("env_steps", "final"):
+        out = tmp_path / f"{x}.png"
+        assert cli.main(["plot", str(folder), "-o", str(out), "--x", x]) == 0
+        assert out.stat().st_size > 0
+    assert "wrote" in capsys.readouterr().out

@@ -9,6 +9,7 @@ from jaxtyping import PRNGKeyArray
 from .._types import Env, Metrics
 
 StrategyState = TypeVar("StrategyState")
+Bound = TypeVar("Bound", bound="AbstractStrategy")
 
 
 class AbstractStrategy(eqx.Module, Generic[StrategyState]):
@@ -38,6 +39,9 @@ class AbstractStrategy(eqx.Module, Generic[StrategyState]):
         state, metrics = strategy.step(env, state, key=k)
     policy = strategy.policy(state)                 # evaluated, and returned in the Run
     ```
+
+    In a loop of your own, `strategy.bind(env, total_steps=...)` does step 2 in one call
+    (`docs/guides/own-loop.md`).
 
     **What `train` checks** (each with an error naming the strategy and the value): the
     strategy is hashable; the step counts and `batch_size` are positive ints; `step`
@@ -143,6 +147,33 @@ class AbstractStrategy(eqx.Module, Generic[StrategyState]):
         returns `self`."""
         del total_steps
         return self
+
+    def bind(self: Bound, env: Env, *, total_steps: int) -> Bound:
+        """This strategy ready to run `total_steps` env steps on `env` in a loop of your
+        own: `self.for_env(env).for_budget(total_steps)`, what `train` does before
+        compiling. Without it, settings left to the env or the budget stay unset: PPO's
+        learning-rate decay (`lr_decay`, on by default) has no length and the rate stays
+        constant (with a warning), ES has no rollout length. Bind once, then jit
+        `init`/`step`/`policy`. Final: a strategy customises `for_env` and `for_budget`.
+
+        **Arguments:**
+
+        - `env`: the env the loop steps (from `diffsim.make_env`).
+        - `total_steps`: the env steps the loop will count, a positive int: run
+          iterations while the sum of `metrics["env_steps"]` is below it.
+
+        **Returns:** the bound strategy (a new, equally frozen one).
+
+        **Example:**
+
+        ```python
+        strategy = diffsim.PPO().bind(env, total_steps=200_000)
+        state = eqx.filter_jit(strategy.init)(env, policy, key=key)
+        ```
+        """
+        if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps < 1:
+            raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
+        return self.for_env(env).for_budget(total_steps)  # pyright: ignore[reportReturnType]
 
     def check(self, env: Env, policy: eqx.Module) -> None:
         """Raise `ValueError` if this strategy cannot train `policy` on `env`.

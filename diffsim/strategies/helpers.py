@@ -17,6 +17,7 @@ class MyStrategy(diffsim.AbstractStrategy[MyState]):
 """
 
 import dataclasses
+import warnings
 from numbers import Real
 
 import equinox as eqx
@@ -152,6 +153,8 @@ def decayed(
                 steps_per_iteration * updates_per_iteration)   (at least 1)
 
     of the update count `n`. A schedule given as `learning_rate` is returned unchanged.
+    With `lr_decay` but no `lr_decay_steps` (a strategy used without `bind` or `train`)
+    the rate stays constant, with a warning that says so.
 
     **Example:**
 
@@ -160,6 +163,13 @@ def decayed(
                  updates_per_iteration=160)   # PPO: 5 epochs x 32 minibatches
     ```
     """
+    if lr_decay and lr_decay_steps is None and not callable(learning_rate):
+        warnings.warn(
+            "lr_decay is on but the strategy knows no budget (lr_decay_steps=None), so its"
+            " learning rate stays constant: bind it first, strategy.bind(env,"
+            " total_steps=...) (train does), or set lr_decay_steps, or lr_decay=False",
+            stacklevel=3,
+        )
     if not lr_decay or lr_decay_steps is None or callable(learning_rate):
         return learning_rate
     updates = lr_decay_steps / steps_per_iteration * updates_per_iteration

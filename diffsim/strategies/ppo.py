@@ -10,11 +10,12 @@ import optax
 from brax.envs.base import State
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._types import Env, Metrics, Scalar, Trajectory
+from .._types import Env, Metrics, Trajectory
 from ..policies import ValueFunction, trainable, update_normalizers
 from ..rollout import reset, rollout
 from ..sharding import shard_batch
 from . import helpers
+from ._ppo_parts import Batch, log_prob_at, optimizer
 from .base import AbstractStrategy
 from .helpers import all_finite, decayed, episode_stats, gae, guarded_update, select
 
@@ -37,32 +38,6 @@ _UNROLL = 4
 _Carry = tuple[tuple[eqx.Module, ValueFunction], optax.OptState]
 
 
-class _Batch(eqx.Module):
-    """Update data; leading axes `[B, T]` (env-major), or `[N]` within a minibatch."""
-
-    obs: Float[Array, "*n obs"]
-    action: Float[Array, "*n act"]
-    pre_squash: Float[Array, "*n act"] | None
-    log_prob: Float[Array, "*n"]
-    advantage: Float[Array, "*n"]
-    value_target: Float[Array, "*n"]
-    value: Float[Array, "*n"]
-
-
-def _optimizer(learning_rate, max_grad_norm: Scalar, eps: Scalar) -> optax.GradientTransformation:
-    """One Adam over `(policy, value)`, after clipping each one's gradient to `max_grad_norm`
-    on its own: the same updates as a clipped Adam per network (Adam is elementwise), with
-    one optimiser state and one guarded update per minibatch."""
-    clip = optax.clip_by_global_norm(max_grad_norm)
-
-    def clip_each(updates, state, params=None):
-        del params
-        return tuple(clip.update(g, state)[0] for g in updates), state
-
-    each = optax.GradientTransformation(lambda params: optax.EmptyState(), clip_each)
-    return optax.chain(each, optax.adam(learning_rate, eps=eps))
-
-
 class PPO(AbstractStrategy[PPOState]):
     """Proximal policy optimisation with a clipped surrogate and a separate critic.
 
@@ -78,7 +53,8 @@ class PPO(AbstractStrategy[PPOState]):
     Policy and critic share one Adam, each gradient clipped to `max_grad_norm` on its own
     (the same updates as one clipped Adam per network). With `lr_decay` (default) both rates
     decay linearly to 0 over `lr_decay_steps` env steps, which `train` sets to the run's
-    budget unless given (driving `step` by hand without it: no decay). A minibatch whose
+    budget unless given (in a loop of your own, `bind(env, total_steps=...)` sets it;
+    without it the rate stays constant, with a warning). A minibatch whose
     loss or gradient is not finite is skipped and counted (`metrics["skipped_updates"]`).
 
     Observation statistics are updated first and `pi_old`, `V_old` recomputed under them;
@@ -170,7 +146,7 @@ class PPO(AbstractStrategy[PPOState]):
             steps_per_iteration=self.steps_per_iteration,
             updates_per_iteration=self.num_epochs * self.num_minibatches,
         )
-        return _optimizer(learning_rate, self.max_grad_norm, self.adam_eps)
+        return optimizer(learning_rate, self.max_grad_norm, self.adam_eps)
 
     def init(self, env: Env, policy: eqx.Module, *, key: PRNGKeyArray) -> PPOState:
         value_key, env_key = jr.split(key)
@@ -186,9 +162,9 @@ class PPO(AbstractStrategy[PPOState]):
     def policy(self, state: PPOState) -> eqx.Module:
         return state.policy
 
-    def _loss(self, models, batch: _Batch) -> tuple[Float[Array, ""], Metrics]:
+    def _loss(self, models, batch: Batch) -> tuple[Float[Array, ""], Metrics]:
         policy, value = models
-        log_prob = jax.vmap(_log_prob, in_axes=(None, 0, 0, 0))(
+        log_prob = jax.vmap(log_prob_at, in_axes=(None, 0, 0, 0))(
             policy, batch.obs, batch.action, batch.pre_squash
         )
         log_ratio = log_prob - batch.log_prob
@@ -216,12 +192,12 @@ class PPO(AbstractStrategy[PPOState]):
             "clip_fraction": jnp.mean(jnp.abs(ratio - 1) > self.clip_epsilon),
         }
 
-    def _batch(self, policy, value: ValueFunction, traj: Trajectory) -> _Batch:
+    def _batch(self, policy, value: ValueFunction, traj: Trajectory) -> Batch:
         """The update's data, with behaviour log-probs and values recomputed under the
         current (just updated) observation statistics."""
         pre_squash = traj.extras.get("pre_squash")
         over_tb = lambda f: jax.vmap(jax.vmap(f))
-        log_prob = over_tb(lambda o, a, u: _log_prob(policy, o, a, u))(
+        log_prob = over_tb(lambda o, a, u: log_prob_at(policy, o, a, u))(
             traj.obs, traj.action, pre_squash
         )
         values = over_tb(value)(traj.obs)
@@ -240,7 +216,7 @@ class PPO(AbstractStrategy[PPOState]):
         env_major = lambda x: None if x is None else jnp.swapaxes(x, 0, 1)
         return jax.tree.map(
             env_major,
-            _Batch(
+            Batch(
                 obs=traj.obs,
                 action=traj.action,
                 pre_squash=pre_squash,
@@ -251,7 +227,7 @@ class PPO(AbstractStrategy[PPOState]):
             ),
         )
 
-    def _minibatches(self, batch: _Batch, key: PRNGKeyArray) -> _Batch:
+    def _minibatches(self, batch: Batch, key: PRNGKeyArray) -> Batch:
         """`num_minibatches` shuffled minibatches, leaves `[M, N / M, ...]`."""
         m = self.num_minibatches
         if self.shuffle == "envs":
@@ -283,7 +259,7 @@ class PPO(AbstractStrategy[PPOState]):
         opt = self._optimizer()
         grad_fn = eqx.filter_value_and_grad(self._loss, has_aux=True)
 
-        def minibatch_step(carry: _Carry, mb: _Batch) -> tuple[_Carry, Metrics]:
+        def minibatch_step(carry: _Carry, mb: Batch) -> tuple[_Carry, Metrics]:
             models, opt_state = carry
             (loss, metrics), grads = grad_fn(models, mb)
             ok = jnp.isfinite(loss) & all_finite(grads)  # else skip this minibatch
@@ -304,11 +280,5 @@ class PPO(AbstractStrategy[PPOState]):
         metrics = jax.tree.map(jnp.nanmean, metrics)
         metrics["skipped_updates"] = skipped  # minibatch updates skipped this iteration
         metrics.update(episode_stats(traj))
+        metrics["env_steps"] = jnp.asarray(self.steps_per_iteration, jnp.float32)
         return state, metrics
-
-
-def _log_prob(policy, obs, action, pre_squash):
-    """`policy.log_prob`, from the stored pre-squash sample where the policy takes one."""
-    if pre_squash is None:
-        return policy.log_prob(obs, action)
-    return policy.log_prob(obs, action, pre_squash=pre_squash)

@@ -121,4 +121,5 @@ class REINFORCE(diffsim.AbstractStrategy[REINFORCEState]):
         )
         metrics["skipped_updates"] = (~ok).astype(jnp.float32)
         metrics.update(helpers.episode_stats(traj))
+        metrics["env_steps"] = jnp.asarray(self.steps_per_iteration, jnp.float32)  # counted
         return REINFORCEState(models, opt_state, env_state), metrics
