@@ -22,10 +22,11 @@ import pytest
 from conftest import deterministic, gaussian
 
 import diffsim
-from diffsim import LearningCurve, Run, _ratios, _tuning, study
-from diffsim._cellstore import CellLock, replace_dir
-from diffsim._fingerprint import program_fingerprint
+from diffsim import LearningCurve, Run, study
+from diffsim._study import cells as _cells, ratios as _ratios, tuning as _tuning
+from diffsim._study.cellstore import CellLock, replace_dir
 from diffsim.stats import aggregate, iqm
+from diffsim.study import program_fingerprint
 
 TINY = diffsim.PPO(num_envs=8, unroll_length=16, num_epochs=2, num_minibatches=4)
 STEPS = 4 * TINY.steps_per_iteration
@@ -322,7 +323,7 @@ def test_the_fingerprint_follows_the_maths():
 FINGERPRINT = """
 import sys, jax.random as jr
 import diffsim
-from diffsim._fingerprint import program_fingerprint
+from diffsim.study import program_fingerprint
 assert diffsim.__file__.startswith(sys.argv[1]), diffsim.__file__
 env = diffsim.make_env("reach")
 make = lambda k: diffsim.GaussianPolicy(env.observation_size, env.action_size, key=k)
@@ -387,7 +388,7 @@ def test_restamping_writes_the_new_key_and_trains_nothing(tmp_path, monkeypatch,
     study.run_study("r", [cell], out=tmp_path, num_seeds=2, **QUIET)
     folder = tmp_path / "r" / "reach" / "PPO"
     before = (folder / "policy.eqx").read_bytes()
-    monkeypatch.setattr(study, "PROTOCOL_VERSION", 99)
+    monkeypatch.setattr(_cells, "PROTOCOL_VERSION", 99)
     capsys.readouterr()
     study.run_study("r", [cell], out=tmp_path, num_seeds=2, restamp=True, **QUIET)
     assert "re-stamped: ['protocol']" in capsys.readouterr().out

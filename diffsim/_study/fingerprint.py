@@ -22,10 +22,10 @@ import jax.random as jr
 import numpy as np
 from jax.extend.core import ClosedJaxpr
 
-from . import _program
-from ._loop import Options, _prepare
-from ._types import Env
-from .strategies.base import AbstractStrategy
+from .. import _program
+from .._loop import Options, _prepare
+from .._types import Env
+from ..strategies.base import AbstractStrategy
 
 # Raise when the host-side logic that shapes a cell's numbers changes: the budget plan
 # (`_plan`), the tuning rule (`_tuning`), seeds and evaluation keys chosen on the host.

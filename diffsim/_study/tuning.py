@@ -16,10 +16,10 @@ import jax
 import jax.random as jr
 import numpy as np
 
-from ._checkpoint import key_data
-from .results import Run
-from .stats import aggregate, aggregate_name
-from .train import train_sweep
+from .._checkpoint import key_data
+from ..results import Run
+from ..stats import aggregate, aggregate_name
+from ..train import train_sweep
 
 Search = Mapping[str, Sequence[float]]
 TUNING_STREAM = 0x74756E65  # folded into the study's seed: the tuning keys' own stream
