@@ -3,6 +3,7 @@ one process-wide setting `import diffsim` makes) and the XLA compiler options di
 programs are compiled with (per program, never through `XLA_FLAGS`)."""
 
 import contextlib
+import functools
 import io
 import os
 import warnings
@@ -68,11 +69,17 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-# Import Brax once with stdout muted: MuJoCo's MJX prints "Failed to import warp" (an
-# optional GPU backend) on import. Real errors still raise. `diffsim/__init__.py` imports
-# this module first. Brax imports JAXopt, whose DeprecationWarning ("no longer maintained")
-# users cannot act on and which would stop `import diffsim` under `python -W error`; the
-# filter lives only while Brax is imported (`catch_warnings` restores the process's own).
-with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-    warnings.filterwarnings("ignore", "JAXopt is no longer maintained", DeprecationWarning)
-    import brax.envs  # noqa: F401
+@functools.cache
+def import_brax() -> None:
+    """Import Brax (and with it MuJoCo) once, quietly; `import diffsim` does not (it would
+    take seconds): `diffsim`'s and `diffsim.envs`' lazy attributes call this first.
+
+    Stdout is muted (MuJoCo's MJX may print "Failed to import warp", an optional GPU
+    backend); real errors still raise. Brax imports JAXopt, whose DeprecationWarning ("no
+    longer maintained") users cannot act on and which would stop diffsim under `python -W
+    error`; the filter lives only while Brax is imported (`catch_warnings` restores the
+    process's own).
+    """
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "JAXopt is no longer maintained", DeprecationWarning)
+        import brax.envs  # noqa: F401

@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import json
 import os
 import runpy
 import sys
@@ -16,14 +17,13 @@ import numpy as np
 import diffsim
 
 from ._checkpoint import check_writable
-from .strategies import registry
 
 STUDIES_ENV = "DIFFSIM_STUDIES"  # extra folders of study scripts, `os.pathsep`-separated
 
 
 def strategies() -> dict[str, type]:
     """Strategy classes by command-line name, from `diffsim.strategies.registry`."""
-    return registry.strategies()
+    return _registry().strategies()
 
 
 def _add_hyperparameters(
@@ -97,15 +97,15 @@ def _add_component(parser: argparse.ArgumentParser, cls: type, name: str, defaul
     `--NAME-FIELD VALUE` sets its fields (`--gradient-horizon 16`): the fields of every kind
     are listed, and one that the chosen kind lacks is an error."""
     base = typing.get_type_hints(cls).get(name, type(default))
-    kinds = {registry.command_name(k): k for k in _final_subclasses(base)} or {
-        registry.command_name(type(default)): type(default)
+    kinds = {_registry().command_name(k): k for k in _final_subclasses(base)} or {
+        _registry().command_name(type(default)): type(default)
     }
     parser.add_argument(
         "--" + name.replace("_", "-"),
         dest=f"{name}.kind",
         choices=list(kinds),
-        default=registry.command_name(type(default)),
-        help=f"{cls.__name__}.{name}; default {registry.command_name(type(default))}",
+        default=_registry().command_name(type(default)),
+        help=f"{cls.__name__}.{name}; default {_registry().command_name(type(default))}",
     )
     for kind in kinds.values():
         for field in _add_hyperparameters(parser, kind, prefix=f"{name}_", optional=True):
@@ -128,7 +128,7 @@ def _component(args, name: str):
     if wrong:
         flags = ", ".join("--" + f"{name}_{w}".replace("_", "-") for w in wrong)
         raise ValueError(
-            f"{flags} do not apply to {kind.__name__} (--{name} {registry.command_name(kind)})"
+            f"{flags} do not apply to {kind.__name__} (--{name} {_registry().command_name(kind)})"
         )
     return kind(**given)
 
@@ -143,6 +143,13 @@ def _strategy_from(args):
     return args.cls(**values)
 
 
+def _registry():
+    """`diffsim.strategies.registry`, imported when first needed (it imports Brax)."""
+    from .strategies import registry
+
+    return registry
+
+
 def _add_train_parser(kinds, name: str, cls: type) -> None:
     """`diffsim train NAME`: the strategy's fields, then the run's options."""
     sub = kinds.add_parser(
@@ -152,7 +159,19 @@ def _add_train_parser(kinds, name: str, cls: type) -> None:
     )
     sub.set_defaults(hyperparameters=_add_hyperparameters(sub, cls), cls=cls)
     sub.add_argument(
-        "--env", default="pendulum", help="env name (see `diffsim envs`); default pendulum"
+        "--env",
+        default="pendulum",
+        help="env name (see `diffsim envs`), gymnax:NAME, or MODULE:CLASS (an env class of"
+        " your own, importable from the current directory or sys.path); default pendulum",
+    )
+    sub.add_argument(
+        "--env-arg",
+        action="append",
+        default=[],
+        type=_env_arg,
+        metavar="KEY=VALUE",
+        help="a keyword argument of the env's constructor, repeatable; VALUE is read as JSON"
+        " where it parses (2.0, true, [1,2]), else as a string",
     )
     sub.add_argument("--backend", default=None, help="Brax backend (default spring)")
     sub.add_argument("--episode-length", type=int, default=None)
@@ -190,13 +209,28 @@ def _add_train_parser(kinds, name: str, cls: type) -> None:
     )
 
 
+def _env_arg(text: str) -> tuple[str, object]:
+    """`"gain=2.0"` -> `("gain", 2.0)`; a VALUE that is not JSON stays a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def _int_tuple(text: str) -> tuple[int, ...]:
     """`"64,64"` -> `(64, 64)`; argparse reports a `ValueError` as an invalid value."""
     return tuple(int(v) for v in text.split(","))
 
 
-def _parser(user: dict[str, type] | None = None) -> argparse.ArgumentParser:
-    """The command's parser; `user` adds `train` sub-commands for `MODULE:CLASS` specs."""
+def _parser(
+    user: dict[str, type] | None = None, *, load_strategies: bool = True
+) -> argparse.ArgumentParser:
+    """The command's parser; `user` adds `train` sub-commands for `MODULE:CLASS` specs.
+    With `load_strategies=False` (another command than `train`) no strategy is loaded:
+    that imports Brax, which takes seconds."""
     parser = argparse.ArgumentParser(
         prog="diffsim", description="Optimize control policies in differentiable physics."
     )
@@ -214,11 +248,16 @@ def _parser(user: dict[str, type] | None = None) -> argparse.ArgumentParser:
         ),
     )
     kinds = train.add_subparsers(dest="strategy", required=True, metavar="STRATEGY")
-    for name, cls in {**registry.strategies(), **(user or {})}.items():
+    known = strategies() if load_strategies else {}
+    for name, cls in {**known, **(user or {})}.items():
         _add_train_parser(kinds, name, cls)
     _add_study_plot_parsers(commands)
     _add_render_parser(commands)
-    commands.add_parser("envs", help="list environments with observation and action sizes")
+    commands.add_parser(
+        "envs",
+        help="list environments with observation and action sizes",
+        description="List the env names make_env knows, from tables (nothing is built).",
+    )
     return parser
 
 
@@ -281,7 +320,11 @@ def _add_render_parser(commands) -> None:
 def _train(args) -> None:
     from .stats import iqm_ci, threshold_crossing
 
-    env = diffsim.make_env(args.env, backend=args.backend, episode_length=args.episode_length)
+    env = _with_cwd(
+        lambda: diffsim.make_env(
+            args.env, backend=args.backend, episode_length=args.episode_length, **dict(args.env_arg)
+        )
+    )
     strategy = _strategy_from(args)
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
@@ -409,13 +452,7 @@ def _render(args) -> None:
 
     _check_path(Path(args.output))  # a bad extension fails before loading or compiling
     run = diffsim.load_run(args.run)
-    config = run.config
-    toy = config["env"] in diffsim.envs.toy_names()
-    env = diffsim.make_env(
-        config["env"],
-        backend=None if toy else config.get("backend"),
-        episode_length=config.get("episode_length"),
-    )
+    env = _with_cwd(run.make_env)  # a user's env class: imported by its recorded path
     leading = np.asarray(run.curve.eval_return).ndim - 2  # seed (and sweep) axes
     count = int(np.prod(np.shape(run.curve.eval_return)[:leading]))
     if not 0 <= args.seed < count:
@@ -432,17 +469,34 @@ def _render(args) -> None:
 
 
 def _envs() -> None:
+    """The table of `diffsim.envs._catalog`: sizes known without building (or importing)
+    any env, so it prints at once and MuJoCo has nothing to warn about."""
+    from .envs import _catalog as catalog
+
     print(f"{'name':<26}{'kind':<8}{'obs':>5}{'act':>5}{'episode':>9}")
-    toys, playground = diffsim.envs.toy_names(), diffsim.envs.playground_names()
-    for name in diffsim.envs.names():
-        kind = "toy" if name in toys else "mjx" if name in playground else "brax"
-        try:
-            backend = "generalized" if name == "swimmer" else None  # Brax's: spring else
-            env = diffsim.make_env(name, backend=backend)
-            sizes = f"{env.observation_size:>5}{env.action_size:>5}{env.episode_length:>9}"
-        except Exception as error:  # an env Brax cannot build here: say so, keep listing
-            sizes = f"  ({type(error).__name__})"
-        print(f"{name:<26}{kind:<8}{sizes}", flush=True)
+    tables = [("toy", catalog.TOY), ("brax", catalog.BRAX)]
+    if catalog.installed("mujoco_playground"):
+        tables.append(("mjx", catalog.PLAYGROUND))
+    if catalog.installed("gymnax"):
+        tables.append(("gymnax", {f"gymnax:{k}": v for k, v in catalog.GYMNAX.items()}))
+    for kind, table in tables:
+        for name, (obs, act, length) in sorted(table.items(), key=lambda kv: kv[0].lower()):
+            print(f"{name:<26}{kind:<8}{obs:>5}{act:>5}{length:>9}")
+    print("\n...or any env class of your own: --env MODULE:CLASS (see docs: Environments)")
+
+
+def _with_cwd(build):
+    """`build()` with the current directory on `sys.path` (as under `python -m`), so that
+    `MODULE:CLASS` finds a module next to the user; the console script's path lacks it."""
+    here = os.getcwd()
+    added = here not in sys.path
+    if added:
+        sys.path.insert(0, here)
+    try:
+        return build()
+    finally:
+        if added:
+            sys.path.remove(here)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -463,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"diffsim: error: {error}", file=sys.stderr)
         return 2
-    args = _parser(user).parse_args(argv)
+    args = _parser(user, load_strategies=argv[:1] == ["train"]).parse_args(argv)
     with warnings.catch_warnings():  # restores the process's own display afterwards
         warnings.showwarning = _show_warning
         return _dispatch(args)
@@ -485,15 +539,7 @@ def _user_strategy(argv: list[str]) -> tuple[list[str], dict[str, type]]:
         return argv, {}
     if ":" not in spec:
         return ["train", *rest], {}  # a registered name, or argparse lists the valid ones
-    here = os.getcwd()
-    added = here not in sys.path
-    if added:  # the console script's sys.path lacks the current directory; `python -m` has it
-        sys.path.insert(0, here)
-    try:
-        return ["train", *rest], {spec: registry.resolve(spec)}
-    finally:
-        if added:
-            sys.path.remove(here)
+    return ["train", *rest], {spec: _with_cwd(lambda: _registry().resolve(spec))}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

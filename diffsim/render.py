@@ -2,7 +2,9 @@
 
 Brax envs are drawn by MuJoCo's offscreen renderer with a camera that tracks the root body
 (headless Linux: EGL, see `diffsim._gl`); `.html` is Brax's interactive viewer. The toy
-envs are drawn with matplotlib. Videos are encoded by imageio (GIF through Pillow, MP4
+envs are drawn with matplotlib; any other env (your own, gymnax's) as a figure of its
+observations, actions and reward over time (`_episode_plot.py`), or by a frame function
+of your own (`render(..., frame=f)`). Videos are encoded by imageio (GIF through Pillow, MP4
 through imageio-ffmpeg's bundled ffmpeg, from diffsim's `video` extra).
 """
 
@@ -20,6 +22,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._contract import check_acts
+from ._episode_plot import FrameScene, PlotScene
 from .envs._toy import Ball, Pendulum, Reach
 from .rollout import reset, rollout
 
@@ -32,12 +35,14 @@ class _Episode(eqx.Module):
     """One env's first episode, time-major: what `render` draws.
 
     **Fields:** `states` (the env's physical state before each step: Brax pipeline states,
-    or a toy env's dict; leaves `[T, ...]`), `action: Float[Array, "T act"]`,
+    or a toy env's dict; leaves `[T, ...]`), `obs: Float[Array, "T obs"]` (what the policy
+    saw at each step), `action: Float[Array, "T act"]`,
     `reward: Float[Array, " T"]`. `T` is the number of steps up to and including the one
     that ended the episode (or `length`).
     """
 
     states: Any
+    obs: Float[Array, "T obs"]
     action: Float[Array, "T act"]
     reward: Float[Array, " T"]
 
@@ -51,6 +56,7 @@ def render(
     length: int | None = None,
     fps: float | None = None,
     stills: int = 6,
+    frame: Callable[[Any, np.ndarray, float], np.ndarray] | None = None,
 ) -> Path:
     """Write one deterministic episode of `policy` in `env` to `path`; returns `path`.
 
@@ -60,7 +66,8 @@ def render(
     extension:
 
     - `.gif`, `.mp4`: a video at real time (`1 / env.dt` frames per second) unless `fps`.
-    - `.png`: one image, a horizontal strip of `stills` evenly spaced frames.
+    - `.png`: one image, a horizontal strip of `stills` evenly spaced frames (an env drawn
+      as a figure of its signals: that figure, over the whole episode).
     - `.html`: Brax envs: Brax's interactive 3-D viewer (`brax.io.html`; it loads its
       JavaScript from a CDN when opened). Toy envs: a matplotlib JavaScript animation.
       Not for MuJoCo Playground envs.
@@ -69,7 +76,10 @@ def render(
     body from the side, so a running Ant stays in view. That needs OpenGL: on headless
     Linux diffsim selects EGL (`MUJOCO_GL=egl`) when `mujoco` is first imported; without
     any GL, `.gif`/`.mp4`/`.png` raise an error and `.html` still works. Toy envs (`reach`,
-    `pendulum`, `ball`) are drawn with matplotlib.
+    `pendulum`, `ball`) are drawn with matplotlib. Every other env (your own
+    `AbstractEnv`, gymnax's) is drawn as a figure: observations, actions and reward
+    against the step, one line per entry, with a cursor moving over the steps in a
+    video; or, with `frame`, by your own drawing function.
 
     **Arguments:**
 
@@ -81,6 +91,10 @@ def render(
     - `length`: at most this many steps; default `env.episode_length`.
     - `fps`: video frame rate; default real time.
     - `stills`: frames in a `.png` strip.
+    - `frame`: your own drawing, `frame(state, action, reward) -> uint8[H, W, 3]` (floats
+      in [0, 1] work too), called once per frame (`T` times for a video of `T` steps,
+      `stills` times for a `.png`) with the env's state before the step (its own pytree,
+      as NumPy arrays), the action taken in it and its reward. Not for `.html`.
 
     **Returns:** `Path(path)`.
 
@@ -96,6 +110,7 @@ def render(
     policy = jax.tree.map(lambda x: x[0], run.policy)   # seed 0
     diffsim.render(env, policy, "pendulum.gif", key=jax.random.key(0))
     diffsim.render(env, policy, "pendulum.png", key=jax.random.key(0))   # still frames
+    diffsim.render(my_env, policy, "signals.png", key=jax.random.key(0))  # any env: a figure
     ```
     """
     path = Path(path)
@@ -107,7 +122,9 @@ def render(
         raise ValueError(f"stills must be a positive int, got {stills!r}")
     if fps is not None and not fps > 0:
         raise ValueError(f"fps must be > 0, got {fps!r}")
-    scene = _scene(env)
+    scene = _scene(env) if frame is None else FrameScene(env, frame)
+    if suffix == ".html" and isinstance(scene, FrameScene):
+        raise ValueError(f"render(frame=...) writes .gif, .mp4 or .png, got {str(path)!r}")
     if suffix == ".html" and isinstance(scene, _MujocoScene) and scene.sys is None:
         raise ValueError(
             f"render draws {env.name!r} (a MuJoCo Playground env) as .gif, .mp4 or .png;"
@@ -124,6 +141,9 @@ def render(
     if suffix == ".png":
         import imageio.v3 as iio
 
+        if isinstance(scene, PlotScene):
+            iio.imwrite(path, scene.png(episode))
+            return path
         picks = np.unique(np.linspace(0, steps - 1, min(stills, steps)).round().astype(int))
         iio.imwrite(path, _strip(scene.frames(episode, picks)))
         return path
@@ -200,7 +220,8 @@ def _steps(env, policy, reset_key, act_key, length: int):
 
     def step(state, key):
         after, traj = rollout(env, policy, state, key=key, length=1, deterministic=True)
-        return after, (state.pipeline_state, traj.action[0, 0], traj.reward[0, 0], traj.done[0, 0])
+        seen = (traj.obs[0, 0], traj.action[0, 0], traj.reward[0, 0], traj.done[0, 0])
+        return after, (state.pipeline_state, *seen)
 
     return jax.lax.scan(step, start, jr.split(act_key, length))[1]
 
@@ -208,11 +229,12 @@ def _steps(env, policy, reset_key, act_key, length: int):
 def _episode(env, policy, key: PRNGKeyArray, length: int) -> _Episode:
     """The first episode from `reset(key)`, cut at its end (or at `length` steps)."""
     reset_key, act_key = jr.split(key)
-    states, action, reward, done = _steps(env, policy, reset_key, act_key, length)
+    states, obs, action, reward, done = _steps(env, policy, reset_key, act_key, length)
     ended = np.flatnonzero(np.asarray(done) > 0)
     steps = int(ended[0]) + 1 if len(ended) else length
     return _Episode(
         states=jax.tree.map(lambda x: x[:steps, 0], states),
+        obs=obs[:steps],
         action=action[:steps],
         reward=reward[:steps],
     )
@@ -456,7 +478,4 @@ def _scene(env):
             return _ToyScene(env, draw)
     if hasattr(getattr(inner, "sys", None), "mj_model") or hasattr(inner, "mj_model"):
         return _MujocoScene(env)
-    raise ValueError(
-        f"render cannot draw {env.name!r}: it draws Brax envs, MuJoCo Playground envs and"
-        f" the toy envs {sorted(c.__name__ for c in _TOY_DRAW)}"
-    )
+    return PlotScene(env)  # an env with no picture of its own: its signals over time

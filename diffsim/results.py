@@ -34,7 +34,8 @@ class Run(eqx.Module):
     - `curve`: the `LearningCurve`.
     - `metrics`: per-iteration training metrics, `Float[Array, "*runs iterations"]` each.
     - `config`: plain-JSON description: strategy hyperparameters, env, budget, versions,
-      `compile_seconds`, `train_seeds`...
+      `compile_seconds`, `train_seeds`... `config["env_spec"]` records how to build the
+      env again (`make_env`'s arguments; a class of your own by its import path).
 
     **Example:**
 
@@ -90,6 +91,23 @@ class Run(eqx.Module):
         # Last, so a folder with config.json holds a complete run (what study resumes on).
         _atomic_write(path / "config.json", json.dumps(self.config, indent=2).encode())
         return path
+
+    def make_env(self):
+        """The env this run trained on, built again from `config["env_spec"]`
+        (`diffsim.envs.from_config`). For an env class of your own this imports the module
+        the run recorded (`"MODULE:CLASS"`, which must be importable here): the one piece
+        of code a saved run can make Python run, and only when this method is called.
+
+        **Example:**
+
+        ```python
+        run = diffsim.load_run("results/my_run")
+        returns = diffsim.evaluate(run.make_env(), run.policy, key=jax.random.key(0))
+        ```
+        """
+        from .envs import from_config
+
+        return from_config(self.config)
 
 
 def load_run(path: str | os.PathLike, *, like: eqx.Module | None = None) -> Run:
@@ -219,6 +237,7 @@ def run_config(
         "env": env.name,
         "backend": env.backend,
         "episode_length": env.episode_length,
+        "env_spec": getattr(env, "spec", None),  # how to build it again: `Run.make_env`
         **budget,
         "num_eval_episodes": num_eval_episodes,
         "num_seeds": num_seeds,

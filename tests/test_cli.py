@@ -353,3 +353,15 @@ def test_guided_es_components_from_options():
     wrong = parser.parse_args(["train", "guided-es", "--gradient-discount", "0.8"])
     with pytest.raises(ValueError, match="--gradient-discount do not apply to APGWindow"):
         cli._strategy_from(wrong)
+
+
+def test_env_args_are_json_where_they_parse_and_a_bad_env_is_one_line(capsys):
+    assert cli._env_arg("gain=2.0") == ("gain", 2.0)
+    assert cli._env_arg("sizes=[1, 2]") == ("sizes", [1, 2])
+    assert cli._env_arg("mode=fast") == ("mode", "fast")
+    with pytest.raises(SystemExit):
+        cli.main(["train", "apg", "--env", "reach", "--env-arg", "no-equals-sign"])
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+    assert cli.main(["train", "apg", "--env", "user_envs:Nope", "--steps", "10"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "env 'user_envs:Nope': cannot load 'Nope'" in err

@@ -4,13 +4,77 @@ import numpy as np
 import pytest
 
 import diffsim
-from diffsim import envs
+from diffsim import envs, envs as envs_mod
 
 
 def test_names_cover_toys_and_brax():
     assert envs.toy_names() == ["ball", "pendulum", "reach"]
     assert {"inverted_pendulum", "fast", "ant"} <= set(envs.brax_names())
-    assert envs.names() == envs.toy_names() + envs.brax_names() + envs.playground_names()
+    assert envs.names() == (
+        envs.toy_names() + envs.brax_names() + envs.playground_names() + envs.gymnax_names()
+    )
+
+
+def test_the_size_tables_diffsim_envs_prints_match_the_envs(envs):
+    """`diffsim envs` prints sizes from tables (nothing built): spot-checked against envs."""
+    from diffsim.envs import _catalog
+
+    for name, cls in {
+        "reach": envs_mod.Reach,
+        "pendulum": envs_mod.Pendulum,
+        "ball": envs_mod.Ball,
+    }.items():
+        assert _catalog.TOY[name] == (cls.obs_size, cls.act_size, cls.default_episode_length)
+    env = envs("inverted_pendulum")
+    sizes = (env.observation_size, env.action_size, env.episode_length)
+    assert _catalog.BRAX["inverted_pendulum"] == sizes
+    gym = diffsim.make_env("gymnax:MountainCarContinuous-v0")
+    sizes = (gym.observation_size, gym.action_size, gym.episode_length)
+    assert _catalog.GYMNAX["MountainCarContinuous-v0"] == sizes
+
+
+def test_gymnax_pendulum_gradient_is_nonzero_and_matches_finite_differences(key):
+    """APG's gradient through gymnax's Pendulum-v1 (transition gradients on): the reward
+    summed over a 6-step window w.r.t. the actions, in float64, against central
+    differences. With gymnax's default (detached transitions) only the reward's direct
+    term is left, -0.001 u^2 with torque u = 2a: d/da = -0.008 a, nothing through the
+    dynamics."""
+    with jax.enable_x64(True):
+        env = diffsim.make_env("gymnax:Pendulum-v1")
+        assert env.backend == "gymnax" and env.unwrapped.differentiable
+        start = env.reset(key)
+        actions = jnp.linspace(-0.4, 0.3, 6)[:, None]
+
+        def window(actions, env=env):
+            def step(state, action):
+                state = env.step(state, action)
+                return state, state.reward
+
+            return jax.lax.scan(step, start, actions)[1].sum()
+
+        grad = jax.grad(window)(actions)
+        eps, fd = 1e-6, np.zeros(6)
+        for t in range(6):
+            bump = jnp.zeros_like(actions).at[t, 0].set(eps)
+            fd[t] = (window(actions + bump) - window(actions - bump)) / (2 * eps)
+        direct = -0.008 * np.asarray(actions[:, 0])
+        through = np.asarray(grad[:, 0]) - direct  # what flows through the dynamics
+        assert np.abs(through[:-1]).min() > 1e-3 and through[-1] == pytest.approx(0.0)
+        np.testing.assert_allclose(grad[:, 0], fd, rtol=1e-5, atol=1e-8)
+        import gymnax
+
+        inner, params = gymnax.make("Pendulum-v1")  # as gymnax hands it out: detached
+        detached = envs_mod.AutoResetEnv(envs_mod.GymnaxEnv(inner, params, False), 200)
+        assert detached.backend == "gymnax-detached"
+        flat = jax.grad(lambda a: window(a, env=detached))(actions)
+        np.testing.assert_allclose(flat[:, 0], direct, rtol=1e-9)
+
+
+def test_gymnax_refuses_discrete_actions_and_unknown_names():
+    with pytest.raises(ValueError, match=r"'CartPole-v1' has discrete actions"):
+        diffsim.make_env("gymnax:CartPole-v1")
+    with pytest.raises(ValueError, match=r"unknown gymnax env 'Nope-v0'; gymnax's: CartPole"):
+        diffsim.make_env("gymnax:Nope-v0")
 
 
 @pytest.mark.parametrize(

@@ -86,3 +86,46 @@ def test_diffsims_brax_builds_hide_settotalmass_but_user_models_keep_it(tmp_path
     assert "settotalmass" not in built + result.stdout
     user, done, _ = after.partition("USER MODEL DONE")
     assert done and "WARNING: compiler attribute 'settotalmass' is deprecated" in user
+
+
+LAZY_PROBE = """
+import json, sys
+import diffsim
+after_import = sorted(m for m in ("brax", "mujoco", "mujoco_playground", "gymnax", "optax")
+                      if m in sys.modules)
+assert diffsim.envs.toy_names() == ["ball", "pendulum", "reach"]
+from diffsim import cli
+cli.main(["envs"])
+after_envs = sorted(m for m in ("brax", "mujoco", "mujoco_playground") if m in sys.modules)
+print(json.dumps({"import": after_import, "envs": after_envs}))
+"""
+
+
+def test_import_and_the_envs_command_load_neither_brax_nor_mujoco(tmp_path):
+    """`import diffsim` costs about what `import jax` does (issue 33, item 6): Brax, MuJoCo
+    and Playground load when an env or a strategy is first asked for, and `diffsim envs`
+    prints from tables without building an env (nothing for MuJoCo to warn about)."""
+    result = _python(LAZY_PROBE, tmp_path)
+    lines = result.stdout.strip().splitlines()
+    assert json.loads(lines[-1]) == {"import": [], "envs": []}
+    listed = [line.split()[0] for line in lines[1:-1] if line.strip() and "..." not in line]
+    assert {"reach", "ant", "CheetahRun"} <= set(listed) and "WARNING" not in result.stderr
+    assert "MODULE:CLASS" in result.stdout
+
+
+def test_every_lazy_public_name_is_declared_for_type_checkers_and_imports():
+    """`diffsim/__init__.py`'s `_EXPORTS` (what runs) and its `TYPE_CHECKING` imports (what
+    readers and pyright see) list the same names, and each one resolves."""
+    import ast
+
+    import diffsim
+    import diffsim.envs
+
+    for module in (diffsim, diffsim.envs):
+        tree = ast.parse(Path(module.__file__).read_text())
+        guarded = next(n for n in tree.body if isinstance(n, ast.If))
+        declared = {a.asname or a.name for n in guarded.body for a in n.names}  # pyright: ignore[reportAttributeAccessIssue]
+        assert declared == set(module._EXPORTS), module.__name__
+        for name in sorted(declared):
+            assert getattr(module, name) is not None, name
+    assert callable(diffsim.train) and callable(diffsim.render)  # not their submodules

@@ -3,10 +3,10 @@ MuJoCo (EGL when headless), videos through imageio."""
 
 import base64
 import ctypes.util
+import importlib
 import json
 import os
 import re
-import sys
 import warnings
 import zlib
 
@@ -23,7 +23,7 @@ from diffsim import cli
 
 STEPS = 24  # a short pendulum episode
 BRAX_STEPS = 12
-_render_module = sys.modules["diffsim.render"]  # `diffsim.render` is the function
+_render_module = importlib.import_module("diffsim.render")  # `diffsim.render`: the function
 
 
 class Constant(eqx.Module):
@@ -160,6 +160,52 @@ def test_no_gl_is_a_clear_error_and_html_still_works(reacher, arm, key, tmp_path
     with pytest.raises(OSError, match=r"MUJOCO_GL.*\.html needs no OpenGL"):
         diffsim.render(reacher, arm, tmp_path / "r.gif", key=key, length=BRAX_STEPS)
     assert diffsim.render(reacher, arm, tmp_path / "r.html", key=key, length=BRAX_STEPS).exists()
+
+
+# --- Any env: a figure of its signals, or the user's frame function ----------------------
+
+
+@pytest.fixture(scope="module")
+def cart():
+    from user_envs import Cart
+
+    return diffsim.make_env(Cart, episode_length=5)
+
+
+@pytest.fixture(scope="module")
+def pusher(cart):
+    return Constant(jnp.array([0.5]))
+
+
+def test_an_env_without_a_picture_is_drawn_as_its_signals(cart, pusher, key, tmp_path):
+    """A PNG of observations, actions and reward: one line per entry (2 + 1 + 1), plus one
+    cursor per panel that only a video shows."""
+    from diffsim import _episode_plot
+
+    path = diffsim.render(cart, pusher, tmp_path / "cart.png", key=key)
+    assert iio.imread(path).shape == (384, 512, 3)
+    episode = _render_module._episode(cart, pusher, key, 5)
+    fig, _ = _episode_plot.episode_figure(episode, cart.name)
+    assert [len(ax.lines) - 1 for ax in fig.axes] == [2, 1, 1]
+    action = fig.axes[1].lines[0].get_ydata()
+    np.testing.assert_allclose(action, 0.5)  # the plotted values are the episode's
+    np.testing.assert_allclose(fig.axes[2].lines[0].get_ydata(), episode.reward)
+    assert _frames(diffsim.render(cart, pusher, tmp_path / "cart.gif", key=key)).shape[0] == 5
+
+
+def test_a_frame_function_draws_every_step(cart, pusher, key, tmp_path):
+    calls = []
+
+    def frame(state, action, reward):
+        calls.append((float(state["x"]), float(action[0]), reward))
+        return np.full((16, 24, 3), len(calls) / 10)  # floats in [0, 1]; differing frames
+
+    path = diffsim.render(cart, pusher, tmp_path / "own.gif", key=key, frame=frame)
+    frames = _frames(path)
+    assert len(calls) == frames.shape[0] == 5 and frames.shape[1:3] == (16, 24)
+    assert [a for _, a, _ in calls] == [0.5] * 5
+    with pytest.raises(ValueError, match=r"frame=\.\.\.\) writes .gif, .mp4 or .png"):
+        diffsim.render(cart, pusher, tmp_path / "own.html", key=key, frame=frame)
 
 
 # --- The command ------------------------------------------------------------------------

@@ -1,68 +1,19 @@
 """Built-in toy environments: pure JAX, smooth, differentiable, compile in seconds.
 
-Each is written for one env and follows the Brax `Env` interface, so Brax wrappers and
-`jax.vmap` apply. The physical state is a dict in `State.pipeline_state`. None of them
-terminates early; `make_env` adds the time limit.
+Each is an `AbstractEnv` (`_base.py`, the interface for an env of your own): written for
+one env, with the Brax `Env` interface, so Brax wrappers and `jax.vmap` apply. The physical
+state is a dict in `State.pipeline_state`. None of them terminates early; `make_env` adds
+the time limit.
 """
-
-import abc
-from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import jax.random as jr
-from brax.envs.base import Env, State
 
-PhysState = dict[str, jax.Array]
+from ._base import AbstractEnv, PhysState
 
-
-class AbstractToyEnv(Env):
-    """A deterministic, smooth system: `reset` draws an initial state, `step` integrates."""
-
-    default_episode_length: ClassVar[int]
-    obs_size: ClassVar[int]
-    act_size: ClassVar[int]
-
-    @abc.abstractmethod
-    def init(self, key: jax.Array) -> PhysState: ...
-
-    @abc.abstractmethod
-    def dynamics(self, s: PhysState, action: jax.Array) -> PhysState: ...
-
-    @abc.abstractmethod
-    def observe(self, s: PhysState) -> jax.Array: ...
-
-    @abc.abstractmethod
-    def reward(self, s: PhysState, action: jax.Array, next_s: PhysState) -> jax.Array: ...
-
-    def reset(self, rng: jax.Array) -> State:
-        s = self.init(rng)
-        zero = jnp.zeros(())
-        # A toy env's pipeline state is its own dict of arrays, not a Brax pipeline State.
-        return State(pipeline_state=s, obs=self.observe(s), reward=zero, done=zero)  # pyright: ignore[reportArgumentType]
-
-    def step(self, state: State, action: jax.Array) -> State:
-        action = jnp.clip(action, -1.0, 1.0)
-        s: PhysState = state.pipeline_state  # pyright: ignore[reportAssignmentType]
-        next_s = self.dynamics(s, action)
-        return state.replace(  # pyright: ignore[reportAttributeAccessIssue]  (flax dataclass)
-            pipeline_state=next_s,
-            obs=self.observe(next_s),
-            reward=self.reward(s, action, next_s),
-            done=jnp.zeros(()),
-        )
-
-    @property
-    def observation_size(self) -> int:
-        return self.obs_size
-
-    @property
-    def action_size(self) -> int:
-        return self.act_size
-
-    @property
-    def backend(self) -> str:
-        return "jax"
+AbstractToyEnv = AbstractEnv
+"""The name `AbstractEnv` had before it was public; existing subclasses keep working."""
 
 
 def _norm(x: jax.Array) -> jax.Array:
@@ -70,7 +21,7 @@ def _norm(x: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.sum(x**2) + 1e-6)
 
 
-class Reach(AbstractToyEnv):
+class Reach(AbstractEnv):
     """A damped 2-D point mass pushed toward a random target.
 
     obs = (position, velocity, target - position), 6 numbers; action = force, 2 numbers.
@@ -108,7 +59,7 @@ class Reach(AbstractToyEnv):
         return -_norm(next_s["pos"] - next_s["target"]) - 0.01 * jnp.sum(action**2)
 
 
-class Pendulum(AbstractToyEnv):
+class Pendulum(AbstractEnv):
     """Pendulum swing-up with a weak motor (it must swing to get up), as in Gym's Pendulum.
 
     The angle is 0 upright; it starts anywhere with a small spin. obs = (cos, sin, angular
@@ -151,7 +102,7 @@ class Pendulum(AbstractToyEnv):
         return jnp.cos(next_s["theta"]) - 0.01 * next_s["omega"] ** 2 - 0.001 * torque**2
 
 
-class Ball(AbstractToyEnv):
+class Ball(AbstractEnv):
     """Throw a ball at a target: the seed's falling ball (gravity -9.8), now with a goal.
 
     For the first `throw_steps` steps a hand holds the ball and the action accelerates it
@@ -207,4 +158,4 @@ class Ball(AbstractToyEnv):
         return jnp.where(flying, -_norm(next_s["pos"] - next_s["target"]), 0.0)
 
 
-TOY_ENVS: dict[str, type[AbstractToyEnv]] = {"reach": Reach, "pendulum": Pendulum, "ball": Ball}
+TOY_ENVS: dict[str, type[AbstractEnv]] = {"reach": Reach, "pendulum": Pendulum, "ball": Ball}

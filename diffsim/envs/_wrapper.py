@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import jax.random as jr
 from brax.envs.base import Env, State, Wrapper
 
+from ._base import AbstractEnv, check_env
+
 _OWN_INFO = (
     "steps",
     "truncation",
@@ -69,6 +71,10 @@ class AutoResetEnv(Wrapper):
     - `env`: any Brax `Env` (a Brax system or a diffsim toy env).
     - `episode_length`: the time limit in env steps.
     - `name`: the registry name, for messages and saved configs.
+    - `spec`: how to build the env again (`make_env` sets it; see `from_config`), or None.
+
+    An `AbstractEnv` is checked against its interface here (`check_env`: traced, not
+    compiled), so a wrong size or shape is reported before anything compiles.
 
     **Example:**
 
@@ -79,10 +85,13 @@ class AutoResetEnv(Wrapper):
     ```
     """
 
-    def __init__(self, env: Env, episode_length: int, name: str = ""):
+    def __init__(self, env: Env, episode_length: int, name: str = "", spec: dict | None = None):
+        if isinstance(env, AbstractEnv):
+            check_env(env)
         super().__init__(env)
         self.episode_length = episode_length
         self.name = name
+        self.spec = spec
         self._obs_size: int | None = None
 
     @property

@@ -27,7 +27,22 @@ from importlib.metadata import entry_points
 from .base import AbstractStrategy
 
 ENTRY_POINT_GROUP = "diffsim.strategies"
+# The built-in strategies, by their public name in `diffsim`: registered on the registry's
+# first use, not at `import diffsim` (importing them imports Brax, which takes seconds).
+BUILTIN = ("PPO", "APG", "SHAC", "AHAC", "SAPO", "ES", "GuidedES", "REINFORCE")
 _REGISTERED: dict[str, type[AbstractStrategy]] = {}
+_BUILTINS_LOADED: list[bool] = []
+
+
+def _load_builtins() -> None:
+    """Register `BUILTIN` (once; before anything else, so they keep their names)."""
+    if _BUILTINS_LOADED:
+        return
+    _BUILTINS_LOADED.append(True)
+    import diffsim
+
+    for name in BUILTIN:
+        register(getattr(diffsim, name))
 
 
 def command_name(cls: type) -> str:
@@ -50,6 +65,7 @@ def register(cls: type[AbstractStrategy], name: str | None = None) -> type[Abstr
         raise TypeError(
             f"only subclasses of diffsim.AbstractStrategy can be registered, got {cls!r}"
         )
+    _load_builtins()
     name = command_name(cls) if name is None else name
     if not re.fullmatch(r"[a-z][a-z0-9-]*", name):
         raise ValueError(f"a strategy name is lowercase letters, digits and '-', got {name!r}")
@@ -65,6 +81,7 @@ def strategies() -> dict[str, type[AbstractStrategy]]:
 
     **Example:** `sorted(strategies())[:3] == ["apg", "es", "guided-es"]`.
     """
+    _load_builtins()
     found = dict(_REGISTERED)
     for point in entry_points(group=ENTRY_POINT_GROUP):
         if point.name not in found:
