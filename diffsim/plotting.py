@@ -111,20 +111,29 @@ def _lines(runs_by_label: Mapping[str, Run]) -> list[tuple[str, Run, str | None]
         if run_axes(run) != ("config", "seed"):
             out.append((label, run, None))
             continue
-        for c, values in enumerate(run.config["sweep"]):
-            named = " ".join(f"{k}={format_value(v)}" for k, v in values.items())
+        listing = run.config["sweep"]
+        # One notation per name: 1e-3 and 1e-2, not 1e-3 and 0.01.
+        sci = {k: any(_tiny_or_huge(c[k]) for c in listing) for k in listing[0]}
+        for c, values in enumerate(listing):
+            named = " ".join(f"{k}={format_value(v, scientific=sci[k])}" for k, v in values.items())
             color = f"C{len(out) % 10}"
             out.append((f"{label} {named}", select_run(run, config=c), color))
     return out
 
 
-def format_value(value: float) -> str:
-    """A swept value as a short label: `1e-3`, `3e-4`, `0.2`, `64`.
+def _tiny_or_huge(value: float) -> bool:
+    return value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4)
 
-    **Example:** `format_value(0.001) == "1e-3"`.
+
+def format_value(value: float, *, scientific: bool | None = None) -> str:
+    """A swept value as a short label: `1e-3`, `3e-4`, `0.2`, `64`. `scientific`: force
+    the notation (default: scientific below 1e-2 and from 1e4 on).
+
+    **Example:** `format_value(0.001) == "1e-3"`, `format_value(0.01, scientific=True) ==
+    "1e-2"`.
     """
     value = float(value)
-    if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4):
+    if value != 0 and (scientific or (scientific is None and _tiny_or_huge(value))):
         mantissa, exponent = f"{value:.2e}".split("e")
         mantissa = mantissa.rstrip("0").rstrip(".")
         return f"{mantissa}e{int(exponent)}"

@@ -162,3 +162,19 @@ def test_the_own_loop_snippet_trains(capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     before, after = (float(x) for x in last.split(":")[1].replace(" before,", "").split()[:2])
     assert last.startswith("evaluation return") and after > before + 20
+
+
+def test_sweep_labels_use_one_notation_per_name():
+    from diffsim.plotting import format_value
+
+    assert [format_value(v) for v in (1e-3, 3e-4, 2.5e-4, 0.2, 64.0, 1e5)] == [
+        "1e-3",
+        "3e-4",
+        "2.5e-4",
+        "0.2",
+        "64",
+        "1e5",
+    ]
+    assert (
+        format_value(0.01, scientific=True) == "1e-2" and format_value(0.0, scientific=True) == "0"
+    )
