@@ -23,8 +23,11 @@ study: $(STAMP)
 study-table: $(STAMP)
 	$(PY) studies/compare.py --report-only
 
-# Lint, type check, then the test suite: one worker per core of a 2-core machine, each test
-# file on one worker (the files share compiled programs through module-scoped fixtures).
+# Lint, type check, then the whole test suite, `slow` tests included (CI runs everything):
+# one worker per core of a 2-core machine, each test file on one worker (the files share
+# compiled programs through module-scoped fixtures). For a quicker loop while developing,
+# leave out the tests marked `slow` (Brax training, MJX compiles, long runs):
+#   .venv/bin/python -m pytest -q -n 2 --dist loadfile -m "not slow"
 WORKERS ?= 2
 test: lint typecheck
 	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile

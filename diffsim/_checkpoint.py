@@ -2,6 +2,7 @@
 
 A checkpoint is a folder `ckpt-<evaluation index>` written as `ckpt-<i>.tmp` and renamed
 when complete, so a process killed mid-write leaves the previous checkpoint intact.
+`_before_rename` marks the last moment of a write, for tests to fail or kill there.
 """
 
 import json
@@ -47,6 +48,7 @@ def save(root: Path, index: int, carry, history: dict[str, Any], meta: dict) -> 
     tmp = root / f"ckpt-{index:06d}.tmp"
     try:
         _write(tmp, carry, history, {**meta, "index": index})
+        _before_rename(tmp, index)
         os.replace(tmp, final)
     except OSError as error:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -59,6 +61,13 @@ def save(root: Path, index: int, carry, history: dict[str, Any], meta: dict) -> 
         if old != final and not old.name.endswith(".tmp"):
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _before_rename(tmp: Path, index: int) -> None:
+    """Called when checkpoint `index` is written and synced in `tmp`, before the rename that
+    makes it complete. Does nothing: a fault-injection point, which tests replace to raise
+    (an `OSError` takes `save`'s clean-up path) or to kill the process inside a write."""
+    del tmp, index
 
 
 def _write(tmp: Path, carry, history: dict[str, Any], meta: dict) -> None:

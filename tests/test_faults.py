@@ -1,12 +1,12 @@
 """Checkpoints, kills, determinism across processes, and results folders that cannot be written."""
 
+import errno
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import jax
 import jax.random as jr
@@ -15,34 +15,37 @@ import pytest
 from conftest import COMPILE, compiles, gaussian
 
 import diffsim
-from diffsim import cli
+from diffsim import _checkpoint, cli
 
 TINY = diffsim.PPO(num_envs=8, unroll_length=16, num_epochs=2, num_minibatches=4)
 ARGS = dict(
     total_steps=12 * TINY.steps_per_iteration, num_evals=13, num_eval_episodes=4, progress=False
 )
 
-# A child process that trains TINY on reach; every checkpoint file write pauses 0.3 s,
-# so the parent can kill it in the middle of writing a checkpoint.
+# A child process that trains TINY on reach, into `out` as a run ("plain") or as checkpoints
+# ("kill"), killing itself (SIGKILL) inside the write of checkpoint KILLED_AT: its files
+# written and synced, the rename that would complete it not yet done.
+KILLED_AT = 4
 CHILD = textwrap.dedent(
-    """
-    import sys, time
+    f"""
+    import os, signal, sys
     import jax.random as jr
-    import numpy as np
     import diffsim
+    from diffsim import _checkpoint
 
     out, mode = sys.argv[1], sys.argv[2]
-    if mode == "slow":
-        savez = np.savez
-        def slow_savez(*args, **kwargs):
-            savez(*args, **kwargs)
-            time.sleep(0.3)
-        np.savez = slow_savez
+
+    def kill_inside_the_write(tmp, index):
+        if index == {KILLED_AT}:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    if mode == "kill":
+        _checkpoint._before_rename = kill_inside_the_write
     env = diffsim.make_env("reach")
     policy = diffsim.GaussianPolicy(env.observation_size, env.action_size, key=jr.key(1))
     ppo = diffsim.PPO(num_envs=8, unroll_length=16, num_epochs=2, num_minibatches=4)
     kwargs = dict(total_steps=12 * ppo.steps_per_iteration, num_evals=13, num_eval_episodes=4, progress=False)
-    if mode == "slow":
+    if mode == "kill":
         diffsim.train(ppo, env, policy, key=jr.key(5), checkpoint_dir=out, **kwargs)
     else:
         diffsim.train(ppo, env, policy, key=jr.key(5), **kwargs).save(out)
@@ -57,31 +60,81 @@ def _child(tmp_path, out, mode):
     return subprocess.Popen([sys.executable, str(script), str(out), mode], env=env)
 
 
-def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
-    ckpt = tmp_path / "ckpt"
-    child = _child(tmp_path, ckpt, "slow")
-    deadline = time.time() + 300
-    while not (ckpt / "ckpt-000003").exists():
-        assert child.poll() is None, "the child finished or died before its third checkpoint"
-        assert time.time() < deadline
-        time.sleep(0.02)
-    time.sleep(0.35)  # now inside the write of checkpoint 4 (0.3 s per file)
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    complete = sorted(p.name for p in ckpt.iterdir() if not p.name.endswith(".tmp"))
-    assert complete and complete[-1] < "ckpt-000012"  # killed mid-run: previous checkpoint kept
-    assert json.loads((ckpt / complete[-1] / "meta.json").read_text())["index"] >= 3
+def _recording_saves(monkeypatch) -> dict[int, tuple[list[np.ndarray], dict[str, np.ndarray]]]:
+    """Record what each checkpoint save of this process is given: index -> (the carry's
+    leaves as stored, the history)."""
+    saved, save = {}, _checkpoint.save
 
+    def recording(root, index, carry, history, meta):
+        leaves = [_checkpoint.key_data(x) for x in jax.tree.leaves(carry)]
+        saved[index] = (leaves, {k: np.array(v) for k, v in history.items()})
+        return save(root, index, carry, history, meta)
+
+    monkeypatch.setattr(_checkpoint, "save", recording)
+    return saved
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """A process killed inside the write of checkpoint 4 leaves checkpoint 3 complete,
+    holding what an uninterrupted run saves at evaluation 3; resuming from it ends bit for
+    bit where the uninterrupted run ends."""
+    ckpt = tmp_path / "ckpt"
+    child = _child(tmp_path, ckpt, "kill")
+    saved = _recording_saves(monkeypatch)  # meanwhile, the uninterrupted run here
     env = diffsim.make_env("reach")
     policy = gaussian(env, key=jr.key(1))
+    straight = diffsim.train(
+        TINY, env, policy, key=jr.key(5), checkpoint_dir=tmp_path / "straight", **ARGS
+    )
+    assert child.wait(timeout=600) == -signal.SIGKILL  # killed by the hook, not finished
+    assert sorted(p.name for p in ckpt.iterdir()) == ["ckpt-000003", "ckpt-000004.tmp"]
+
+    kept = ckpt / "ckpt-000003"
+    assert json.loads((kept / "meta.json").read_text())["index"] == KILLED_AT - 1
+    leaves, history = saved[KILLED_AT - 1]
+    with np.load(kept / "carry.npz") as data:
+        assert set(data.files) == {f"leaf_{i}" for i in range(len(leaves))}
+        for i, leaf in enumerate(leaves):
+            np.testing.assert_array_equal(data[f"leaf_{i}"], leaf)
+    with np.load(kept / "history.npz") as data:
+        assert set(data.files) == set(history)
+        for name in set(history) - {"seconds"}:  # seconds: each process's own clock
+            np.testing.assert_array_equal(data[name], history[name])
+
     resumed = diffsim.train(TINY, env, policy, key=jr.key(5), resume_from=ckpt, **ARGS)
-    straight = diffsim.train(TINY, env, policy, key=jr.key(5), **ARGS)
     np.testing.assert_array_equal(resumed.curve.eval_return, straight.curve.eval_return)
     np.testing.assert_array_equal(resumed.curve.env_steps, straight.curve.env_steps)
+    assert resumed.metrics.keys() == straight.metrics.keys()
     for name in straight.metrics:
         np.testing.assert_array_equal(resumed.metrics[name], straight.metrics[name])
     for a, b in zip(jax.tree.leaves(resumed.policy), jax.tree.leaves(straight.policy), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_write_failing_before_its_rename_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """An I/O error inside the write of checkpoint 4 (its files written, not yet renamed):
+    `train` names checkpoint 3 as the newest complete one, removes the partial folder, and
+    checkpoint 3 holds what was saved at evaluation 3."""
+
+    def fail_inside_the_write(tmp, index):
+        if index == KILLED_AT:
+            raise OSError(errno.EIO, "injected I/O error")
+
+    saved = _recording_saves(monkeypatch)
+    monkeypatch.setattr(_checkpoint, "_before_rename", fail_inside_the_write)
+    env = diffsim.make_env("reach")
+    with pytest.raises(
+        OSError,
+        match="could not write checkpoint 4 to .*ckpt: injected I/O error;"
+        " the newest complete checkpoint is ckpt-000003",
+    ):
+        diffsim.train(
+            TINY, env, gaussian(env), key=jr.key(5), checkpoint_dir=tmp_path / "ckpt", **ARGS
+        )
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["ckpt-000003"]
+    with np.load(tmp_path / "ckpt" / "ckpt-000003" / "history.npz") as data:
+        np.testing.assert_array_equal(data["eval_return"], saved[3][1]["eval_return"])
+        np.testing.assert_array_equal(data["seconds"], saved[3][1]["seconds"])
 
 
 def test_same_key_bit_identical_across_processes(tmp_path):

@@ -1,9 +1,10 @@
 """MuJoCo Playground's DM Control Suite envs through `make_env`, on MJX's JAX implementation.
 
-`make` installs the `playground` extra. Each test compiles at most one small MJX program
-(CartpoleBalance, PendulumSwingup).
+`make` installs the `playground` extra; without it the module is skipped. Each test compiles
+at most one small MJX program (CartpoleBalance, PendulumSwingup); those that do are `slow`.
 """
 
+import importlib.util
 import re
 import subprocess
 
@@ -17,6 +18,11 @@ from brax.envs.base import State
 
 import diffsim
 from diffsim import envs
+
+# Skip without the extra. Found, not imported: every xdist worker collects this module, and
+# importing Playground here would bypass diffsim's quiet import (JAXopt's DeprecationWarning).
+if importlib.util.find_spec("mujoco_playground") is None:
+    pytest.skip("needs the `playground` extra", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +111,7 @@ def _episodes(env, key, actions):
     return pool, jax.lax.scan(body, state, actions)[1]
 
 
+@pytest.mark.slow  # compiles an MJX program
 def test_auto_reset_fresh_starts_and_divergence(cartpole, key):
     """Episodes of 3 steps from a pool of 2 fresh starts; a NaN action at step 1 diverges."""
     actions = jnp.zeros((7, 1)).at[1].set(jnp.nan)
@@ -135,6 +142,7 @@ def _rollout(env, key, actions):
     return jax.lax.scan(body, env.reset(key), actions)[1]
 
 
+@pytest.mark.slow  # compiles an MJX program
 def test_gradient_matches_finite_differences_float64(key):
     """PendulumSwingup in float64 (no contacts; its reward is an indicator, flat almost
     everywhere, so the objective is the pole's height and speed summed over 10 steps): the
@@ -188,6 +196,7 @@ def test_listed_by_names_and_the_envs_command(monkeypatch, capsys):
     assert re.search(r"^CartpoleBalance\s+mjx\s+5\s+1\s+1000$", out, re.M), out
 
 
+@pytest.mark.slow  # compiles an MJX program
 def test_render_draws_with_mujoco_and_refuses_html(cartpole, tmp_path):
     policy = diffsim.DeterministicPolicy(cartpole.observation_size, 1, key=jr.key(0))
     with pytest.raises(ValueError, match=r"'CartpoleBalance'.*\.gif, \.mp4 or \.png.*x\.html'"):
@@ -225,6 +234,7 @@ def pendulum():
     return diffsim.make_env("PendulumSwingup", episode_length=3)
 
 
+@pytest.mark.slow  # compiles an MJX program per strategy
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_every_strategy_steps_a_playground_env(name, pendulum):
     """Two `step`s of each strategy on PendulumSwingup (3-step episodes; the cheapest model

@@ -1,3 +1,7 @@
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -19,27 +23,47 @@ def reach():
     return diffsim.make_env("reach")
 
 
+class Seeded(NamedTuple):
+    run: diffsim.Run
+    make: Callable
+    keys: jax.Array
+    seconds: float  # the whole `train_seeds` call, by the clock around it
+
+
 @pytest.fixture(scope="module")
 def seeded(reach):
     make = lambda k: gaussian(reach, key=k)
     keys = jr.split(jr.key(7), 3)
-    return diffsim.train_seeds(TINY, reach, make, keys=keys, **BUDGET), make, keys
+    tic = time.perf_counter()
+    run = diffsim.train_seeds(TINY, reach, make, keys=keys, **BUDGET)
+    return Seeded(run, make, keys, time.perf_counter() - tic)
 
 
 def test_run_layout(seeded):
-    run, _, _ = seeded
+    run = seeded.run
     assert run.curve.env_steps.shape == (3, 3) and run.curve.eval_return.shape == (3, 3, 4)
     np.testing.assert_array_equal(run.curve.env_steps[0], [0, 256, 512])
     assert np.all(np.diff(np.asarray(run.curve.wall_time), axis=1) > 0)
-    assert run.config["eval_seconds"] > 0 and run.config["checkpoint_seconds"] == 0
     assert run.metrics["policy_loss"].shape == (3, 4)  # 4 iterations
     assert run.policy.net.layers[0].weight.shape[0] == 3  # leading seed axis
     assert run.config["total_steps"] == 512 and run.config["num_seeds"] == 3
-    assert run.config["compile_seconds"] > 0 and run.config["versions"]["jax"] == jax.__version__
+    assert run.config["versions"]["jax"] == jax.__version__
+
+
+def test_seconds_are_disjoint_parts_of_the_run(seeded):
+    """One training clock for all seeds: the curve's wall time ends at `train_seconds`. It
+    counts neither compiling nor evaluating, so the four clocks add up to no more than the
+    whole call took (a second counted twice would show); nothing was checkpointed."""
+    config, wall_time = seeded.run.config, np.asarray(seeded.run.curve.wall_time)
+    np.testing.assert_array_equal(wall_time, np.broadcast_to(wall_time[0], wall_time.shape))
+    ms = 5e-4 + 1e-6  # the config rounds seconds to milliseconds; the curve is float32
+    np.testing.assert_allclose(wall_time[:, -1], config["train_seconds"], rtol=0, atol=ms)
+    parts = [config[f"{k}_seconds"] for k in ("compile", "train", "eval", "checkpoint")]
+    assert parts[3] == 0.0 and sum(parts) <= seeded.seconds + 4 * ms
 
 
 def test_seeds_differ_and_reproduce(seeded, reach):
-    run, make, keys = seeded
+    run, make, keys, _ = seeded
     returns = np.asarray(run.curve.eval_return[:, -1])
     assert not np.allclose(returns[0], returns[1])  # different seeds, different runs
     np.testing.assert_array_equal(run.curve.eval_return[:, 0].shape, (3, 4))
@@ -53,7 +77,7 @@ def test_seeds_differ_and_reproduce(seeded, reach):
 
 
 def test_a_seed_of_train_seeds_is_train(seeded, reach):
-    run, make, keys = seeded
+    run, make, keys, _ = seeded
     single = diffsim.train(TINY, reach, make, key=keys[1], seed_index=1, **BUDGET)
     np.testing.assert_allclose(
         single.curve.eval_return, run.curve.eval_return[1], rtol=1e-4, atol=1e-3
@@ -61,7 +85,6 @@ def test_a_seed_of_train_seeds_is_train(seeded, reach):
 
 
 def test_evaluation_keys_are_shared_across_seeds_and_strategies(seeded):
-    run, _, _ = seeded
     # Same initial policy per seed would give same initial returns; with a factory the
     # policies differ, but the evaluation episodes' start states are the same: compare
     # the first evaluation of two runs of the same policy under different training keys.
@@ -74,7 +97,7 @@ def test_evaluation_keys_are_shared_across_seeds_and_strategies(seeded):
 
 
 def test_save_load_round_trip(seeded, tmp_path):
-    run, _, _ = seeded
+    run = seeded.run
     run.save(tmp_path / "run")
     back = diffsim.load_run(tmp_path / "run")
     for a, b in zip(jax.tree.leaves(run.policy), jax.tree.leaves(back.policy), strict=True):
