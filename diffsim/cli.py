@@ -1,228 +1,26 @@
 """The `diffsim` command: `train`, `study`, `plot`, `render`, `envs`. Run `diffsim --help`."""
 
 import argparse
-import dataclasses
-import json
 import os
 import runpy
 import sys
-import typing
 import warnings
 from pathlib import Path
 
-import equinox as eqx
 import jax
 import numpy as np
 
 import diffsim
 
-from ._checkpoint import check_writable
+from ._cli_train import (
+    add_train_parser,
+    run_train,
+    strategies,
+    strategy_registry,
+    with_cwd,
+)
 
 STUDIES_ENV = "DIFFSIM_STUDIES"  # extra folders of study scripts, `os.pathsep`-separated
-
-
-def strategies() -> dict[str, type]:
-    """Strategy classes by command-line name, from `diffsim.strategies.registry`."""
-    return _registry().strategies()
-
-
-def _add_hyperparameters(
-    parser: argparse.ArgumentParser, cls: type, prefix: str = "", *, optional: bool = False
-) -> list[str]:
-    """One option per frozen field with a plain default (numbers, flags, int tuples,
-    strings); a field whose default is a module (GuidedES's `gradient` and `mode`) becomes
-    a component (`_add_components`). With `optional`, options default to None (unset)."""
-    added = []
-    for field in dataclasses.fields(cls):
-        default = field.default
-        flag = "--" + (prefix + field.name).replace("_", "-")
-        if isinstance(default, eqx.Module) and not prefix:
-            _add_component(parser, cls, field.name, default)
-            added.append(field.name)
-            continue
-        if optional:
-            if any(a.dest == prefix + field.name for a in parser._actions):
-                added.append(field.name)
-                continue
-            default = _unset(default)
-        if default is _SKIP:
-            continue
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif isinstance(default, (int, float, str)):
-            parser.add_argument(
-                flag,
-                type=type(default),
-                default=default,
-                metavar=type(default).__name__.upper(),
-                help=f"default {default}",
-            )
-        elif isinstance(default, tuple) and all(isinstance(v, int) for v in default):
-            parser.add_argument(
-                flag,
-                type=_int_tuple,
-                default=default,
-                metavar="N,N,...",
-                help=f"default {','.join(map(str, default))}",
-            )
-        else:
-            continue
-        added.append(field.name)
-    return added
-
-
-_SKIP = object()
-
-
-def _unset(default):
-    """The default itself if it is a plain value an option can take, else `_SKIP`."""
-    if isinstance(default, bool | int | float | str):
-        return default
-    if isinstance(default, tuple) and all(isinstance(v, int) for v in default):
-        return default
-    return _SKIP
-
-
-def _final_subclasses(base: type) -> list[type]:
-    """The concrete classes below `base` (equinox: abstract or final)."""
-    found = []
-    for sub in base.__subclasses__():
-        found += [sub] if not getattr(sub, "__abstractmethods__", None) else []
-        found += _final_subclasses(sub)
-    return list(dict.fromkeys(found))
-
-
-def _add_component(parser: argparse.ArgumentParser, cls: type, name: str, default) -> None:
-    """`--NAME KIND` picks the component's class (e.g. `--gradient shac-window`), and
-    `--NAME-FIELD VALUE` sets its fields (`--gradient-horizon 16`): the fields of every kind
-    are listed, and one that the chosen kind lacks is an error."""
-    base = typing.get_type_hints(cls).get(name, type(default))
-    kinds = {_registry().command_name(k): k for k in _final_subclasses(base)} or {
-        _registry().command_name(type(default)): type(default)
-    }
-    parser.add_argument(
-        "--" + name.replace("_", "-"),
-        dest=f"{name}.kind",
-        choices=list(kinds),
-        default=_registry().command_name(type(default)),
-        help=f"{cls.__name__}.{name}; default {_registry().command_name(type(default))}",
-    )
-    for kind in kinds.values():
-        for field in _add_hyperparameters(parser, kind, prefix=f"{name}_", optional=True):
-            parser.set_defaults(**{f"{name}_{field}": None})
-    parser.set_defaults(**{f"{name}.kinds": kinds})
-
-
-def _component(args, name: str):
-    """The module `_add_component`'s options describe."""
-    kinds = getattr(args, f"{name}.kinds")
-    kind = kinds[getattr(args, f"{name}.kind")]
-    given = {
-        f.name: getattr(args, f"{name}_{f.name}")
-        for k in kinds.values()
-        for f in dataclasses.fields(k)
-        if getattr(args, f"{name}_{f.name}", None) is not None
-    }
-    fields = {f.name for f in dataclasses.fields(kind)}
-    wrong = sorted(set(given) - fields)
-    if wrong:
-        flags = ", ".join("--" + f"{name}_{w}".replace("_", "-") for w in wrong)
-        raise ValueError(
-            f"{flags} do not apply to {kind.__name__} (--{name} {_registry().command_name(kind)})"
-        )
-    return kind(**given)
-
-
-def _strategy_from(args):
-    """The strategy the parsed options describe."""
-    values = {}
-    for name in args.hyperparameters:
-        values[name] = (
-            _component(args, name) if hasattr(args, f"{name}.kinds") else getattr(args, name)
-        )
-    return args.cls(**values)
-
-
-def _registry():
-    """`diffsim.strategies.registry`, imported when first needed (it imports Brax)."""
-    from .strategies import registry
-
-    return registry
-
-
-def _add_train_parser(kinds, name: str, cls: type) -> None:
-    """`diffsim train NAME`: the strategy's fields, then the run's options."""
-    sub = kinds.add_parser(
-        name,
-        help=f"{cls.__name__}; hyperparameters as options",
-        description=(cls.__doc__ or "").split("\n\n")[0],
-    )
-    sub.set_defaults(hyperparameters=_add_hyperparameters(sub, cls), cls=cls)
-    sub.add_argument(
-        "--env",
-        default="pendulum",
-        help="env name (see `diffsim envs`), gymnax:NAME, or MODULE:CLASS (an env class of"
-        " your own, importable from the current directory or sys.path); default pendulum",
-    )
-    sub.add_argument(
-        "--env-arg",
-        action="append",
-        default=[],
-        type=_env_arg,
-        metavar="KEY=VALUE",
-        help="a keyword argument of the env's constructor, repeatable; VALUE is read as JSON"
-        " where it parses (2.0, true, [1,2]), else as a string",
-    )
-    sub.add_argument("--backend", default=None, help="Brax backend (default spring)")
-    sub.add_argument("--episode-length", type=int, default=None)
-    sub.add_argument("--steps", type=int, default=200_000, help="env-step budget; default 200000")
-    sub.add_argument(
-        "--seeds", type=int, default=1, help="number of seeds, trained at once; default 1"
-    )
-    sub.add_argument("--seed", type=int, default=0, help="base seed; default 0")
-    sub.add_argument("--num-evals", type=int, default=20)
-    sub.add_argument("--eval-episodes", type=int, default=16)
-    sub.add_argument(
-        "--policy",
-        choices=["gaussian", "deterministic"],
-        default=None,
-        help="default: deterministic, or gaussian where the strategy's check() rejects it",
-    )
-    sub.add_argument(
-        "--hidden",
-        type=_int_tuple,
-        default=(64, 64),
-        metavar="N,N,...",
-        help="policy hidden widths; default 64,64",
-    )
-    sub.add_argument("--out", default=None, help="save the run to this folder")
-    sub.add_argument(
-        "--log-dir",
-        default=None,
-        help="write LOG_DIR/log.jsonl, one JSON line per evaluation, as the run goes",
-    )
-    sub.add_argument(
-        "--threshold",
-        type=float,
-        default=None,
-        help="report when the IQM first reaches this return",
-    )
-
-
-def _env_arg(text: str) -> tuple[str, object]:
-    """`"gain=2.0"` -> `("gain", 2.0)`; a VALUE that is not JSON stays a string."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
-def _int_tuple(text: str) -> tuple[int, ...]:
-    """`"64,64"` -> `(64, 64)`; argparse reports a `ValueError` as an invalid value."""
-    return tuple(int(v) for v in text.split(","))
 
 
 def _parser(
@@ -250,7 +48,7 @@ def _parser(
     kinds = train.add_subparsers(dest="strategy", required=True, metavar="STRATEGY")
     known = strategies() if load_strategies else {}
     for name, cls in {**known, **(user or {})}.items():
-        _add_train_parser(kinds, name, cls)
+        add_train_parser(kinds, name, cls)
     _add_study_plot_parsers(commands)
     _add_render_parser(commands)
     commands.add_parser(
@@ -315,72 +113,6 @@ def _add_render_parser(commands) -> None:
         metavar="K",
         help="key of the episode's initial state, jax.random.key(K); default 0",
     )
-
-
-def _train(args) -> None:
-    from .stats import iqm_ci, threshold_crossing
-
-    env = _with_cwd(
-        lambda: diffsim.make_env(
-            args.env, backend=args.backend, episode_length=args.episode_length, **dict(args.env_arg)
-        )
-    )
-    strategy = _strategy_from(args)
-    if args.seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
-    policy_cls = _policy_class(args.policy, strategy, env, args.hidden)
-    make = lambda key: policy_cls(
-        env.observation_size, env.action_size, hidden=args.hidden, key=key
-    )
-    if args.out:
-        check_writable(args.out)  # not after an hour of training
-    keys = jax.random.split(jax.random.key(args.seed), args.seeds)
-    run = diffsim.train_seeds(
-        strategy,
-        env,
-        make,
-        keys=keys,
-        total_steps=args.steps,
-        num_evals=args.num_evals,
-        num_eval_episodes=args.eval_episodes,
-        log_dir=args.log_dir,
-    )
-    final = np.asarray(run.curve.eval_return)[:, -1].mean(-1)
-    mid, low, high = iqm_ci(final[:, None])
-    print(
-        f"{args.cls.__name__} on {env.name}: {run.config['total_steps']:,} env steps x {args.seeds} seeds, "
-        f"final eval return IQM {mid[0]:.1f} [{low[0]:.1f}, {high[0]:.1f}], "
-        f"train {run.config['train_seconds']:.1f} s, compile {run.config['compile_seconds']:.1f} s"
-    )
-    if args.threshold is not None:
-        hit = threshold_crossing(run, args.threshold)
-        if hit["env_steps"] is None:
-            print(f"IQM never reached {args.threshold}")
-        else:
-            print(
-                f"IQM first >= {args.threshold} at {hit['env_steps']:,} env steps, {hit['wall_time']:.1f} s"
-            )
-    if args.out:
-        print(f"saved to {run.save(args.out)}")
-
-
-def _policy_class(kind: str | None, strategy, env, hidden: tuple[int, ...]) -> type:
-    """`--policy`'s class; by default deterministic, unless the strategy's `check` rejects
-    a deterministic policy (PPO, REINFORCE: they need `log_prob`), then Gaussian."""
-    if kind is not None:
-        return diffsim.GaussianPolicy if kind == "gaussian" else diffsim.DeterministicPolicy
-    example = eqx.filter_eval_shape(
-        diffsim.DeterministicPolicy,
-        env.observation_size,
-        env.action_size,
-        hidden=hidden,
-        key=jax.random.key(0),
-    )
-    try:
-        strategy.check(env, example)
-    except ValueError:
-        return diffsim.GaussianPolicy
-    return diffsim.DeterministicPolicy
 
 
 def study_dirs() -> list[tuple[str, Path]]:
@@ -452,7 +184,7 @@ def _render(args) -> None:
 
     _check_path(Path(args.output))  # a bad extension fails before loading or compiling
     run = diffsim.load_run(args.run)
-    env = _with_cwd(run.make_env)  # a user's env class: imported by its recorded path
+    env = with_cwd(run.make_env)  # a user's env class: imported by its recorded path
     leading = np.asarray(run.curve.eval_return).ndim - 2  # seed (and sweep) axes
     count = int(np.prod(np.shape(run.curve.eval_return)[:leading]))
     if not 0 <= args.seed < count:
@@ -473,30 +205,17 @@ def _envs() -> None:
     any env, so it prints at once and MuJoCo has nothing to warn about."""
     from .envs import _catalog as catalog
 
-    print(f"{'name':<26}{'kind':<8}{'obs':>5}{'act':>5}{'episode':>9}")
     tables = [("toy", catalog.TOY), ("brax", catalog.BRAX)]
     if catalog.installed("mujoco_playground"):
         tables.append(("mjx", catalog.PLAYGROUND))
     if catalog.installed("gymnax"):
         tables.append(("gymnax", {f"gymnax:{k}": v for k, v in catalog.GYMNAX.items()}))
+    width = 2 + max(len(name) for _, table in tables for name in table)
+    print(f"{'name':<{width}}{'kind':<8}{'obs':>5}{'act':>5}{'episode':>9}")
     for kind, table in tables:
         for name, (obs, act, length) in sorted(table.items(), key=lambda kv: kv[0].lower()):
-            print(f"{name:<26}{kind:<8}{obs:>5}{act:>5}{length:>9}")
+            print(f"{name:<{width}}{kind:<8}{obs:>5}{act:>5}{length:>9}")
     print("\n...or any env class of your own: --env MODULE:CLASS (see docs: Environments)")
-
-
-def _with_cwd(build):
-    """`build()` with the current directory on `sys.path` (as under `python -m`), so that
-    `MODULE:CLASS` finds a module next to the user; the console script's path lacks it."""
-    here = os.getcwd()
-    added = here not in sys.path
-    if added:
-        sys.path.insert(0, here)
-    try:
-        return build()
-    finally:
-        if added:
-            sys.path.remove(here)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -539,7 +258,7 @@ def _user_strategy(argv: list[str]) -> tuple[list[str], dict[str, type]]:
         return argv, {}
     if ":" not in spec:
         return ["train", *rest], {}  # a registered name, or argparse lists the valid ones
-    return ["train", *rest], {spec: _with_cwd(lambda: _registry().resolve(spec))}
+    return ["train", *rest], {spec: with_cwd(lambda: strategy_registry().resolve(spec))}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -550,7 +269,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def _dispatch(args: argparse.Namespace) -> int:
     try:
         if args.command == "train":
-            _train(args)
+            run_train(args)
         elif args.command == "study":
             _study(args)
         elif args.command == "plot":

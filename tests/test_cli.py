@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import diffsim
-from diffsim import cli
+from diffsim import _cli_train, cli
 from diffsim.study import load_runs
 
 BRAX_WARNING = "not actively being maintained"
@@ -346,19 +346,19 @@ def test_guided_es_components_from_options():
         ["train", "guided-es", "--gradient", "shac-window", "--gradient-horizon", "8"]
         + ["--gradient-discount", "0.8", "--mode", "subspace", "--mode-alpha", "0.99"]
     )
-    built = cli._strategy_from(args)
+    built = _cli_train.strategy_from(args)
     assert built.gradient == diffsim.SHACWindow(horizon=8, discount=0.8)
     assert built.mode == diffsim.Subspace(alpha=0.99)
-    assert cli._strategy_from(parser.parse_args(["train", "guided-es"])) == diffsim.GuidedES()
+    assert _cli_train.strategy_from(parser.parse_args(["train", "guided-es"])) == diffsim.GuidedES()
     wrong = parser.parse_args(["train", "guided-es", "--gradient-discount", "0.8"])
     with pytest.raises(ValueError, match="--gradient-discount do not apply to APGWindow"):
-        cli._strategy_from(wrong)
+        _cli_train.strategy_from(wrong)
 
 
 def test_env_args_are_json_where_they_parse_and_a_bad_env_is_one_line(capsys):
-    assert cli._env_arg("gain=2.0") == ("gain", 2.0)
-    assert cli._env_arg("sizes=[1, 2]") == ("sizes", [1, 2])
-    assert cli._env_arg("mode=fast") == ("mode", "fast")
+    assert _cli_train.env_arg("gain=2.0") == ("gain", 2.0)
+    assert _cli_train.env_arg("sizes=[1, 2]") == ("sizes", [1, 2])
+    assert _cli_train.env_arg("mode=fast") == ("mode", "fast")
     with pytest.raises(SystemExit):
         cli.main(["train", "apg", "--env", "reach", "--env-arg", "no-equals-sign"])
     assert "expected KEY=VALUE" in capsys.readouterr().err
