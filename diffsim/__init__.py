@@ -18,7 +18,20 @@ from . import _config
 
 # Public name -> the module it comes from ("" for a submodule of the same name).
 _EXPORTS: dict[str, str] = {
-    **dict.fromkeys(["diagnostics", "envs", "plotting", "stats", "strategies", "study"], ""),
+    **dict.fromkeys(
+        [
+            "diagnostics",
+            "envs",
+            "plotting",
+            "policies",
+            "results",
+            "sharding",
+            "stats",
+            "strategies",
+            "study",
+        ],
+        "",
+    ),
     "register_policy": "._structure",
     **dict.fromkeys(
         ["Env", "LearningCurve", "Metrics", "Trajectory", "VanishingGradientWarning"], "._types"
@@ -64,6 +77,9 @@ if TYPE_CHECKING:
         diagnostics as diagnostics,
         envs as envs,
         plotting as plotting,
+        policies as policies,
+        results as results,
+        sharding as sharding,
         stats as stats,
         strategies as strategies,
         study as study,
