@@ -4,7 +4,9 @@ Analytic gradients through a simulator are unbiased and low-variance on short, s
 horizons, but their variance can grow exponentially with the horizon on chaotic dynamics
 (Metz et al. 2021), and they are zero or biased where the reward is flat or the dynamics
 stiff (Suh et al. 2022). `gradient_stats` measures both estimators of the same gradient,
-as a function of the horizon, so a study can show where each one wins.
+as a function of the horizon, so a study can show where each one wins. `window_step_norms`
+measures, per step of one window, the norm of the cotangent flowing backward through the
+env state: where a gradient grows or explodes along the window.
 """
 
 from collections.abc import Sequence
@@ -19,6 +21,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from ._types import Env
 from .policies import trainable
 from .rollout import reset, rollout
+from .strategies._window_gradient import window_step_norms as window_step_norms
 
 
 class GradientStats(eqx.Module):

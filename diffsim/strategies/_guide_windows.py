@@ -45,8 +45,8 @@ class APGWindow(AbstractGuideWindow):
     `L_b = -1/H sum_t r_t^b`, its mean reward over the window (see `diffsim.APG`).
 
     **Fields:** `num_envs`, `horizon`: the window; `stochastic`: act with reparameterised
-    samples `policy(obs, key=k)` (False needs a deterministic policy); `float64`, `remat`:
-    as in `APG`.
+    samples `policy(obs, key=k)` (False needs a deterministic policy); `float64`, `remat`,
+    `valve_max_norm`, `valve_decay`, `contact_smoothing`: as in `APG` (off by default).
 
     **Example:**
 
@@ -60,6 +60,9 @@ class APGWindow(AbstractGuideWindow):
     stochastic: bool = eqx.field(default=False, static=True)
     float64: bool = eqx.field(default=False, static=True)
     remat: bool = eqx.field(default=False, static=True)
+    valve_max_norm: float | None = None
+    valve_decay: float = 1.0
+    contact_smoothing: float | None = None
 
     def init(self, env: Env, *, key: PRNGKeyArray) -> None:
         del env, key
@@ -81,7 +84,8 @@ class SHACWindow(AbstractGuideWindow, AbstractSHACCritic):
     TD(lambda) targets and `V'` follows by Polyak averaging, exactly as `SHAC` trains it
     (`metrics["value_loss"]`), with SHAC's clipped Adam (clip 1.0, Adam (0.7, 0.95)).
 
-    **Fields:** `num_envs`, `horizon`, `stochastic`, `float64`, `remat` as in `APGWindow`;
+    **Fields:** `num_envs`, `horizon`, `stochastic`, `float64`, `remat`, `valve_max_norm`,
+    `valve_decay`, `contact_smoothing` as in `APGWindow`;
     `discount`, `gae_lambda`, `target_alpha`, `critic_epochs`, `critic_minibatches`
     (dividing `num_envs * horizon`), `critic_learning_rate`, `reward_scale`,
     `value_hidden`, `value_activation`: as in `SHAC`.
@@ -98,6 +102,9 @@ class SHACWindow(AbstractGuideWindow, AbstractSHACCritic):
     stochastic: bool = eqx.field(default=False, static=True)
     float64: bool = eqx.field(default=False, static=True)
     remat: bool = eqx.field(default=False, static=True)
+    valve_max_norm: float | None = None
+    valve_decay: float = 1.0
+    contact_smoothing: float | None = None
     discount: float = 0.95
     gae_lambda: float = 0.95
     target_alpha: float = 0.2

@@ -5,8 +5,13 @@
 - per env (`per_env=True`): `jax.vmap` over envs of `jax.grad` of one env's window, so each
   env's backward pass is its own. Envs whose window diverged (a non-finite reward or
   observation, or a non-finite loss or gradient) drop out of the mean; the others update.
+
+Given the window's `horizon`, it also differentiates a probe (`_valve.with_probe`), whose
+gradient is the norm of the cotangent through the env state at every step of every env's
+window (`WindowGradient.step_norms`).
 """
 
+import dataclasses
 from collections.abc import Callable
 
 import equinox as eqx
@@ -16,9 +21,11 @@ import jax.random as jr
 from brax.envs.base import State
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-from .._types import Trajectory
+from .._types import Env, Trajectory
+from ..policies import trainable
 from ..sharding import shard_batch
-from ._windows import Window
+from ._valve import PROBE, with_probe
+from ._windows import AbstractWindowed, Window, WindowSpec, apg_loss
 from .helpers import all_finite
 
 LossFn = Callable[[eqx.Module, State, PRNGKeyArray], tuple[Float[Array, " B"], Window]]
@@ -37,6 +44,9 @@ class WindowGradient(eqx.Module):
     - `ok`: the loss and gradient are finite and at least one env was kept.
     - `per_env_loss`: `Float[Array, "B"]`; `per_env_grads`: the gradient of each env's
       loss (leaves `[B, ...]`), or None unless `per_env`.
+    - `step_norms`: `Float[Array, "B H"]`, the norm of the cotangent of env `b`'s loss
+      through its env state before step `t` (before the valve clips or decays it), or None
+      without a `horizon`.
     """
 
     loss: Float[Array, ""]
@@ -46,6 +56,7 @@ class WindowGradient(eqx.Module):
     ok: Bool[Array, ""]
     per_env_loss: Float[Array, " B"]
     per_env_grads: eqx.Module | None
+    step_norms: Float[Array, "B H"] | None = None
 
     @property
     def masked_envs(self) -> Float[Array, ""]:
@@ -73,7 +84,14 @@ def _rows_finite(tree) -> Bool[Array, " B"]:
 
 
 def window_gradient(
-    loss_fn: LossFn, params, static, env_state: State, *, key: PRNGKeyArray, per_env: bool
+    loss_fn: LossFn,
+    params,
+    static,
+    env_state: State,
+    *,
+    key: PRNGKeyArray,
+    per_env: bool,
+    horizon: int | None = None,
 ) -> WindowGradient:
     """Differentiate a per-env window loss with respect to the policy's parameters.
 
@@ -89,6 +107,9 @@ def window_gradient(
     samples than the batched window does). A dropped env contributes exactly 0: its
     backward pass never mixes with the others', so no `0 * NaN` can reach their sum.
 
+    With `horizon` (the window's `H`; `loss_fn` must run a `WindowSpec`), `step_norms` is
+    the gradient of a zero probe carried through the window: the per-step cotangent norms.
+
     **Example:**
 
     ```python
@@ -101,33 +122,42 @@ def window_gradient(
     g.grads, g.masked_envs   # the mean gradient of the kept envs, the envs dropped
     ```
     """
+    probe = None if horizon is None else with_probe(env_state, horizon).info[PROBE]
     if per_env:
-        return _per_env_gradient(loss_fn, params, static, env_state, key=key)
+        return _per_env_gradient(loss_fn, params, static, env_state, probe, key=key)
 
-    def mean_loss(p):
-        losses, win = loss_fn(eqx.combine(p, static), env_state, key)
+    def mean_loss(p, probe):
+        start = env_state if probe is None else _probed(env_state, probe)
+        losses, win = loss_fn(eqx.combine(p, static), start, key)
         return jnp.mean(losses), (losses, win)
 
-    (loss, (losses, win)), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
+    (loss, (losses, win)), (grads, norms) = jax.value_and_grad(
+        mean_loss, argnums=(0, 1), has_aux=True
+    )(params, probe)
     kept = jnp.ones(losses.shape, bool)
     ok = jnp.isfinite(loss) & all_finite(grads)
-    return WindowGradient(loss, grads, win, kept, ok, losses, None)
+    return WindowGradient(loss, grads, win, kept, ok, losses, None, norms)
+
+
+def _probed(env_state: State, probe) -> State:
+    return dataclasses.replace(env_state, info={**env_state.info, PROBE: probe})
 
 
 def _per_env_gradient(
-    loss_fn: LossFn, params, static, env_state: State, *, key: PRNGKeyArray
+    loss_fn: LossFn, params, static, env_state: State, probe, *, key: PRNGKeyArray
 ) -> WindowGradient:
-    def one_env(start: State, key: PRNGKeyArray):
-        def loss(p):
+    def one_env(start: State, probe, key: PRNGKeyArray):
+        def loss(p, probe):
             batch = jax.tree.map(lambda x: x[None], start)  # a batch of one env
+            batch = batch if probe is None else _probed(batch, probe[None])
             losses, win = loss_fn(eqx.combine(p, static), batch, key)
             return losses[0], win
 
-        return jax.value_and_grad(loss, has_aux=True)(params)
+        return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, probe)
 
     num_envs = env_state.done.shape[0]
     start = shard_batch(env_state)
-    (losses, wins), per_grads = jax.vmap(one_env)(start, jr.split(key, num_envs))
+    (losses, wins), (per_grads, norms) = jax.vmap(one_env)(start, probe, jr.split(key, num_envs))
     # Back to the batched layout: env states [B, 1, ...] -> [B, ...]; data [B, T, 1, ...]
     # -> [T, B, ...].
     win = Window(
@@ -145,4 +175,51 @@ def _per_env_gradient(
     loss = kept_mean(losses)
     grads = jax.tree.map(kept_mean, per_grads)
     ok = (count > 0) & jnp.isfinite(loss) & all_finite(grads)
-    return WindowGradient(loss, grads, win, kept, ok, losses, per_grads)
+    return WindowGradient(loss, grads, win, kept, ok, losses, per_grads, norms)
+
+
+def window_step_norms(
+    windowed: AbstractWindowed, env: Env, policy: eqx.Module, *, key: PRNGKeyArray
+) -> Float[Array, "B H"]:
+    """The per-step cotangent norms of one window: `num_envs` fresh, staggered envs (as a
+    strategy's first window), `horizon` steps with `windowed`'s settings (valve, contact
+    smoothing, float64, remat), differentiated for APG's loss of each env (its mean reward
+    over the window). Entry `[b, t]` is the norm of the cotangent of env `b`'s loss through
+    its env state before step `t`, measured before the valve clips or decays it; its growth
+    towards small `t` is the growth of the gradient backward through time.
+
+    **Arguments:** `windowed`: `APG`, `SHAC` or a GuidedES window (its window settings are
+    used); `env` from `diffsim.make_env`; `policy` acting on one observation; `key`.
+
+    **Returns:** `Float[Array, "B H"]`.
+
+    **Example:**
+
+    ```python
+    env = diffsim.make_env("pendulum")
+    policy = diffsim.DeterministicPolicy(3, 1, key=jax.random.key(0))
+    norms = diffsim.diagnostics.window_step_norms(diffsim.APG(num_envs=4, horizon=16), env,
+                                                  policy, key=jax.random.key(1))
+    norms.shape   # (4, 16)
+    ```
+    """
+    spec = windowed.window
+    spec.check(env, policy)
+    return _step_norms(spec, env, policy, key)
+
+
+@eqx.filter_jit  # one compiled program when called eagerly
+def _step_norms(spec: WindowSpec, env: Env, policy, key: PRNGKeyArray) -> Array:
+    start_key, key = jr.split(key)
+    env_state = spec.initial_env_state(env, policy, key=start_key)
+    params, static = eqx.partition(policy, trainable(policy))
+
+    def losses(pol, env_state, key):
+        window = spec(env, pol, env_state, key=key)
+        return apg_loss(window.traj), window
+
+    grad = window_gradient(
+        losses, params, static, env_state, key=key, per_env=False, horizon=spec.horizon
+    )
+    assert grad.step_norms is not None
+    return grad.step_norms

@@ -2,13 +2,16 @@
 of a differentiable window with clipped Adam."""
 
 import equinox as eqx
+import jax.numpy as jnp
+import optax
 from brax.envs.base import State
 from equinox import AbstractVar
-from jaxtyping import PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._types import Env
 from ..policies import trainable
 from . import helpers
+from ._valve import step_norm_stats
 from ._window_gradient import LossFn, WindowGradient, window_gradient
 from ._windows import AbstractWindowed, check_bools, clipped_adam
 from .base import AbstractStrategy, StrategyState
@@ -21,7 +24,7 @@ class AbstractWindowStrategy(AbstractStrategy[StrategyState], AbstractWindowed):
     Its fields are declared by the final class (`APG`, `SHAC`); from them this base builds
     the window, checks the env and policy before compiling, counts the steps, builds the
     optimiser (decayed over the budget with `lr_decay`) and takes the window's gradient
-    (per env with `mask_nonfinite_envs`).
+    (per env with `mask_nonfinite_envs`) and its statistics (`_gradient_metrics`).
     """
 
     max_grad_norm: AbstractVar[float]
@@ -72,12 +75,31 @@ class AbstractWindowStrategy(AbstractStrategy[StrategyState], AbstractWindowed):
             eps=self.adam_eps,
         )
 
+    def _gradient_metrics(self, grad: WindowGradient) -> dict[str, Float[Array, ""]]:
+        """What every window strategy logs about its gradient: `grad_norm` (the global norm
+        before clipping), `grad_norm_step_max` and `grad_norm_step_median` (the per-step
+        cotangent norms of the window, `_valve.step_norm_stats`), `skipped_updates` (1.0 if
+        the update was skipped) and `masked_envs`."""
+        return {
+            "grad_norm": optax.tree.norm(grad.grads).astype(jnp.float32),
+            **step_norm_stats(grad.step_norms),
+            "skipped_updates": (~grad.ok).astype(jnp.float32),
+            "masked_envs": grad.masked_envs,
+        }
+
     def _gradient(
         self, loss_fn: LossFn, policy: eqx.Module, env_state: State, *, key: PRNGKeyArray
     ) -> WindowGradient:
         """The gradient of the mean of `loss_fn`'s per-env losses in `policy`'s trainable
-        parameters, per env (diverged envs dropped) with `mask_nonfinite_envs`."""
+        parameters, per env (diverged envs dropped) with `mask_nonfinite_envs`, with the
+        per-step cotangent norms of its window (`step_norms`)."""
         params, static = eqx.partition(policy, trainable(policy))
         return window_gradient(
-            loss_fn, params, static, env_state, key=key, per_env=self.mask_nonfinite_envs
+            loss_fn,
+            params,
+            static,
+            env_state,
+            key=key,
+            per_env=self.mask_nonfinite_envs,
+            horizon=self.horizon,
         )

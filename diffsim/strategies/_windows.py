@@ -3,12 +3,15 @@
 A window (`WindowSpec`) is `horizon` steps of `diffsim.rollout` in `num_envs` envs from a
 gradient-cut env batch. Its loss is computed per env (`apg_loss`: the mean reward;
 `shac_loss`: the discounted reward with a critic bootstrap at every segment end), and
-`_window_gradient.window_gradient` differentiates it, batched or per env.
+`_window_gradient.window_gradient` differentiates it, batched or per env. The gradient
+valve and backward-only contact smoothing (`_valve.py`, `_contact.py`) are settings of the
+window.
 
 The env a window steps (float64, rematerialised) and the checks before compiling are in
 `_window_env.py`; SHAC's critic, also used by GuidedES, in `_critic.py`.
 """
 
+import dataclasses
 from typing import cast
 
 import equinox as eqx
@@ -25,7 +28,17 @@ from ..policies import ValueFunction, update_normalizers
 from ..rollout import reset, rollout
 from ..sharding import shard_batch
 from . import helpers
-from ._window_env import Rematerialized, check_env, check_x64, float64_env, like, to_float64
+from ._valve import PROBE, Valved, pop_probe
+from ._window_env import (
+    Rematerialized,
+    check_env,
+    check_x64,
+    env_backend,
+    float64_env,
+    like,
+    to_float64,
+)
+from ._window_losses import apg_loss as apg_loss, shac_loss as shac_loss
 from .helpers import select
 
 
@@ -66,6 +79,12 @@ class WindowSpec(eqx.Module):
     `float64`, each env step rematerialised in the backward pass if `remat`. `owner` names
     the class whose settings these are, in error messages.
 
+    The gradient valve (`_valve.valve`, identity forward) sits on the env state before
+    every step: backward, the cotangent of one env's loss through that state is clipped to
+    norm `valve_max_norm` (None: no clip) and multiplied by `valve_decay` (1.0: none).
+    `contact_smoothing` (a width in metres, None: off) smooths Brax spring's contacts in
+    the backward pass only. Forward values are unchanged by all three.
+
     **Example:**
 
     ```python
@@ -82,11 +101,26 @@ class WindowSpec(eqx.Module):
     float64: bool = eqx.field(static=True)
     remat: bool = eqx.field(static=True)
     owner: str = eqx.field(static=True)
+    valve_max_norm: Scalar | None = None
+    valve_decay: Scalar = 1.0
+    contact_smoothing: Scalar | None = None
 
     def __check_init__(self):
         helpers.positive_int("num_envs", self.num_envs)
         helpers.positive_int("horizon", self.horizon)
         check_bools(stochastic=self.stochastic, float64=self.float64, remat=self.remat)
+        if self.valve_max_norm is not None:
+            helpers.positive("valve_max_norm", self.valve_max_norm)
+        helpers.in_range("valve_decay", self.valve_decay, 0.0, 1.0, low_open=True)
+        if self.contact_smoothing is not None:
+            helpers.positive("contact_smoothing", self.contact_smoothing)
+
+    @property
+    def valve_on(self) -> bool:
+        """Whether the valve changes the cotangent (a clip or a decay)."""
+        return self.valve_max_norm is not None or not (
+            isinstance(self.valve_decay, (int, float)) and self.valve_decay == 1.0
+        )
 
     def check(self, env: Env, policy: eqx.Module) -> None:
         """Reject, before compiling, a window that cannot run on `env` (`check_env`), and a
@@ -94,6 +128,13 @@ class WindowSpec(eqx.Module):
         check_env(
             env, owner=self.owner, horizon=self.horizon, remat=self.remat, float64=self.float64
         )
+        backend = env_backend(env)
+        if self.contact_smoothing is not None and backend != "spring":
+            raise ValueError(
+                f"{self.owner}(contact_smoothing={self.contact_smoothing!r}) smooths the"
+                f" contacts of Brax's spring backend only; env"
+                f" {getattr(env, 'name', '')!r} uses {backend!r}: pass contact_smoothing=None"
+            )
         if self.stochastic:
             obs = jax.ShapeDtypeStruct((env.observation_size,), jnp.float32)
             try:
@@ -107,19 +148,45 @@ class WindowSpec(eqx.Module):
     def __call__(self, env: Env, policy, env_state: State, *, key: PRNGKeyArray) -> Window:
         """The window from `env_state` (gradient-cut). With `float64` the policy, the env
         state and the env's Brax system (`float64_env`) are float64 for the window (x64 must
-        be on); the env state after it is cast back, so the carried state keeps its dtype."""
+        be on); the env state after it is cast back, so the carried state keeps its dtype.
+
+        A probe in `env_state.info` (`_valve.with_probe`, as `window_gradient` adds one)
+        is kept differentiable: its gradient is the per-step cotangent norms."""
         check_x64(self.float64)
+        env_state, probe = pop_probe(env_state)
         start = jax.lax.stop_gradient(env_state)  # truncated BPTT: nothing flows to the past
         start = shard_batch(start)
+        valved = probe is not None or self.valve_on or self.contact_smoothing is not None
+        if valved:
+            if probe is None:
+                probe = jnp.zeros((start.done.shape[0], self.horizon), start.done.dtype)
+            start = dataclasses.replace(start, info={**start.info, PROBE: probe})
         if self.float64:
             env = cast(Env, float64_env(env))
             policy, start = to_float64((policy, start))
         if self.remat:
             env = cast(Env, Rematerialized(env))  # steps like the env it wraps
+        if valved:
+            env = self._valved(env, units=start.done.shape[0])
         end, traj = rollout(
             env, policy, start, key=key, length=self.horizon, deterministic=not self.stochastic
         )
+        end, _ = pop_probe(end)
         return Window(like(end, env_state) if self.float64 else end, traj)
+
+    def _valved(self, env: Env, *, units: int) -> Env:
+        """`env` behind the valve of these settings (`units`: the envs of the batch, whose
+        mean loss is differentiated)."""
+        return cast(
+            Env,
+            Valved(
+                env,
+                max_norm=self.valve_max_norm,
+                decay=self.valve_decay,
+                units=units,
+                contact_smoothing=self.contact_smoothing,
+            ),
+        )
 
     def initial_env_state(self, env: Env, policy, *, key: PRNGKeyArray) -> State:
         """`num_envs` fresh envs, staggered unless windows align with episodes."""
@@ -140,6 +207,9 @@ class AbstractWindowed(eqx.Module):
     stochastic: AbstractVar[bool]
     float64: AbstractVar[bool]
     remat: AbstractVar[bool]
+    valve_max_norm: AbstractVar[float | None]
+    valve_decay: AbstractVar[float]
+    contact_smoothing: AbstractVar[float | None]
 
     def __check_init__(self):
         self.window  # noqa: B018  (validates the window's settings)
@@ -154,6 +224,9 @@ class AbstractWindowed(eqx.Module):
             float64=self.float64,
             remat=self.remat,
             owner=type(self).__name__,
+            valve_max_norm=self.valve_max_norm,
+            valve_decay=self.valve_decay,
+            contact_smoothing=self.contact_smoothing,
         )
 
 
@@ -183,60 +256,6 @@ def stagger(env: Env, policy, env_state: State, *, key: PRNGKeyArray, stochastic
         advance, env_state, (jnp.arange(length - 1), jr.split(step_key, length - 1))
     )
     return state
-
-
-# --------------------------------------------------------------------------- losses
-
-
-def apg_loss(traj: Trajectory) -> Float[Array, " B"]:
-    """APG's window loss of each env: `-1/H sum_t r_t^b`. The batch loss is the mean."""
-    return -jnp.mean(traj.reward, axis=0)
-
-
-class _Segments(eqx.Module):
-    """Scan carry of SHAC's actor loss: the discounted reward of each env's open segment
-    and the discount `gamma^k` its next reward gets (k steps since the segment began)."""
-
-    reward_sum: Float[Array, " B"]
-    discount: Float[Array, " B"]
-
-
-def shac_loss(
-    traj: Trajectory, critic: ValueFunction, *, discount: Scalar, reward_scale: Scalar = 1.0
-) -> Float[Array, " B"]:
-    """SHAC's actor loss of each env (the batch loss is the mean over envs):
-
-        L_b = -1/H sum_segments [ sum_{k<n} g^k r_{t0+k} + g^n (1 - term) V'(next_obs_{t0+n-1}) ]
-
-    A segment runs from the window start or an episode start to the window end or an
-    episode end (`n` steps); `term` is 1 only at a true termination (a time limit
-    bootstraps from the critic's value of the last real observation). `critic` is `V'`,
-    used as given (pass it through `stop_gradient` to keep its parameters constant).
-
-    NaN-safe: a terminated step's bootstrap is exactly 0 by `jnp.where` on both the value
-    and the critic's input, so a diverged (non-finite) next observation reaches neither
-    the loss nor its backward pass, and segments are restarted by `jnp.where`, so a
-    non-finite reward stays in its own segment.
-    """
-    term = traj.done * (1.0 - traj.truncation) > 0
-    safe_next = jnp.where(term[..., None], jnp.zeros_like(traj.next_obs), traj.next_obs)
-    next_value = jnp.where(term, 0.0, jax.vmap(jax.vmap(critic))(safe_next))
-    reward = traj.reward * reward_scale
-    segment_end = traj.done.at[-1].set(1.0) > 0  # the window end closes every open segment
-
-    def accumulate(carry: _Segments, xs) -> tuple[_Segments, Float[Array, " B"]]:
-        r, v, end = xs
-        reward_sum = carry.reward_sum + carry.discount * r
-        next_discount = carry.discount * discount
-        closed = jnp.where(end, reward_sum + next_discount * v, 0.0)
-        restart = _Segments(jnp.where(end, 0.0, reward_sum), jnp.where(end, 1.0, next_discount))
-        return restart, closed
-
-    ones = jnp.ones_like(reward[0])
-    _, closed = jax.lax.scan(
-        accumulate, _Segments(0.0 * ones, ones), (reward, next_value, segment_end)
-    )
-    return -jnp.sum(closed, axis=0) / reward.shape[0]
 
 
 def shac_window_losses(

@@ -59,7 +59,9 @@ class APG(AbstractWindowStrategy[APGState]):
     With `mask_nonfinite_envs`, an env whose window diverged (a non-finite reward,
     observation or gradient) drops out of the mean instead and the others update
     (`metrics["masked_envs"]` counts the dropped envs). `metrics["grad_norm"]` is the
-    global gradient norm before clipping.
+    global gradient norm before clipping; `metrics["grad_norm_step_max"]` and
+    `metrics["grad_norm_step_median"]` the largest and the median norm of the cotangent of
+    one env's loss through the env state at a step of the window (before the valve).
 
     **Fields:**
 
@@ -81,6 +83,17 @@ class APG(AbstractWindowStrategy[APGState]):
     - `lr_decay`, `lr_decay_steps`: decay the learning rate linearly to 0 over
       `lr_decay_steps` env steps (one update per `num_envs * horizon`), which `train` sets
       to the run's budget unless given, as in `PPO`. Off by default.
+    - `valve_max_norm`, `valve_decay`: the gradient valve on the env state before each step
+      of the window (identity forward): backward, the cotangent of one env's window loss
+      through that state is clipped to norm `valve_max_norm` (None: no clip) and multiplied
+      by `valve_decay` per step (D.Va's decay; 1.0: none). Off by default, so the default
+      gradient is the exact one of Brax APG: the valve trades bias for bounded norms, which
+      pays through stiff contact, not on smooth dynamics, and the per-step norms it
+      measures are logged either way (`grad_norm_step_max`, `grad_norm_step_median`), so a
+      bound can be chosen from them.
+    - `contact_smoothing`: a width in metres: Brax spring's contacts are smoothed in the
+      backward pass only (straight-through, `sigmoid(-dist / width)`); forward physics is
+      unchanged. Spring envs only; None (the default) is Brax's gradient.
     - `mask_nonfinite_envs`: differentiate each env's window on its own (`jax.vmap` of
       `jax.grad` over envs) and drop diverged envs from the mean. It costs throughput
       (per-env parameter gradients), so it is off by default; a stochastic policy then
@@ -107,6 +120,9 @@ class APG(AbstractWindowStrategy[APGState]):
     float64: bool = False
     remat: bool = False
     mask_nonfinite_envs: bool = False
+    valve_max_norm: float | None = None
+    valve_decay: float = 1.0
+    contact_smoothing: float | None = None
     lr_decay: bool = False
     lr_decay_steps: int | None = None
 
@@ -162,9 +178,7 @@ class APG(AbstractWindowStrategy[APGState]):
         new = APGState(policy=policy, opt_state=opt_state, env_state=grad.window.env_state)
         metrics = {
             "loss": grad.loss.astype(jnp.float32),
-            "grad_norm": optax.tree.norm(grad.grads).astype(jnp.float32),
-            "skipped_updates": (~grad.ok).astype(jnp.float32),
-            "masked_envs": grad.masked_envs,
+            **self._gradient_metrics(grad),
             **episode_stats(traj),
             "env_steps": jnp.asarray(self.steps_per_iteration, jnp.float32),
         }

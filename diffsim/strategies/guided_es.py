@@ -40,6 +40,7 @@ from ._guide_windows import (
     SHACWindow as SHACWindow,
 )
 from ._population import AbstractPopulationStrategy, with_statistics
+from ._valve import step_norm_stats
 from ._window_gradient import WindowGradient, window_gradient
 from .helpers import select
 
@@ -221,6 +222,7 @@ class GuidedES(AbstractPopulationStrategy[GuidedESState]):
             state.env_state,
             key=key,
             per_env=True,
+            horizon=self.gradient.horizon,
         )
         ravel = lambda tree: ravel_pytree(tree)[0]
         scale = float(self._rollout_length(env))  # to the scale of a T-step return
@@ -266,6 +268,7 @@ class GuidedES(AbstractPopulationStrategy[GuidedESState]):
             **scores.metrics(),
             "skipped_updates": ~told.ok,
             "masked_envs": grad.masked_envs,
+            **step_norm_stats(grad.step_norms),
             "loss": grad.loss,
             **told.metrics,
             **critic_metrics,

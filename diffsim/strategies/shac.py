@@ -70,8 +70,9 @@ class SHAC(AbstractWindowStrategy[SHACState], AbstractSHACCritic):
     updates (`metrics["skipped_updates"]`, 1.0 in an iteration that skipped); with
     `mask_nonfinite_envs` a diverged env drops out of the actor's mean, the critic's data
     and the statistics instead (`metrics["masked_envs"]`). Clipping, Adam constants,
-    `stochastic`, `float64`, `remat`, `mask_nonfinite_envs` and the checks before
-    compiling are as in `APG`.
+    `stochastic`, `float64`, `remat`, `mask_nonfinite_envs`, the checks before compiling
+    and the gradient metrics (`grad_norm`, `grad_norm_step_max`, `grad_norm_step_median`)
+    are as in `APG`.
 
     As published (Xu et al.), SHAC's actor is stochastic: `stochastic=True` with a
     `GaussianPolicy` acts with reparameterised samples `tanh(mean + std * eps)`, so the
@@ -80,6 +81,17 @@ class SHAC(AbstractWindowStrategy[SHACState], AbstractSHACCritic):
     `value_activation="elu"`), and both learning rates decay linearly
     (`lr_decay=True`). A deterministic actor (`stochastic=False`) stays available.
 
+    - `valve_max_norm`, `valve_decay`: the gradient valve on the env state before each step
+      of the window (identity forward): backward, the cotangent of one env's window loss
+      through that state is clipped to norm `valve_max_norm` (None: no clip) and multiplied
+      by `valve_decay` per step (D.Va's decay; 1.0: none). Off by default, so the default
+      gradient is the exact one of Xu et al.: the valve trades bias for bounded norms, which
+      pays through stiff contact, not on smooth dynamics, and the per-step norms it
+      measures are logged either way (`grad_norm_step_max`, `grad_norm_step_median`), so a
+      bound can be chosen from them.
+    - `contact_smoothing`: a width in metres: Brax spring's contacts are smoothed in the
+      backward pass only (straight-through, `sigmoid(-dist / width)`); forward physics is
+      unchanged. Spring envs only; None (the default) is Brax's gradient.
     - `value_hidden`, `value_activation`: the critic's hidden widths and activation (a
       name in `diffsim.policies.ACTIVATIONS`).
     - `lr_decay`, `lr_decay_steps`: decay both learning rates linearly to 0 over
@@ -120,6 +132,9 @@ class SHAC(AbstractWindowStrategy[SHACState], AbstractSHACCritic):
     float64: bool = False
     remat: bool = False
     mask_nonfinite_envs: bool = False
+    valve_max_norm: float | None = None
+    valve_decay: float = 1.0
+    contact_smoothing: float | None = None
     lr_decay: bool = False
     lr_decay_steps: int | None = None
 
@@ -211,9 +226,8 @@ class SHAC(AbstractWindowStrategy[SHACState], AbstractSHACCritic):
         metrics = {
             "loss": grad.loss.astype(jnp.float32),
             "value_loss": fit.loss,
-            "grad_norm": optax.tree.norm(grad.grads).astype(jnp.float32),
+            **self._gradient_metrics(grad),
             "skipped_updates": (~fit.ok).astype(jnp.float32),
-            "masked_envs": grad.masked_envs,
             **episode_stats(traj),
             "env_steps": jnp.asarray(self.steps_per_iteration, jnp.float32),
         }
