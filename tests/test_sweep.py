@@ -291,3 +291,10 @@ def test_diffsim_plot_draws_a_saved_sweep(es_sweep, tmp_path, capsys):
         assert cli.main(["plot", str(folder), "-o", str(out), "--x", x]) == 0
         assert out.stat().st_size > 0
     assert "wrote" in capsys.readouterr().out
+
+
+def test_seed_statistics_of_a_whole_sweep_say_to_select_a_config(es_sweep):
+    with pytest.raises(ValueError, match=r"leading axes \(6, 2\).*select_run\(run, config=c\)"):
+        diffsim.stats.threshold_crossing(es_sweep, 0.0)
+    one = diffsim.select_run(es_sweep, config=0)
+    assert set(diffsim.stats.threshold_crossing(one, -1e9)) == {"env_steps", "wall_time"}
