@@ -75,6 +75,27 @@ TOY = {
         invalid=("discount", 0.0),
         sweep_values={"max_grad_value": 1.0},
     ),
+    "ahac": Toy(
+        diffsim.AHAC(
+            num_envs=8,
+            horizon=16,
+            horizon_min=4,
+            critic_epochs=2,
+            critic_minibatches=2,
+            value_hidden=(32, 32),
+        ),
+        gaussian,
+        10_000,
+        invalid=("contact_threshold", -1.0),
+        sweep_values={"max_grad_value": 1.0},
+    ),
+    "sapo": Toy(
+        diffsim.SAPO(num_envs=8, horizon=16, critic_epochs=2, critic_minibatches=2),
+        gaussian,
+        10_000,
+        invalid=("target_entropy_scale", 0.0),
+        sweep_values={"max_grad_value": 1.0},
+    ),
     "es": Toy(
         diffsim.ES(population_size=8, rollout_length=50),
         deterministic,
