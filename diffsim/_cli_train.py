@@ -14,7 +14,7 @@ import numpy as np
 
 import diffsim
 
-from ._checkpoint import check_writable
+from ._train.checkpoint import check_writable
 
 
 def strategies() -> dict[str, type]:

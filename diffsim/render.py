@@ -21,9 +21,9 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._contract import check_acts
 from ._episode_plot import FrameScene, PlotScene
 from ._scenes import MujocoScene, scene_for
+from ._train.contract import check_acts
 from .rollout import reset, rollout
 
 FORMATS = (".gif", ".mp4", ".png", ".html")

@@ -3,9 +3,9 @@
 A run is `num_evals - 1` segments. Each segment is one jit-compiled loop over strategy
 iterations followed by an evaluation; the host only starts segments, reads the clock and
 updates the progress bar in between. The machinery lives in private modules: the budget
-plan (`_plan`), the checks of the inputs and of the strategy contract (`_contract`), the
-compiled program and its cache (`_program`), the host loop (`_loop`), sweep grids
-(`_sweep`) and the log and progress bar (`_log`).
+plan, the checks of the inputs and of the strategy contract, the compiled program and its
+cache, the host loop, sweep grids, the log and progress bar and checkpoints, one module
+each in `diffsim._train`.
 """
 
 import dataclasses
@@ -16,9 +16,9 @@ from typing import Any
 import jax
 from jaxtyping import PRNGKeyArray
 
-from ._loop import Options, run
-from ._program import EVAL_SEED as EVAL_SEED, PolicyOrFactory
-from ._sweep import sweep_grid
+from ._train.loop import Options, run
+from ._train.program import EVAL_SEED as EVAL_SEED, PolicyOrFactory
+from ._train.sweep import sweep_grid
 from ._types import Env, Keys
 from .results import Run
 from .strategies.base import AbstractStrategy

@@ -69,7 +69,7 @@ def _release_compiled_programs():
     every XLA executable of the suite alive holds tens of thousands of memory maps, and
     past the kernel's `vm.max_map_count` (65,530 here) XLA aborts in the middle of a compile."""
     yield
-    importlib.import_module("diffsim._program").PROGRAMS.clear()
+    importlib.import_module("diffsim._train.program").PROGRAMS.clear()
     jax.clear_caches()
 
 

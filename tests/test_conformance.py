@@ -34,7 +34,7 @@ from conftest import (
 )
 
 import diffsim
-from diffsim import _checkpoint
+from diffsim._train import checkpoint as _checkpoint
 
 
 @dataclasses.dataclass(frozen=True)

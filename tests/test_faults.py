@@ -15,7 +15,8 @@ import pytest
 from conftest import COMPILE, compiles, gaussian
 
 import diffsim
-from diffsim import _checkpoint, cli
+from diffsim import cli
+from diffsim._train import checkpoint as _checkpoint
 
 TINY = diffsim.PPO(num_envs=8, unroll_length=16, num_epochs=2, num_minibatches=4)
 ARGS = dict(
@@ -31,7 +32,7 @@ CHILD = textwrap.dedent(
     import os, signal, sys
     import jax.random as jr
     import diffsim
-    from diffsim import _checkpoint
+    from diffsim._train import checkpoint as _checkpoint
 
     out, mode = sys.argv[1], sys.argv[2]
 

@@ -9,7 +9,8 @@ import pytest
 from conftest import deterministic, gaussian
 
 import diffsim
-from diffsim import _checkpoint, cli
+from diffsim import cli
+from diffsim._train import checkpoint as _checkpoint
 from diffsim.envs import AutoResetEnv, Reach
 from diffsim.strategies.guided_es import APGWindow, Blend, SHACWindow, Subspace, blend
 

@@ -15,7 +15,7 @@ import pytest
 from conftest import deterministic, gaussian
 
 import diffsim
-from diffsim import _contract, _log
+from diffsim._train import contract as _contract, log as _log
 from diffsim.envs import AutoResetEnv, Reach
 from diffsim.strategies import registry
 

@@ -20,7 +20,7 @@ CHILD = textwrap.dedent(
     import equinox as eqx, jax, jax.numpy as jnp, jax.random as jr, numpy as np
     from jax.sharding import Mesh
     import diffsim
-    from diffsim import _checkpoint
+    from diffsim._train import checkpoint as _checkpoint
 
     assert jax.device_count() == 4, jax.devices()
     out = {}
@@ -55,7 +55,7 @@ CHILD = textwrap.dedent(
                         one_devices=len(jax.tree.leaves(one.policy)[0].sharding.device_set))
     two = diffsim.train_seeds(ppo, env, gauss, keys=keys[:2], **args(ppo))
     two_one = jax.tree.map(lambda x: x[:2] if eqx.is_array(x) else x, one)  # the same 2 seeds
-    carry = list(importlib.import_module("diffsim._program").PROGRAMS.values())[-1].carry_sharding
+    carry = list(importlib.import_module("diffsim._train.program").PROGRAMS.values())[-1].carry_sharding
     out["two_seeds"] = dict(diff=diff(two, two_one), mesh=two.config["mesh"],
                             env_spec=str(carry.state.env_state.obs.spec))
 

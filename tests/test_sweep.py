@@ -148,7 +148,7 @@ def no_compiling(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("compiled before rejecting the sweep")
 
-    monkeypatch.setattr(importlib.import_module("diffsim._program"), "compile_run", refuse)
+    monkeypatch.setattr(importlib.import_module("diffsim._train.program"), "compile_run", refuse)
 
 
 @pytest.mark.parametrize(

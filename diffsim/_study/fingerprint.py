@@ -22,8 +22,8 @@ import jax.random as jr
 import numpy as np
 from jax.extend.core import ClosedJaxpr
 
-from .. import _program
-from .._loop import Options, _prepare
+from .._train import program as _program
+from .._train.loop import Options, _prepare
 from .._types import Env
 from ..strategies.base import AbstractStrategy
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import jax.random as jr
 
-from .._checkpoint import key_data
+from .._train.checkpoint import key_data
 from ..envs import AutoResetEnv as Env
 from ..results import Run, _atomic_write, load_run, provenance
 from ..train import train_seeds

@@ -16,7 +16,7 @@ import jax
 import jax.random as jr
 import numpy as np
 
-from .._checkpoint import key_data
+from .._train.checkpoint import key_data
 from ..results import Run
 from ..stats import aggregate, aggregate_name
 from ..train import train_sweep

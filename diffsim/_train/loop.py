@@ -18,16 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from . import _checkpoint as checkpoint, _program
-from ._contract import check_env_steps, check_hashable, check_inputs, warn_vanishing
-from ._log import Log, Progress
-from ._plan import make_plan
-from ._program import Job, Program
-from ._sweep import Grid
-from ._types import LearningCurve
-from .results import Run, run_config
-from .sharding import SEEDS, gather, make_mesh, put
-from .strategies.base import AbstractStrategy
+from .._types import LearningCurve
+from ..results import Run, run_config
+from ..sharding import SEEDS, gather, make_mesh, put
+from ..strategies.base import AbstractStrategy
+from . import checkpoint, program as _program
+from .contract import check_env_steps, check_hashable, check_inputs, warn_vanishing
+from .log import Log, Progress
+from .plan import make_plan
+from .program import Job, Program
+from .sweep import Grid
 
 
 class Options(eqx.Module):

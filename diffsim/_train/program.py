@@ -20,13 +20,13 @@ import jax.random as jr
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from ._config import compiler_options
-from ._contract import check_step
-from ._plan import Plan
-from ._types import Env
-from .rollout import evaluate
-from .sharding import SEEDS, shard_seeds
-from .strategies.base import AbstractStrategy
+from .._config import compiler_options
+from .._types import Env
+from ..rollout import evaluate
+from ..sharding import SEEDS, shard_seeds
+from ..strategies.base import AbstractStrategy
+from .contract import check_step
+from .plan import Plan
 
 PolicyOrFactory = eqx.Module | Callable[[PRNGKeyArray], eqx.Module]
 EVAL_SEED = 0  # evaluation episodes are drawn from this key (folded with the seed index)

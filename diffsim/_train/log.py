@@ -5,8 +5,8 @@ import time
 
 import numpy as np
 
-from . import _checkpoint as checkpoint
-from ._plan import Plan
+from . import checkpoint
+from .plan import Plan
 
 
 class Log:

@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 import equinox as eqx
 
-from .strategies.base import AbstractStrategy
+from ..strategies.base import AbstractStrategy
 
 
 class Plan(eqx.Module):

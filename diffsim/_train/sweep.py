@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from .results import Run
-from .strategies.base import AbstractStrategy
+from ..results import Run
+from ..strategies.base import AbstractStrategy
 
 
 class Grid(eqx.Module):
