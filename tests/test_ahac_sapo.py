@@ -88,17 +88,16 @@ def _state(pipeline, obs=(0.0, 0.0), done=0.0, **info):
 
 
 def test_stiffness_signal_of_each_backend():
-    env = types.SimpleNamespace(dt=0.5)
     mjx = types.SimpleNamespace(qfrc_constraint=jnp.array([3.0, 4.0]))
     generalized = types.SimpleNamespace(qf_constraint=jnp.array([6.0, 8.0]), qd=jnp.zeros(2))
     spring0, spring1 = (types.SimpleNamespace(qd=jnp.array(v)) for v in ([0.0, 0.0], [0.0, 2.0]))
     toy = {"x": jnp.zeros(2)}
     before = _state(toy, obs=(0.0, 0.0))
-    assert stiffness(env, before, _state(mjx)) == 5.0  # pyright: ignore[reportArgumentType]
-    assert stiffness(env, before, _state(generalized)) == 10.0  # pyright: ignore[reportArgumentType]
-    assert stiffness(env, _state(spring0), _state(spring1)) == 4.0  # pyright: ignore[reportArgumentType]
-    assert stiffness(env, before, _state(toy, final_obs=jnp.array([0.0, 3.0]))) == 3.0  # pyright: ignore[reportArgumentType]
-    assert stiffness(env, before, _state(mjx, done=1.0)) == 0.0  # pyright: ignore[reportArgumentType]
+    assert stiffness(before, _state(mjx), dt=0.5) == 5.0  # pyright: ignore[reportArgumentType]
+    assert stiffness(before, _state(generalized), dt=0.5) == 10.0  # pyright: ignore[reportArgumentType]
+    assert stiffness(_state(spring0), _state(spring1), dt=0.5) == 4.0  # pyright: ignore[reportArgumentType]
+    assert stiffness(before, _state(toy, final_obs=jnp.array([0.0, 3.0])), dt=0.5) == 3.0  # pyright: ignore[reportArgumentType]
+    assert stiffness(before, _state(mjx, done=1.0), dt=0.5) == 0.0  # pyright: ignore[reportArgumentType]
 
 
 def test_ensemble_fits_every_critic():

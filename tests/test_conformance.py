@@ -66,14 +66,14 @@ TOY = {
         deterministic,
         10_000,
         invalid=("horizon", -1),
-        sweep_values={"max_grad_value": 1.0},
+        sweep_values={"max_grad_value": 1.0, "valve_max_norm": 10.0},
     ),
     "shac": Toy(
         diffsim.SHAC(num_envs=8, horizon=16, critic_epochs=2, critic_minibatches=2),
         deterministic,
         10_000,
         invalid=("discount", 0.0),
-        sweep_values={"max_grad_value": 1.0},
+        sweep_values={"max_grad_value": 1.0, "valve_max_norm": 10.0},
     ),
     "ahac": Toy(
         diffsim.AHAC(

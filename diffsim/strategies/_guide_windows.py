@@ -62,7 +62,7 @@ class APGWindow(AbstractGuideWindow):
     remat: bool = eqx.field(default=False, static=True)
     valve_max_norm: float | None = None
     valve_decay: float = 1.0
-    contact_smoothing: float | None = None
+    contact_smoothing: float | None = eqx.field(default=None, static=True)  # a switch
 
     def init(self, env: Env, *, key: PRNGKeyArray) -> None:
         del env, key
@@ -104,7 +104,7 @@ class SHACWindow(AbstractGuideWindow, AbstractSHACCritic):
     remat: bool = eqx.field(default=False, static=True)
     valve_max_norm: float | None = None
     valve_decay: float = 1.0
-    contact_smoothing: float | None = None
+    contact_smoothing: float | None = eqx.field(default=None, static=True)  # a switch
     discount: float = 0.95
     gae_lambda: float = 0.95
     target_alpha: float = 0.2

@@ -22,7 +22,7 @@ A step that ended its episode records 0 (its pipeline state is the next episode'
 """
 
 import dataclasses
-from typing import Any, cast
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,9 +35,10 @@ SIGNAL = "stiffness"
 STEP = "stiffness_step"
 
 
-def stiffness(env: Env, before: State, after: State) -> Float[Array, ""]:
+def stiffness(before: State, after: State, *, dt: float = 1.0) -> Float[Array, ""]:
     """The stiffness signal of one transition `before -> after` of one env (see the module
-    docstring for which signal each backend gives). Not differentiated."""
+    docstring for which signal each backend gives; `dt`: the env's control step, which
+    turns Brax spring's change of velocity into an acceleration). Not differentiated."""
     old: Any = before.pipeline_state
     new: Any = after.pipeline_state
     if hasattr(new, "qfrc_constraint"):  # MJX data
@@ -45,7 +46,6 @@ def stiffness(env: Env, before: State, after: State) -> Float[Array, ""]:
     elif hasattr(new, "qf_constraint"):  # Brax generalized
         signal = jnp.linalg.norm(new.qf_constraint)
     elif hasattr(new, "qd") and hasattr(old, "qd"):  # Brax spring, positional
-        dt = getattr(env, "dt", 1.0)
         signal = jnp.linalg.norm(new.qd - old.qd) / dt
     else:
         final_obs = after.info.get("final_obs", after.obs)
@@ -106,7 +106,7 @@ class StiffnessCut(Wrapper):
         )
         step_fn: Any = self.env.step  # an AutoResetEnv's step also takes its start pool
         after = step_fn(inner, action) if starts is None else step_fn(inner, action, starts)
-        signal = stiffness(cast(Env, self.env), state, after)
+        signal = stiffness(state, after, dt=float(getattr(self.env, "dt", 1.0)))
         cut = (signal > self.threshold) | ((step + 1) % self.period == 0)
 
         def cut_off(x):

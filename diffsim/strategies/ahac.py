@@ -120,7 +120,7 @@ class AHAC(AbstractWindowStrategy[AHACState], AbstractEnsembleCritic):
     mask_nonfinite_envs: bool = False
     valve_max_norm: float | None = 100.0
     valve_decay: float = 1.0
-    contact_smoothing: float | None = None
+    contact_smoothing: float | None = eqx.field(default=None, static=True)  # a switch
     lr_decay: bool = True
     lr_decay_steps: int | None = None
 

@@ -122,7 +122,7 @@ class APG(AbstractWindowStrategy[APGState]):
     mask_nonfinite_envs: bool = False
     valve_max_norm: float | None = None
     valve_decay: float = 1.0
-    contact_smoothing: float | None = None
+    contact_smoothing: float | None = eqx.field(default=None, static=True)  # a switch
     lr_decay: bool = False
     lr_decay_steps: int | None = None
 
