@@ -36,7 +36,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         ["Env", "LearningCurve", "Metrics", "Trajectory", "VanishingGradientWarning"], "._types"
     ),
-    "select_run": "._select",
+    "select_run": "._results.select",
     "make_env": ".envs",
     **dict.fromkeys(
         [
@@ -84,7 +84,7 @@ if TYPE_CHECKING:
         strategies as strategies,
         study as study,
     )
-    from ._select import select_run as select_run
+    from ._results.select import select_run as select_run
     from ._structure import register_policy as register_policy
     from ._types import (
         Env as Env,

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ._select import run_axes, select_run
+from ._results.select import run_axes, select_run
 from .results import Run
 from .stats import iqm_ci
 

@@ -1,31 +1,28 @@
-"""`Run`: the result of `train` / `train_seeds`, and its round trip to a folder; and
-`provenance`: the commit, versions and machine a result came from (`_provenance.py`)."""
+"""`Run`: the result of `train` / `train_seeds` / `train_sweep`, and its round trip to a
+folder of data (`Run.save`, `load_run`), with the tables in `files`."""
 
 import dataclasses
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array
 
-from . import _structure
-from ._provenance import (
-    OUTPUTS as OUTPUTS,
-    PACKAGES as PACKAGES,
-    DirtyTreeError as DirtyTreeError,
-    machine as machine,
-    provenance as provenance,
-    require_clean as require_clean,
-    versions as versions,
+from .. import _structure
+from .._types import LearningCurve
+from .files import (
+    AtomicFile,
+    atomic_write,
+    curve_csv,
+    metrics_csv,
+    read_curve,
+    read_table,
 )
-from ._types import LearningCurve
+from .provenance import machine, versions
 
 
 class Run(eqx.Module):
@@ -75,8 +72,8 @@ class Run(eqx.Module):
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path / "curve.csv", _curve_csv(self.curve).encode())
-        _atomic_write(path / "metrics.csv", _metrics_csv(self.metrics).encode())
+        atomic_write(path / "curve.csv", curve_csv(self.curve).encode())
+        atomic_write(path / "metrics.csv", metrics_csv(self.metrics).encode())
         try:
             structure = {"format": _structure.FORMAT, "policy": _structure.encode(self.policy)}
         except TypeError as error:
@@ -89,11 +86,11 @@ class Run(eqx.Module):
         for stale in ("policy.pkl", "policy.json"):  # an older save into the same folder
             (path / stale).unlink(missing_ok=True)
         if structure is not None:
-            _atomic_write(path / "policy.json", json.dumps(structure, indent=1).encode())
-        with _atomic_file(path / "policy.eqx") as f:
+            atomic_write(path / "policy.json", json.dumps(structure, indent=1).encode())
+        with AtomicFile(path / "policy.eqx") as f:
             eqx.tree_serialise_leaves(f, self.policy)
         # Last, so a folder with config.json holds a complete run (what study resumes on).
-        _atomic_write(path / "config.json", json.dumps(self.config, indent=2).encode())
+        atomic_write(path / "config.json", json.dumps(self.config, indent=2).encode())
         return path
 
     def make_env(self):
@@ -109,7 +106,7 @@ class Run(eqx.Module):
         returns = diffsim.evaluate(run.make_env(), run.policy, key=jax.random.key(0))
         ```
         """
-        from .envs import from_config
+        from ..envs import from_config
 
         return from_config(self.config)
 
@@ -145,14 +142,14 @@ def load_run(path: str | os.PathLike, *, like: eqx.Module | None = None) -> Run:
         raise FileNotFoundError(f"{path} holds no saved run (no config.json)")
     config = json.loads((path / "config.json").read_text())
     seeded = config.get("num_seeds") is not None
-    curve = _read_curve(path / "curve.csv", seeded)
+    curve = read_curve(path / "curve.csv", seeded)
     if like is None:
         skeletons = [_policy_structure(path)]
     else:  # as given, or one seed's policy broadcast over the run's seed (sweep) axes
         lead = tuple(curve.eval_return.shape[:-2])
         skeletons = [like, _broadcast(like, lead)] if lead else [like]
     policy = _read_policy(path / "policy.eqx", skeletons)
-    metrics = _read_table(path / "metrics.csv", seeded, index="iteration")
+    metrics = read_table(path / "metrics.csv", seeded, index="iteration")
     return Run(policy=policy, curve=curve, metrics=metrics, config=config)
 
 
@@ -263,115 +260,3 @@ def _jsonable(value):
     if isinstance(value, type):
         return value.__name__
     return getattr(value, "__name__", repr(value))
-
-
-class _atomic_file:
-    """Write to a temp file in the same folder, then rename over the target."""
-
-    def __init__(self, target: Path):
-        self.target = target
-
-    def __enter__(self):
-        fd, self.tmp = tempfile.mkstemp(dir=self.target.parent, prefix=f".{self.target.name}.")
-        self.file = os.fdopen(fd, "wb")
-        return self.file
-
-    def __exit__(self, exc_type, *_):
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        if exc_type is None:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide a shared run
-            os.replace(self.tmp, self.target)
-        else:
-            os.unlink(self.tmp)
-
-
-def _atomic_write(target: Path, data: bytes) -> None:
-    with _atomic_file(target) as f:
-        f.write(data)
-
-
-def _index_columns(runs: tuple[int, ...]) -> list[str]:
-    """The columns that say which run a row belongs to: `config, seed` for a sweep's
-    `(configs, seeds)` axes, else `seed` (0 for a single run)."""
-    return ["config", "seed"] if len(runs) == 2 else ["seed"]
-
-
-def _run_indices(runs: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """Each run's index values, in row order (a single run is seed 0)."""
-    return [index or (0,) for index in np.ndindex(runs)]
-
-
-def _curve_csv(curve: LearningCurve) -> str:
-    returns = np.asarray(curve.eval_return)
-    runs, (points, n) = returns.shape[:-2], returns.shape[-2:]
-    steps, times = (np.asarray(x).reshape(-1, points) for x in (curve.env_steps, curve.wall_time))
-    returns = returns.reshape(-1, points, n)
-    header = [*_index_columns(runs), "env_steps", "wall_time", "return_mean"]
-    lines = [",".join(header + [f"return_{i}" for i in range(n)])]
-    for r, index in enumerate(_run_indices(runs)):
-        at = ",".join(map(str, index))
-        for e in range(points):
-            values = [repr(float(v)) for v in returns[r, e]]
-            mean = repr(float(returns[r, e].mean()))
-            lines.append(
-                f"{at},{int(steps[r, e])},{float(times[r, e])!r},{mean}," + ",".join(values)
-            )
-    return "\n".join(lines) + "\n"
-
-
-def _metrics_csv(metrics: dict[str, Array]) -> str:
-    names = sorted(metrics)
-    if not names:
-        return "seed,iteration\n"
-    runs = np.shape(metrics[names[0]])[:-1]
-    cols = [np.asarray(metrics[k]).reshape(-1, np.shape(metrics[k])[-1]) for k in names]
-    lines = [",".join([*_index_columns(runs), "iteration", *names])]
-    for r, index in enumerate(_run_indices(runs)):
-        at = ",".join(map(str, index))
-        for i in range(cols[0].shape[1]):
-            lines.append(f"{at},{i}," + ",".join(repr(float(c[r, i])) for c in cols))
-    return "\n".join(lines) + "\n"
-
-
-def _read_columns(path: Path) -> dict[str, np.ndarray]:
-    table: Any = np.genfromtxt(path, delimiter=",", names=True, dtype=np.float64, ndmin=1)
-    return {name: np.atleast_1d(table[name]) for name in table.dtype.names}
-
-
-def _runs(cols: dict[str, np.ndarray], seeded: bool) -> tuple[int, ...]:
-    """The leading run axes of a table (removing its index columns): `(configs, seeds)`
-    for a sweep, `(seeds,)` for `train_seeds`, `()` for one run."""
-    seeds = cols.pop("seed")
-    num = int(seeds.max()) + 1 if len(seeds) else 1
-    if "config" in cols:
-        configs = cols.pop("config")
-        return (int(configs.max()) + 1 if len(configs) else 1, num)
-    return (num,) if seeded else ()
-
-
-def _by_run(column: np.ndarray, runs: tuple[int, ...]) -> np.ndarray:
-    return column.reshape(*runs, -1, *column.shape[1:])
-
-
-def _read_curve(path: Path, seeded: bool) -> LearningCurve:
-    cols = _read_columns(path)
-    runs = _runs(cols, seeded)
-    episodes = np.stack(
-        [cols[k] for k in cols if k.startswith("return_") and k != "return_mean"], -1
-    )
-    return LearningCurve(
-        env_steps=jnp.asarray(_by_run(cols["env_steps"].astype(np.int32), runs)),
-        wall_time=jnp.asarray(_by_run(cols["wall_time"].astype(np.float32), runs)),
-        eval_return=jnp.asarray(_by_run(episodes.astype(np.float32), runs)),
-    )
-
-
-def _read_table(path: Path, seeded: bool, index: str) -> dict[str, Array]:
-    cols = _read_columns(path)
-    runs = _runs(cols, seeded)
-    cols.pop(index)
-    return {k: jnp.asarray(_by_run(v.astype(np.float32), runs)) for k, v in cols.items()}

@@ -7,7 +7,7 @@ import equinox as eqx
 import jax
 import numpy as np
 
-from .results import Run
+from .run import Run
 
 
 def run_axes(run: Run) -> tuple[str, ...]:

@@ -12,9 +12,10 @@ from typing import Any
 
 import jax.random as jr
 
+from .._results.files import atomic_write as _atomic_write
 from .._train.checkpoint import key_data
 from ..envs import AutoResetEnv as Env
-from ..results import Run, _atomic_write, load_run, provenance
+from ..results import Run, load_run, provenance
 from ..train import train_seeds
 from . import tuning
 from .cellmeter import meter
