@@ -59,6 +59,8 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["AHAC", "AHACState"], ".strategies.ahac"),
     **dict.fromkeys(["APG", "APGState"], ".strategies.apg"),
     "AbstractStrategy": ".strategies.base",
+    "AbstractWindowStrategy": ".strategies._window.strategy",
+    "AbstractPopulationStrategy": ".strategies._population.population",
     **dict.fromkeys(["ES", "ESState"], ".strategies.es"),
     **dict.fromkeys(
         ["APGWindow", "Blend", "GuidedES", "GuidedESState", "SHACWindow", "Subspace"],
@@ -108,6 +110,10 @@ if TYPE_CHECKING:
     from .rollout import evaluate as evaluate, reset as reset, rollout as rollout
     from .sharding import shard_batch as shard_batch
     from .strategies import helpers as helpers
+    from .strategies._population.population import (
+        AbstractPopulationStrategy as AbstractPopulationStrategy,
+    )
+    from .strategies._window.strategy import AbstractWindowStrategy as AbstractWindowStrategy
     from .strategies.ahac import AHAC as AHAC, AHACState as AHACState
     from .strategies.apg import APG as APG, APGState as APGState
     from .strategies.base import AbstractStrategy as AbstractStrategy

@@ -21,7 +21,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from ._types import Env
 from .policies import trainable
 from .rollout import reset, rollout
-from .strategies._window_gradient import window_step_norms as window_step_norms
+from .strategies._window.gradient import window_step_norms as window_step_norms
 
 
 class GradientStats(eqx.Module):

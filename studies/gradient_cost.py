@@ -55,7 +55,7 @@ import jax.random as jr
 
 import diffsim
 from diffsim.results import DirtyTreeError, require_clean
-from diffsim.strategies._windows import Rematerialized
+from diffsim.strategies._window.window import Rematerialized
 
 OUT = Path("results/gradient_cost")
 ENVS = ("reacher", "halfcheetah", "ant", "hopper", "reach", "pendulum", "ball")

@@ -18,9 +18,9 @@ from conftest import deterministic, gaussian
 
 import diffsim
 from diffsim import Env
-from diffsim.strategies._critic import CriticBatch, fit_critic
-from diffsim.strategies._ensemble_critic import ValueEnsemble
-from diffsim.strategies._stiffness import (
+from diffsim.strategies._window.critic import CriticBatch, fit_critic
+from diffsim.strategies._window.ensemble import ValueEnsemble
+from diffsim.strategies._window.stiffness import (
     SIGNAL,
     StiffnessCut,
     segment_ends,

@@ -9,8 +9,8 @@ from conftest import deterministic, gaussian
 import diffsim
 from diffsim.envs import AutoResetEnv, Reach
 from diffsim.rollout import default_pool_size
-from diffsim.strategies import _windows as windows
-from diffsim.strategies._window_gradient import window_gradient
+from diffsim.strategies._window import window as windows
+from diffsim.strategies._window.gradient import window_gradient
 
 
 class _DivergingReach(Reach):

@@ -16,9 +16,9 @@ from conftest import deterministic
 import diffsim
 from diffsim._types import Env
 from diffsim.rollout import rollout
-from diffsim.strategies import _contact as contact
-from diffsim.strategies._valve import Valved, valve, with_probe
-from diffsim.strategies._window_gradient import window_gradient
+from diffsim.strategies._window import contact as contact
+from diffsim.strategies._window.gradient import window_gradient
+from diffsim.strategies._window.valve import Valved, valve, with_probe
 from diffsim.strategies.guided_es import APGWindow
 
 VALVE: dict[str, Any] = dict(valve_max_norm=0.05, valve_decay=0.8)

@@ -14,7 +14,7 @@ from conftest import deterministic, gaussian
 import diffsim
 from diffsim import LearningCurve, Run
 from diffsim.envs import AutoResetEnv, Reach
-from diffsim.strategies import _window_env as window_env
+from diffsim.strategies._window import env as window_env
 from diffsim.strategies.guided_es import APGWindow
 
 

@@ -163,7 +163,7 @@ def gradient_metric(strategy: AbstractStrategy, metrics: dict) -> str | None:
     `analytic_grad_norm`, a window strategy's (APG, SHAC, AHAC, SAPO) `grad_norm`; None
     for a strategy that does not differentiate the env (PPO's `grad_norm` is a score
     function's)."""
-    from ..strategies._window_strategy import AbstractWindowStrategy
+    from ..strategies._window.strategy import AbstractWindowStrategy
 
     if "analytic_grad_norm" in metrics:
         return "analytic_grad_norm"

@@ -20,11 +20,11 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from .._types import Env, Metrics
 from ..policies import RunningNorm, trainable
 from . import helpers
-from ._ensemble_critic import AbstractEnsembleCritic, EnsembleCritic, ValueEnsemble
-from ._stiffness import SIGNAL, StiffnessCut, segment_ends, with_signal_slots
-from ._window_env import carried_dtype
-from ._window_strategy import AbstractWindowStrategy
-from ._windows import Window, clipped_adam, shac_loss, update_normalizers_from
+from ._window.ensemble import AbstractEnsembleCritic, EnsembleCritic, ValueEnsemble
+from ._window.env import carried_dtype
+from ._window.stiffness import SIGNAL, StiffnessCut, segment_ends, with_signal_slots
+from ._window.strategy import AbstractWindowStrategy
+from ._window.window import Window, clipped_adam, shac_loss, update_normalizers_from
 from .helpers import episode_stats, guarded_update
 
 

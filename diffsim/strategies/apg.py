@@ -18,9 +18,9 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from .._types import Env, Metrics
 from ..policies import trainable
 from . import helpers
-from ._window_env import carried_dtype
-from ._window_strategy import AbstractWindowStrategy
-from ._windows import Window, apg_loss, update_normalizers_from
+from ._window.env import carried_dtype
+from ._window.strategy import AbstractWindowStrategy
+from ._window.window import Window, apg_loss, update_normalizers_from
 from .helpers import episode_stats, guarded_update
 
 

@@ -14,9 +14,10 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._types import Env, Metrics
 from ..policies import trainable
-from . import _algorithms as algorithms, helpers
-from ._algorithms import ALGORITHMS as ALGORITHMS
-from ._population import (
+from . import helpers
+from ._population import algorithms as algorithms
+from ._population.algorithms import ALGORITHMS as ALGORITHMS
+from ._population.population import (
     AbstractPopulationStrategy,
     population_episodes as population_episodes,
     with_statistics,

@@ -21,27 +21,28 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._types import Env, Metrics
 from ..policies import trainable
-from . import _algorithms as algorithms, helpers
-from ._critic import Critic
-from ._estimates import (
+from . import helpers
+from ._population import algorithms as algorithms
+from ._population.estimates import (
     BlendEstimate as BlendEstimate,
     blend as blend,
     guided_directions as guided_directions,
 )
-from ._guide_modes import (
+from ._population.modes import (
     AbstractGuideMode as AbstractGuideMode,
     Analytic,
     Blend as Blend,
     Subspace as Subspace,
 )
-from ._guide_windows import (
+from ._population.population import AbstractPopulationStrategy, with_statistics
+from ._population.windows import (
     AbstractGuideWindow as AbstractGuideWindow,
     APGWindow as APGWindow,
     SHACWindow as SHACWindow,
 )
-from ._population import AbstractPopulationStrategy, with_statistics
-from ._valve import step_norm_stats
-from ._window_gradient import WindowGradient, window_gradient
+from ._window.critic import Critic
+from ._window.gradient import WindowGradient, window_gradient
+from ._window.valve import step_norm_stats
 from .helpers import select
 
 

@@ -2,8 +2,11 @@
 NaN/inf-guarded optimiser step, learning-rate schedules over an env-step budget, GAE and
 discounted returns, and episode statistics for metrics.
 
-Every built-in strategy uses these and nothing private; a strategy written outside diffsim
-imports them the same way:
+A strategy written outside diffsim needs these and the public bases only:
+`diffsim.AbstractStrategy`, or a family's base, `diffsim.AbstractWindowStrategy` (first-order:
+APG, SHAC, AHAC, SAPO) and `diffsim.AbstractPopulationStrategy` (ES, GuidedES). The built-in
+strategies also share their family's private machinery (`strategies/_window/`,
+`strategies/_population/`). It imports them like this:
 
 ```python
 from diffsim.strategies import helpers

@@ -20,10 +20,10 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from .._types import Env, Metrics, Trajectory
 from ..policies import trainable
 from . import helpers
-from ._ensemble_critic import AbstractEnsembleCritic, EnsembleCritic, ValueEnsemble
-from ._window_env import carried_dtype
-from ._window_strategy import AbstractWindowStrategy
-from ._windows import Window, shac_loss, update_normalizers_from
+from ._window.ensemble import AbstractEnsembleCritic, EnsembleCritic, ValueEnsemble
+from ._window.env import carried_dtype
+from ._window.strategy import AbstractWindowStrategy
+from ._window.window import Window, shac_loss, update_normalizers_from
 from .helpers import episode_stats, guarded_update
 
 

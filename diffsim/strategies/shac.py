@@ -18,10 +18,10 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from .._types import Env, Metrics
 from ..policies import ValueFunction, trainable
 from . import helpers
-from ._critic import AbstractSHACCritic, Critic
-from ._window_env import carried_dtype
-from ._window_strategy import AbstractWindowStrategy
-from ._windows import Window, update_normalizers_from
+from ._window.critic import AbstractSHACCritic, Critic
+from ._window.env import carried_dtype
+from ._window.strategy import AbstractWindowStrategy
+from ._window.window import Window, update_normalizers_from
 from .helpers import episode_stats, guarded_update
 
 

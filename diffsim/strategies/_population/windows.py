@@ -10,11 +10,11 @@ import optax
 from brax.envs.base import State
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._types import Env, Metrics
-from ._critic import AbstractSHACCritic, Critic
-from ._window_env import carried_dtype
-from ._window_gradient import WindowGradient
-from ._windows import AbstractWindowed, Window, apg_loss, clipped_adam
+from ..._types import Env, Metrics
+from .._window.critic import AbstractSHACCritic, Critic
+from .._window.env import carried_dtype
+from .._window.gradient import WindowGradient
+from .._window.window import AbstractWindowed, Window, apg_loss, clipped_adam
 
 
 class AbstractGuideWindow(AbstractWindowed):

@@ -23,11 +23,11 @@ from brax.envs.base import State
 from equinox import AbstractVar
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-from .._types import Env, Scalar, Trajectory
-from ..policies import ACTIVATIONS, ValueFunction, trainable
-from . import helpers
-from ._windows import Window, WindowSpec, shac_window_losses, update_normalizers_from
-from .helpers import all_finite, gae, guarded_update, select
+from ..._types import Env, Scalar, Trajectory
+from ...policies import ACTIVATIONS, ValueFunction, trainable
+from .. import helpers
+from ..helpers import all_finite, gae, guarded_update, select
+from .window import Window, WindowSpec, shac_window_losses, update_normalizers_from
 
 CriticT = TypeVar("CriticT", bound=eqx.Module)
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .._types import Scalar, Trajectory
+from ..._types import Scalar, Trajectory
 
 
 def apg_loss(traj: Trajectory) -> Float[Array, " B"]:

@@ -14,13 +14,13 @@ import jax.random as jr
 from equinox import AbstractVar
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-from .._types import Env
-from ..policies import trainable, update_normalizers
-from ..rollout import Episodes, first_episodes, reset
-from ..sharding import shard_batch
-from . import helpers
-from .base import AbstractStrategy, StrategyState
-from .helpers import all_finite, select
+from ..._types import Env
+from ...policies import trainable, update_normalizers
+from ...rollout import Episodes, first_episodes, reset
+from ...sharding import shard_batch
+from .. import helpers
+from ..base import AbstractStrategy, StrategyState
+from ..helpers import all_finite, select
 
 
 def population_episodes(

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from brax.envs.base import State, Wrapper
 from jaxtyping import Array, Bool, Float
 
-from .._types import Env
+from ..._types import Env
 
 SIGNAL = "stiffness"
 STEP = "stiffness_step"

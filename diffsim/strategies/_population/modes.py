@@ -12,10 +12,10 @@ from equinox import AbstractClassVar
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-from . import helpers
-from ._estimates import blend, cosine, guided_directions
-from ._population import Scores
-from .helpers import all_finite, select
+from .. import helpers
+from ..helpers import all_finite, select
+from .estimates import blend, cosine, guided_directions
+from .population import Scores
 
 
 class Analytic(eqx.Module):

@@ -8,13 +8,13 @@ from brax.envs.base import State
 from equinox import AbstractVar
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._types import Env
-from ..policies import trainable
-from . import helpers
-from ._valve import step_norm_stats
-from ._window_gradient import LossFn, WindowGradient, window_gradient
-from ._windows import AbstractWindowed, check_bools, clipped_adam
-from .base import AbstractStrategy, StrategyState
+from ..._types import Env
+from ...policies import trainable
+from .. import helpers
+from ..base import AbstractStrategy, StrategyState
+from .gradient import LossFn, WindowGradient, window_gradient
+from .valve import step_norm_stats
+from .window import AbstractWindowed, check_bools, clipped_adam
 
 
 class AbstractWindowStrategy(AbstractStrategy[StrategyState], AbstractWindowed):

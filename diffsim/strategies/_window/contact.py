@@ -29,7 +29,7 @@ from jax import numpy as jp
 from jax.ops import segment_sum
 from jaxtyping import Array, Float
 
-from .._types import Scalar
+from ..._types import Scalar
 
 
 @jax.custom_vjp

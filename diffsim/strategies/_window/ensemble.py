@@ -20,12 +20,12 @@ import optax
 from equinox import AbstractVar
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-from .._types import Env, Trajectory
-from ..policies import ACTIVATIONS, RunningNorm, trainable
-from . import helpers
-from ._critic import critic_batch, fit_critic
-from ._windows import update_normalizers_from
-from .helpers import all_finite
+from ..._types import Env, Trajectory
+from ...policies import ACTIVATIONS, RunningNorm, trainable
+from .. import helpers
+from ..helpers import all_finite
+from .critic import critic_batch, fit_critic
+from .window import update_normalizers_from
 
 
 def mish(x: Array) -> Array:

@@ -23,13 +23,13 @@ from brax.envs.base import State
 from equinox import AbstractVar
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-from .._types import Env, Scalar, Trajectory
-from ..policies import ValueFunction, update_normalizers
-from ..rollout import reset, rollout
-from ..sharding import shard_batch
-from . import helpers
-from ._valve import PROBE, Valved, pop_probe
-from ._window_env import (
+from ..._types import Env, Scalar, Trajectory
+from ...policies import ValueFunction, update_normalizers
+from ...rollout import reset, rollout
+from ...sharding import shard_batch
+from .. import helpers
+from ..helpers import select
+from .env import (
     Rematerialized,
     check_env,
     check_x64,
@@ -38,8 +38,8 @@ from ._window_env import (
     like,
     to_float64,
 )
-from ._window_losses import apg_loss as apg_loss, shac_loss as shac_loss
-from .helpers import select
+from .losses import apg_loss as apg_loss, shac_loss as shac_loss
+from .valve import PROBE, Valved, pop_probe
 
 
 def check_bools(**flags) -> None:

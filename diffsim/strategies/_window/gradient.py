@@ -21,12 +21,12 @@ import jax.random as jr
 from brax.envs.base import State
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-from .._types import Env, Trajectory
-from ..policies import trainable
-from ..sharding import shard_batch
-from ._valve import PROBE, with_probe
-from ._windows import AbstractWindowed, Window, WindowSpec, apg_loss
-from .helpers import all_finite
+from ..._types import Env, Trajectory
+from ...policies import trainable
+from ...sharding import shard_batch
+from ..helpers import all_finite
+from .valve import PROBE, with_probe
+from .window import AbstractWindowed, Window, WindowSpec, apg_loss
 
 LossFn = Callable[[eqx.Module, State, PRNGKeyArray], tuple[Float[Array, " B"], Window]]
 """`loss_fn(policy, env_state, key) -> (loss of each env, window)`."""

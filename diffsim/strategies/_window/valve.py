@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from brax.envs.base import State, Wrapper
 from jaxtyping import Array, Float
 
-from .._types import Env, Scalar
-from ._contact import smoothed_contacts
+from ..._types import Env, Scalar
+from .contact import smoothed_contacts
 
 PROBE = "grad_probe"
 """The key of `state.info` that carries the valve's probe through a window."""

@@ -22,8 +22,8 @@ from brax.base import System
 from brax.envs.base import Env as BraxEnv, PipelineEnv, State, Wrapper
 from jaxtyping import Array
 
-from .._types import Env, Trajectory
-from ..envs._playground import is_playground_name
+from ..._types import Env, Trajectory
+from ...envs._playground import is_playground_name
 
 # Backends whose step JAX cannot reverse-differentiate, and why.
 NOT_DIFFERENTIABLE = {
