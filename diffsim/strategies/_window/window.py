@@ -109,9 +109,11 @@ class WindowSpec(eqx.Module):
         helpers.positive_int("num_envs", self.num_envs)
         helpers.positive_int("horizon", self.horizon)
         check_bools(stochastic=self.stochastic, float64=self.float64, remat=self.remat)
-        if self.valve_max_norm is not None:
+        # (a swept value arrives traced: its concrete values were checked by train_sweep)
+        if self.valve_max_norm is not None and not isinstance(self.valve_max_norm, jax.Array):
             helpers.positive("valve_max_norm", self.valve_max_norm)
-        helpers.in_range("valve_decay", self.valve_decay, 0.0, 1.0, low_open=True)
+        if not isinstance(self.valve_decay, jax.Array):
+            helpers.in_range("valve_decay", self.valve_decay, 0.0, 1.0, low_open=True)
         if self.contact_smoothing is not None:
             helpers.positive("contact_smoothing", self.contact_smoothing)
 
