@@ -21,11 +21,10 @@ from .._types import Env, Metrics
 from ..policies import RunningNorm, trainable
 from . import helpers
 from ._window.ensemble import AbstractEnsembleCritic, EnsembleCritic, ValueEnsemble
-from ._window.env import carried_dtype
 from ._window.stiffness import SIGNAL, StiffnessCut, segment_ends, with_signal_slots
 from ._window.strategy import AbstractWindowStrategy
 from ._window.window import Window, clipped_adam, shac_loss, update_normalizers_from
-from .helpers import episode_stats, guarded_update
+from .helpers import episode_stats
 
 
 class AHACState(eqx.Module):
@@ -224,23 +223,18 @@ class AHAC(AbstractWindowStrategy[AHACState], AbstractEnsembleCritic):
             scale = jnp.sqrt(state.returns.var[0] + 1e-5)
         else:
             scale = jnp.asarray(float(self.horizon))
-        grad = self._gradient(
+        actor = self._actor_update(
             lambda policy, env_state, key: self._scaled(
                 self.env_losses(env, policy, state.critic.value, env_state, state.horizon, key=key),
                 scale,
             ),
             state.policy,
+            state.policy_opt,
             state.env_state,
+            self._optimizer(self.actor_learning_rate),
             key=rollout_key,
         )
-        policy, policy_opt = guarded_update(
-            state.policy,
-            grad.grads,
-            state.policy_opt,
-            self._optimizer(self.actor_learning_rate),
-            grad.ok,
-        )
-        traj = carried_dtype(jax.lax.stop_gradient(grad.window.traj), state.env_state)
+        grad, policy, policy_opt, traj = actor.grad, actor.policy, actor.opt_state, actor.traj
         fit = self._update_ensemble(state.critic, traj, grad.kept, grad.ok, key=critic_key)
         policy = update_normalizers_from(policy, traj, grad.kept, fit.ok)
         # The horizon's dual step, and the statistics of the per-env losses.

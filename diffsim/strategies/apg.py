@@ -9,7 +9,6 @@ with `SHAC` and `GuidedES`; what APG shares with `SHAC` is `AbstractWindowStrate
 from collections.abc import Callable
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import optax
 from brax.envs.base import State
@@ -18,10 +17,9 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from .._types import Env, Metrics
 from ..policies import trainable
 from . import helpers
-from ._window.env import carried_dtype
 from ._window.strategy import AbstractWindowStrategy
 from ._window.window import Window, apg_loss, update_normalizers_from
-from .helpers import episode_stats, guarded_update
+from .helpers import episode_stats
 
 
 class APGState(eqx.Module):
@@ -164,17 +162,16 @@ class APG(AbstractWindowStrategy[APGState]):
         return jnp.mean(losses), window
 
     def step(self, env: Env, state: APGState, *, key: PRNGKeyArray) -> tuple[APGState, Metrics]:
-        grad = self._gradient(
+        actor = self._actor_update(
             lambda policy, env_state, key: self.env_losses(env, policy, env_state, key=key),
             state.policy,
+            state.opt_state,
             state.env_state,
+            self._optimizer(self.learning_rate),
             key=key,
         )
-        policy, opt_state = guarded_update(
-            state.policy, grad.grads, state.opt_state, self._optimizer(self.learning_rate), grad.ok
-        )
-        traj = carried_dtype(jax.lax.stop_gradient(grad.window.traj), state.env_state)
-        policy = update_normalizers_from(policy, traj, grad.kept, grad.ok)
+        grad, traj, opt_state = actor.grad, actor.traj, actor.opt_state
+        policy = update_normalizers_from(actor.policy, traj, grad.kept, grad.ok)
         new = APGState(policy=policy, opt_state=opt_state, env_state=grad.window.env_state)
         metrics = {
             "loss": grad.loss.astype(jnp.float32),

@@ -21,7 +21,6 @@ from .._types import Env, Metrics, Trajectory
 from ..policies import trainable
 from . import helpers
 from ._window.ensemble import AbstractEnsembleCritic, EnsembleCritic, ValueEnsemble
-from ._window.env import carried_dtype
 from ._window.strategy import AbstractWindowStrategy
 from ._window.window import Window, shac_loss, update_normalizers_from
 from .helpers import episode_stats, guarded_update
@@ -232,22 +231,17 @@ class SAPO(AbstractWindowStrategy[SAPOState], AbstractEnsembleCritic):
     def step(self, env: Env, state: SAPOState, *, key: PRNGKeyArray) -> tuple[SAPOState, Metrics]:
         rollout_key, critic_key = jr.split(key)
         alpha = jnp.exp(state.log_alpha)
-        grad = self._gradient(
+        actor = self._actor_update(
             lambda policy, env_state, key: self.env_losses(
                 env, policy, state.critic.value, alpha, env_state, key=key
             ),
             state.policy,
+            state.policy_opt,
             state.env_state,
+            self._adamw(self.actor_learning_rate),
             key=rollout_key,
         )
-        policy, policy_opt = guarded_update(
-            state.policy,
-            grad.grads,
-            state.policy_opt,
-            self._adamw(self.actor_learning_rate),
-            grad.ok,
-        )
-        traj = carried_dtype(jax.lax.stop_gradient(grad.window.traj), state.env_state)
+        grad, policy, policy_opt, traj = actor.grad, actor.policy, actor.opt_state, actor.traj
         entropy = jax.lax.stop_gradient(self.entropy(state.policy, traj)).astype(traj.reward.dtype)
         entropy = jnp.where(grad.kept[None] & jnp.isfinite(entropy), entropy, 0.0)
         bonus = self._bonus(entropy, alpha, env.action_size)

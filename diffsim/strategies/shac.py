@@ -8,7 +8,6 @@ the critic's update from `_critic.py`, shared with GuidedES's `SHACWindow`.
 from collections.abc import Callable
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import jax.random as jr
 import optax
@@ -19,10 +18,9 @@ from .._types import Env, Metrics
 from ..policies import ValueFunction, trainable
 from . import helpers
 from ._window.critic import AbstractSHACCritic, Critic
-from ._window.env import carried_dtype
 from ._window.strategy import AbstractWindowStrategy
 from ._window.window import Window, update_normalizers_from
-from .helpers import episode_stats, guarded_update
+from .helpers import episode_stats
 
 
 class SHACState(eqx.Module):
@@ -200,23 +198,18 @@ class SHAC(AbstractWindowStrategy[SHACState], AbstractSHACCritic):
     def step(self, env: Env, state: SHACState, *, key: PRNGKeyArray) -> tuple[SHACState, Metrics]:
         rollout_key, critic_key = jr.split(key)
         # Actor: gradient of the window loss, bootstrapped with the target critic.
-        grad = self._gradient(
+        actor = self._actor_update(
             lambda policy, env_state, key: self.env_losses(
                 env, policy, state.critic.target, env_state, key=key
             ),
             state.policy,
+            state.policy_opt,
             state.env_state,
+            self._optimizer(self.actor_learning_rate),
             key=rollout_key,
         )
-        policy, policy_opt = guarded_update(
-            state.policy,
-            grad.grads,
-            state.policy_opt,
-            self._optimizer(self.actor_learning_rate),
-            grad.ok,
-        )
+        grad, policy, policy_opt, traj = actor.grad, actor.policy, actor.opt_state, actor.traj
         # Critic: TD(lambda) targets from the target critic, then Polyak averaging.
-        traj = carried_dtype(jax.lax.stop_gradient(grad.window.traj), state.env_state)
         fit = self._update_critic(state.critic, traj, grad.kept, grad.ok, key=critic_key)
         # Observation statistics, frozen during the window, now take in its observations.
         policy = update_normalizers_from(policy, traj, grad.kept, fit.ok)

@@ -1,20 +1,37 @@
-"""`AbstractWindowStrategy`: what `APG` and `SHAC` share, a policy trained on the gradient
-of a differentiable window with clipped Adam."""
+"""`AbstractWindowStrategy`: what `APG`, `SHAC`, `AHAC` and `SAPO` share, a policy trained
+on the gradient of a differentiable window with clipped Adam."""
+
+from typing import Any
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import optax
 from brax.envs.base import State
 from equinox import AbstractVar
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ..._types import Env
+from ..._types import Env, Trajectory
 from ...policies import trainable
 from .. import helpers
 from ..base import AbstractStrategy, StrategyState
+from ..helpers import guarded_update
+from .env import carried_dtype
 from .gradient import LossFn, WindowGradient, window_gradient
 from .valve import step_norm_stats
 from .window import AbstractWindowed, check_bools, clipped_adam
+
+
+class ActorUpdate(eqx.Module):
+    """One actor update of a window strategy: the window's `grad` (`WindowGradient`), the
+    updated `policy` and `opt_state` (unchanged where the update was skipped), and the
+    window's trajectory `traj`, detached and in the carried dtype, for critics and
+    normalisers."""
+
+    grad: WindowGradient
+    policy: Any
+    opt_state: Any
+    traj: Trajectory
 
 
 class AbstractWindowStrategy(AbstractStrategy[StrategyState], AbstractWindowed):
@@ -103,3 +120,20 @@ class AbstractWindowStrategy(AbstractStrategy[StrategyState], AbstractWindowed):
             per_env=self.mask_nonfinite_envs,
             horizon=self.horizon,
         )
+
+    def _actor_update(
+        self,
+        loss_fn: LossFn,
+        policy: eqx.Module,
+        opt_state: optax.OptState,
+        env_state: State,
+        optimizer: optax.GradientTransformation,
+        *,
+        key: PRNGKeyArray,
+    ) -> ActorUpdate:
+        """The window's gradient (`_gradient`), one guarded `optimizer` step of the policy
+        (skipped where the gradient is not finite) and the window's detached trajectory."""
+        grad = self._gradient(loss_fn, policy, env_state, key=key)
+        policy, opt_state = guarded_update(policy, grad.grads, opt_state, optimizer, grad.ok)
+        traj = carried_dtype(jax.lax.stop_gradient(grad.window.traj), env_state)
+        return ActorUpdate(grad, policy, opt_state, traj)
