@@ -3,7 +3,6 @@ through the env state at every step), backward-only contact smoothing on Brax sp
 the per-step gradient-norm metrics. Toy envs and tiny windows; one short spring window."""
 
 import dataclasses
-import functools
 from typing import Any, cast
 
 import equinox as eqx
@@ -261,31 +260,17 @@ def test_smoothed_spring_contacts_match_brax_forward_and_differ_backward(envs):
     assert abs(float(ours[1]) - float(theirs[1])) > 1e-3  # the smoothed indicator's share
 
 
-def test_the_bounded_solver_loop_drops_a_non_finite_cotangent_of_one_iteration():
-    """A loop body whose backward pass is `0 * inf` in one iteration (as reverse mode
-    through MJX's solver can be) leaves the loop's gradient finite: the gradient through
-    the loop is cut at that iteration (here the only path, so 0). Forward values are
-    unchanged; without the guard the gradient is NaN."""
-    from diffsim.envs._playground import _bounded_while_loop
+def test_the_solver_guard_passes_back_only_finite_cotangents():
+    """`_finite_cotangent` (which guards the input of MJX's constraint solver while a
+    Playground step is traced) is the identity forward; backward, a non-finite cotangent
+    entry becomes 0 and the finite ones pass unchanged. Without it the gradient is NaN."""
+    from diffsim.envs._playground import _finite_cotangent
 
-    body = lambda v: v + 1.0 + 0.0 * jnp.sqrt(3.0 - v)  # sqrt'(0) = inf: NaN backward at v = 3
-    run = lambda x, loop: loop(lambda v: v <= 3.0, body, x)
-    guarded = functools.partial(_bounded_while_loop, max_iter=4)
-
-    def unguarded(cond_fun, body_fun, init_val):
-        def step(carry, _):
-            value, running = carry
-            value = jax.lax.cond(running, body_fun, lambda v: v, value)
-            return (value, running & cond_fun(value)), None
-
-        return jax.lax.scan(step, (init_val, cond_fun(init_val)), length=4)[0][0]
-
-    starts = jnp.array([1.0, 2.0])
-    np.testing.assert_array_equal(jax.vmap(lambda x: run(x, guarded))(starts), [4.0, 4.0])
-    np.testing.assert_array_equal(jax.vmap(lambda x: run(x, unguarded))(starts), [4.0, 4.0])
-    grad = jax.vmap(jax.grad(lambda x: run(x, guarded)))(starts)
-    np.testing.assert_array_equal(grad, [0.0, 0.0])
-    smooth = lambda x: _bounded_while_loop(lambda v: v <= 3.0, lambda v: 2.0 * v, x, max_iter=4)
-    np.testing.assert_array_equal(jax.grad(smooth)(1.0), 4.0)  # finite ones pass unchanged
-    bad = jax.vmap(jax.grad(lambda x: run(x, unguarded)))(starts)
-    assert not np.all(np.isfinite(bad))  # the failure the guard removes
+    f = lambda x, guard: jnp.sum(jnp.sqrt(guard(x)) * jnp.array([0.0, 2.0]))  # sqrt'(0) = inf
+    x = jnp.array([0.0, 4.0])
+    assert f(x, _finite_cotangent) == f(x, lambda v: v) == 4.0
+    np.testing.assert_array_equal(jax.grad(f)(x, _finite_cotangent), [0.0, 0.5])
+    assert not np.isfinite(np.asarray(jax.grad(f)(x, lambda v: v))[0])  # 0 * inf
+    mixed = {"i": jnp.array([1, 2]), "x": x}  # integer leaves (float0 cotangents) pass
+    g = jax.grad(lambda t: f(_finite_cotangent(t)["x"], lambda v: v), allow_int=True)(mixed)
+    np.testing.assert_array_equal(g["x"], [0.0, 0.5])

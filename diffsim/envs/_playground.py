@@ -110,7 +110,7 @@ class PlaygroundEnv(Env):
         loop = contextlib.nullcontext()
         if self.bounded_solver:
             loop = _bounded_solver(int(self.mjx_model.opt.iterations))
-        with loop, _finite_tolerance():
+        with loop, _finite_tolerance(), _finite_solver_backward():
             inner, (rewards, dones) = jax.lax.scan(repeat, inner, length=self.action_repeat)
         summed: dict[str, Any] = {
             "reward": jnp.sum(rewards, axis=0),
@@ -174,20 +174,11 @@ def _bounded_while_loop(cond_fun, body_fun, init_val, *, max_iter: int):
     `cond_fun` is false: the same result when the loop ends within `max_iter` iterations,
     and reverse-differentiable.
 
-    Reverse mode through MJX's constraint solver can give a non-finite cotangent in one
-    iteration (measured on CartpoleBalance: a single env's window gradient NaN from one
-    step back, all its rewards and observations finite; cutting the backward pass through
-    the solver makes it finite and changes the other envs' gradients by at most 7.5e-9).
-    Each iteration's input therefore passes back only finite cotangents
-    (`_finite_cotangent`): a non-finite entry becomes 0, which cuts the gradient through
-    the solver at that iteration (for that env) instead of turning the whole window's
-    gradient into NaN. Forward values are unchanged.
     """
 
     def step(carry, _):
         value, running = carry
-        body = lambda v: body_fun(_finite_cotangent(v))
-        value = jax.lax.cond(running, body, lambda v: v, value)
+        value = jax.lax.cond(running, body_fun, lambda v: v, value)
         return (value, running & cond_fun(value)), None
 
     return jax.lax.scan(step, (init_val, cond_fun(init_val)), length=max_iter)[0][0]
@@ -258,6 +249,21 @@ def _finite_tolerance():
     from mujoco_playground._src import reward
 
     return _swapped(reward, "tolerance", _tolerance)
+
+
+def _finite_solver_backward():
+    """While tracing inside it, MJX's constraint solver passes back only finite cotangents
+    to its input (`_finite_cotangent` on the data it is given): a non-finite entry becomes
+    0. Reverse mode through the solver can give one (measured on CartpoleBalance: one env's
+    window gradient NaN from one step back while all its rewards and observations are
+    finite; with the backward pass cut through the solver it is finite, and the other
+    envs' gradients change by at most 7.5e-9). So such an entry cuts the gradient through
+    the solver at that step, for that env, instead of making the whole window's gradient
+    NaN. Forward values are unchanged."""
+    from mujoco.mjx._src import solver
+
+    solve = solver.solve
+    return _swapped(solver, "solve", lambda m, d: solve(m, _finite_cotangent(d)))
 
 
 def _bounded_solver(iterations: int):
