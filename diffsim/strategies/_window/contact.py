@@ -45,9 +45,15 @@ def _penetrating_fwd(dist, width):
 
 
 def _penetrating_bwd(res, ct):
+    """The surrogate's derivative times `ct`, and 0 wherever either is not usable: Brax
+    computes an impulse for every contact candidate and masks it, so a candidate far from
+    contact (its surrogate's derivative 0) may carry an infinite or NaN impulse, whose
+    cotangent `0 * inf` would otherwise turn the whole gradient into NaN."""
     dist, width = res
     soft = jax.nn.sigmoid(-dist / width)
-    return ct * (-soft * (1.0 - soft) / width), jp.zeros_like(width)
+    slope = -soft * (1.0 - soft) / width
+    usable = (slope != 0.0) & jp.isfinite(ct) & jp.isfinite(slope)
+    return jp.where(usable, ct * slope, 0.0), jp.zeros_like(width)
 
 
 penetrating.defvjp(_penetrating_fwd, _penetrating_bwd)
