@@ -225,6 +225,18 @@ def test_penetrating_is_hard_forward_and_smooth_backward():
     assert bool(jnp.all(grad < 0))  # nearer (smaller dist) means more contact
 
 
+def test_a_masked_candidates_infinite_impulse_leaves_the_smoothed_gradient_finite():
+    """Brax computes an impulse for every contact candidate and masks it with the
+    indicator: a candidate far from contact may carry an infinite impulse. Its cotangent
+    through the surrogate must be 0, not `0 * inf`; a near one keeps its gradient."""
+    masked = lambda d, impulse: contact.penetrating(d, 0.01) * impulse
+    far = jax.grad(masked)(jnp.asarray(1.0), jnp.asarray(jnp.inf))
+    assert far == 0.0
+    near = jax.grad(masked)(jnp.asarray(0.005), jnp.asarray(2.0))
+    soft = jax.grad(lambda d: jax.nn.sigmoid(-d / 0.01))(0.005)
+    np.testing.assert_allclose(near, 2.0 * soft, rtol=1e-6)
+
+
 def test_diagnostics_window_step_norms(envs, key):
     env = envs("pendulum")
     apg = diffsim.APG(num_envs=2, horizon=4, remat=True, **VALVE)
