@@ -265,11 +265,18 @@ def test_smoothed_spring_contacts_match_brax_forward_and_differ_backward(envs):
     def total(resolve):
         return jax.jit(jax.value_and_grad(lambda d: jnp.sum(resolve(sys, pressed(d)).vel)))
 
-    theirs = total(collisions.resolve)(0.0405)
-    ours = total(lambda sys, state: contact.resolve(sys, state, 0.01))(0.0405)
+    brax_resolve = total(collisions.resolve)
+    our_resolve = total(lambda sys, state: contact.resolve(sys, state, 0.01))
+    theirs, ours = brax_resolve(0.0405), our_resolve(0.0405)
     _bitwise(theirs[0], ours[0])
     assert float(theirs[0]) != 0.0  # a contact pushes
     assert abs(float(ours[1]) - float(theirs[1])) > 1e-3  # the smoothed indicator's share
+    # The foot just above the floor: no contact acts, one is near. The same (zero) forward;
+    # a finite, bounded gradient (Brax's `/ (contacts + 1e-8)` would scale it by 1e8)
+    theirs, ours = brax_resolve(0.03), our_resolve(0.03)
+    _bitwise(theirs[0], ours[0])
+    assert float(theirs[0]) == 0.0 and float(theirs[1]) == 0.0
+    assert 0.0 < abs(float(ours[1])) < 1e5, ours
 
 
 def test_the_solver_guard_passes_back_only_finite_cotangents():

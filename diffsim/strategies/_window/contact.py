@@ -112,7 +112,12 @@ def resolve(sys: System, state: State, width) -> Motion:
     xp_i = jax.tree.map(lambda x: segment_sum(x, link_idx, sys.num_links()), xp_i)
 
     num_contacts = segment_sum(jp.tile(is_contact, 2), link_idx, sys.num_links())
-    xp_i = xp_i / (num_contacts.reshape((-1, 1)) + 1e-8)
+    # Brax divides by `num_contacts + 1e-8`. A link with no contact gets 0 / 1e-8 = 0
+    # forward, but the surrogate's derivative would be multiplied by 1e8 there (a contact
+    # coming near, with none acting): divide such links by 1 instead. Bitwise the same
+    # forward: links with contacts keep Brax's denominator, the others' impulse is 0.
+    count = num_contacts.reshape((-1, 1))
+    xp_i = xp_i / jp.where(count > 0, count + 1e-8, 1.0)
 
     return Motion(
         vel=jax.vmap(lambda x, y: x / y)(xp_i.vel, state.mass),
