@@ -88,7 +88,7 @@ def main() -> None:
         parser.error(str(error))
     command = " ".join(["python", "studies/contact_gradients.py", *sys.argv[1:]])
     lines = [
-        f"{'env':<13}{'remedy':<13}{'max grad norm':>15}{'max step norm':>15}"
+        f"{'env':<17}{'remedy':<13}{'max grad norm':>15}{'max step norm':>15}"
         f"{'median step norm':>18}{'non-finite':>12}{'seconds':>9}"
     ]
     path = Path(args.out) / "contact" / "gradients_by_remedy.txt"
@@ -103,7 +103,7 @@ def main() -> None:
             tic = time.perf_counter()
             m = measure(env, remedy, args.windows)
             lines.append(
-                f"{name:<13}{label:<13}{m['max_norm']:>15.3g}{m['step_max']:>15.3g}"
+                f"{name:<17}{label:<13}{m['max_norm']:>15.3g}{m['step_max']:>15.3g}"
                 f"{m['step_median']:>18.3g}{m['nonfinite']:>12}"
                 f"{time.perf_counter() - tic:>9.0f}"
             )
