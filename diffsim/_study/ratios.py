@@ -80,7 +80,9 @@ def first_held(curves: np.ndarray, target: float) -> np.ndarray:
     return np.where(held.any(-1), held.argmax(-1), -1)
 
 
-def _ratios(ref_at: np.ndarray, other_at: np.ndarray, ref_x, other_x) -> np.ndarray:
+def _reference_over_contender(
+    ref_at: np.ndarray, other_at: np.ndarray, ref_x, other_x
+) -> np.ndarray:
     """reference / contender at their crossings (evaluation indices, -1: never): 0 where
     only the contender never got there, inf where only the reference never did (or the
     contender was there at the start), NaN where neither did."""
@@ -130,8 +132,8 @@ def crossing_ratios(
         "seconds_compiled": (ref.seconds + ref.compile, other.seconds + other.compile),
     }
     for name, (x_ref, x_other) in clocks.items():
-        value = float(_ratios(at[0], at[1], x_ref, x_other))
-        boot = _ratios(resampled[0], resampled[1], x_ref, x_other)
+        value = float(_reference_over_contender(at[0], at[1], x_ref, x_other))
+        boot = _reference_over_contender(resampled[0], resampled[1], x_ref, x_other)
         boot = boot[~np.isnan(boot)]
         low, high = (
             np.quantile(boot, [0.025, 0.975], method="inverted_cdf") if boot.size else (np.nan,) * 2

@@ -170,13 +170,7 @@ class AbstractSHACCritic(eqx.Module):
         helpers.in_range("gae_lambda", self.gae_lambda, 0.0, 1.0)
         helpers.in_range("target_alpha", self.target_alpha, 0.0, 1.0)
         helpers.positive("reward_scale", self.reward_scale)
-        helpers.positive_int("critic_epochs", self.critic_epochs)
-        helpers.positive_int("critic_minibatches", self.critic_minibatches)
-        if (self.num_envs * self.horizon) % self.critic_minibatches:
-            raise ValueError(
-                f"critic_minibatches={self.critic_minibatches} must divide num_envs * horizon"
-                f" = {self.num_envs * self.horizon}"
-            )
+        check_critic_fit(self.critic_epochs, self.critic_minibatches, self.num_envs * self.horizon)
 
     @abc.abstractmethod
     def _critic_optimizer(self) -> optax.GradientTransformation:
@@ -251,3 +245,14 @@ class AbstractSHACCritic(eqx.Module):
         value = update_normalizers_from(value, traj, kept, ok)
         target = eqx.tree_at(lambda v: v.norm, target, value.norm)
         return CriticUpdate(Critic(value=value, target=target, opt_state=opt_state), loss, ok)
+
+
+def check_critic_fit(epochs, minibatches, window_steps: int) -> None:
+    """Refuse, naming the value, a critic fit of `epochs` over `minibatches` minibatches
+    that is not positive or does not divide a window's `window_steps` samples."""
+    helpers.positive_int("critic_epochs", epochs)
+    helpers.positive_int("critic_minibatches", minibatches)
+    if window_steps % minibatches:
+        raise ValueError(
+            f"critic_minibatches={minibatches} must divide num_envs * horizon = {window_steps}"
+        )

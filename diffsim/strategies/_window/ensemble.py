@@ -24,7 +24,7 @@ from ..._types import Env, Trajectory
 from ...policies import ACTIVATIONS, RunningNorm, trainable
 from .. import helpers
 from ..helpers import all_finite
-from .critic import critic_batch, fit_critic
+from .critic import check_critic_fit, critic_batch, fit_critic
 from .window import update_normalizers_from
 
 
@@ -161,13 +161,7 @@ class AbstractEnsembleCritic(eqx.Module):
         helpers.learning_rate("critic_learning_rate", self.critic_learning_rate)
         helpers.in_range("discount", self.discount, 0.0, 1.0, low_open=True)
         helpers.in_range("gae_lambda", self.gae_lambda, 0.0, 1.0)
-        helpers.positive_int("critic_epochs", self.critic_epochs)
-        helpers.positive_int("critic_minibatches", self.critic_minibatches)
-        if (self.num_envs * self.horizon) % self.critic_minibatches:
-            raise ValueError(
-                f"critic_minibatches={self.critic_minibatches} must divide num_envs * horizon"
-                f" = {self.num_envs * self.horizon}"
-            )
+        check_critic_fit(self.critic_epochs, self.critic_minibatches, self.num_envs * self.horizon)
 
     @property
     @abc.abstractmethod
