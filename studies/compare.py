@@ -73,8 +73,8 @@ def strategies(env):
 
 def rate_search(strategy, configs: int) -> dict[str, list[float]]:
     """`configs` learning rates log-spaced from 1/8 to 8 times the strategy's own (the
-    actor's for SHAC): the same search size for every contender."""
-    field = "actor_learning_rate" if isinstance(strategy, diffsim.SHAC) else "learning_rate"
+    actor's for SHAC, AHAC and SAPO): the same search size for every contender."""
+    field = "actor_learning_rate" if hasattr(strategy, "actor_learning_rate") else "learning_rate"
     rate = getattr(strategy, field)
     return {field: log_grid(rate / 8, rate * 8, configs)}
 
