@@ -21,7 +21,11 @@ from ._study.fingerprint import (
 )
 from ._study.load import load_runs as load_runs, load_study as load_study
 from ._study.ratios import sooner as sooner
-from ._study.report import summary as summary, untrained_scores as untrained_scores
+from ._study.report import (
+    gradient_health as gradient_health,
+    summary as summary,
+    untrained_scores as untrained_scores,
+)
 from ._study.reproduction import reproduction as reproduction
 from ._study.run import run_study as run_study
 from ._study.tables import (

@@ -195,6 +195,28 @@ def test_ratios_cross_a_common_target_on_both_sides():
     assert line.split()[5] == "never" and line.endswith("no")
 
 
+def test_the_table_shows_the_share_of_skipped_updates():
+    """Iterations that skipped an update count over the seeds' iterations that ran (NaN
+    past a seed's end does not); a strategy without the metric shows "-"."""
+    runs = _study_runs()
+    nan = float("nan")
+    runs["easy", "FAST"] = dataclasses.replace(
+        runs["easy", "FAST"],
+        metrics={
+            "env_steps": jnp.array([[10.0, 10, 10, 10], [10, 10, nan, nan]]),
+            "skipped_updates": jnp.array([[0.0, 3, 0, 0], [1, 0, nan, nan]]),
+            "grad_norm": jnp.array([[1.0, nan, 2, 4], [nan, 8, nan, nan]]),
+        },
+    )
+    health = study.gradient_health(runs["easy", "FAST"])
+    assert health == {"updates": 6, "skipped": 2 / 6, "grad_norm_max": 8.0, "grad_norm_median": 3.0}
+    assert study.gradient_health(runs["easy", "PPO"]) is None
+    text = study.format_summary(study.summary(runs))
+    rows = [t.split() for t in text.splitlines()[-6:]]
+    assert [r[-1] for r in rows if r[:2] == ["easy", "FAST"]] == ["33.3%"]
+    assert [r[-1] for r in rows if r[:2] == ["easy", "PPO"]] == ["-"]
+
+
 def test_the_ratio_interval_resamples_seeds_on_both_sides():
     steps = np.arange(5) * 1000.0
     staggered = np.array([[0, 1, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 0, 1, 1], [0, 0, 0, 0, 1]])

@@ -130,6 +130,7 @@ def _cell_row(env: str, label: str, run: Run, runs: dict, references: Sequence[s
         row[f"{k}_s"] = run.config.get(f"{k}_seconds", float("nan"))
     row["compile_s"] = _ratios.compile_seconds(run)
     row["load"] = run.config.get("study", {}).get("load")  # None: trained before it was kept
+    row["gradients"] = gradient_health(run)
     tuning = run.config.get("study", {}).get("tuning")
     row["tuning"] = tuning and {
         "configs": len(tuning["configs"]),
@@ -142,6 +143,42 @@ def _cell_row(env: str, label: str, run: Run, runs: dict, references: Sequence[s
         "seconds": sum(tuning["seconds"].values()),
     }
     return row
+
+
+def gradient_health(run: Run) -> dict[str, Any] | None:
+    """How a run's updates went, over its seeds' iterations: `updates` (iterations that
+    ran), `skipped` (the share of them that skipped an update for a non-finite loss or
+    gradient), and where the strategy reports them the largest and median pre-clip
+    gradient norm (`grad_norm_max`, `grad_norm_median`) and the largest norm of the
+    cotangent at one env step of a window (`step_norm_max`). None for a strategy that
+    reports no `skipped_updates`.
+
+    **Example:**
+
+    ```python
+    gradient_health(runs["halfcheetah", "SHAC"])["skipped"]   # e.g. 0.0
+    ```
+    """
+    metrics = {k: np.asarray(v, np.float64) for k, v in run.metrics.items()}
+    if "skipped_updates" not in metrics:
+        return None
+    ran = (
+        np.isfinite(metrics["env_steps"])
+        if "env_steps" in metrics
+        else np.ones_like(metrics["skipped_updates"], bool)
+    )
+    updates = int(ran.sum())
+    health = {
+        "updates": updates,
+        "skipped": float(np.sum(metrics["skipped_updates"][ran] > 0)) / max(updates, 1),
+    }
+    if "grad_norm" in metrics:
+        norms = metrics["grad_norm"][ran & np.isfinite(metrics["grad_norm"])]
+        health["grad_norm_max"] = float(norms.max()) if norms.size else float("nan")
+        health["grad_norm_median"] = float(np.median(norms)) if norms.size else float("nan")
+    if "grad_norm_step_max" in metrics:
+        health["step_norm_max"] = float(np.nanmax(metrics["grad_norm_step_max"][ran]))
+    return health
 
 
 def _at_edge(tuning: dict) -> list[str]:

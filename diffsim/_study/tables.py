@@ -146,10 +146,11 @@ def _cost_table(table: dict) -> str:
         " each; *: at the edge of all values tried) and seconds (tune:"
         " the whole search; compile: the training program's, c: some loaded from JAX's"
         " persistent cache); others: cores other processes kept busy while the cell trained"
-        " (!: its seconds are not clean; ?: not recorded)",
+        " (!: its seconds are not clean; ?: not recorded); skipped: the share of iterations"
+        " that skipped an update for a non-finite loss or gradient",
         f"{'env':<19}{'strategy':<11}{'configs':>8}{'t. seeds':>9}  {'chosen':<32}"
         f"{'score':>10}{'worst':>10}{'tune s':>9}{'train s':>9}{'eval s':>8}{'compile s':>10}"
-        f"{'others':>8}",
+        f"{'others':>8}{'skipped':>9}",
     ]
     for r in table["cells"]:
         t = r["tuning"]
@@ -168,6 +169,7 @@ def _cost_table(table: dict) -> str:
         lines.append(
             f"{r['env']:<19}{r['strategy']:<11}{tuned}"
             f"{r['train_s']:>9.1f}{r['eval_s']:>8.1f}{_compiled(r):>10}{_others(r):>8}"
+            f"{_skipped(r):>9}"
         )
     return "\n".join(lines)
 
@@ -175,6 +177,11 @@ def _cost_table(table: dict) -> str:
 def _compiled(row: dict) -> str:
     hits = (row.get("load") or {}).get("cache_hits")
     return f"{row['compile_s']:.1f}" + ("c" if hits else "")
+
+
+def _skipped(row: dict) -> str:
+    health = row.get("gradients")
+    return "-" if health is None else f"{health['skipped']:.1%}"
 
 
 def _others(row: dict) -> str:
