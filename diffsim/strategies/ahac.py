@@ -7,7 +7,7 @@ from `_ensemble_critic.py`, shared with `SAPO`.
 """
 
 from collections.abc import Callable
-from typing import cast
+from typing import ClassVar, cast
 
 import equinox as eqx
 import jax
@@ -22,7 +22,7 @@ from ..policies import RunningNorm, trainable
 from . import helpers
 from ._window.ensemble import AbstractEnsembleCritic, EnsembleCritic, ValueEnsemble
 from ._window.stiffness import SIGNAL, StiffnessCut, segment_ends, with_signal_slots
-from ._window.strategy import AbstractWindowStrategy
+from ._window.strategy import WINDOW_SWEEPABLE, AbstractWindowStrategy
 from ._window.window import Window, clipped_adam, shac_loss, update_normalizers_from
 from .helpers import episode_stats
 
@@ -91,6 +91,11 @@ class AHAC(AbstractWindowStrategy[AHACState], AbstractEnsembleCritic):
     ```
     """
 
+    sweepable: ClassVar[tuple[str, ...]] = (
+        ("horizon_lr", "contact_threshold", "actor_learning_rate", "critic_learning_rate")
+        + ("discount", "gae_lambda", "critic_max_grad_norm")
+        + WINDOW_SWEEPABLE
+    )
     num_envs: int = 64
     horizon: int = 64
     horizon_min: int = 8
@@ -140,6 +145,9 @@ class AHAC(AbstractWindowStrategy[AHACState], AbstractEnsembleCritic):
     def for_budget(self, total_steps: int) -> "AHAC":
         """With `lr_decay`, decay over the run's `total_steps` unless `lr_decay_steps` is set."""
         return helpers.with_budget(self, total_steps, "actor_learning_rate", "critic_learning_rate")
+
+    def check(self, env: Env, policy: eqx.Module) -> None:
+        self.window.check(env, policy)
 
     @property
     def _norm_after_activation(self) -> bool:

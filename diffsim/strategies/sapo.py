@@ -7,7 +7,7 @@ critics from `_ensemble_critic.py`, shared with `AHAC`.
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -21,7 +21,7 @@ from .._types import Env, Metrics, Trajectory
 from ..policies import trainable
 from . import helpers
 from ._window.ensemble import AbstractEnsembleCritic, EnsembleCritic, ValueEnsemble
-from ._window.strategy import AbstractWindowStrategy
+from ._window.strategy import WINDOW_SWEEPABLE, AbstractWindowStrategy
 from ._window.window import Window, shac_loss, update_normalizers_from
 from .helpers import episode_stats, guarded_update
 
@@ -87,6 +87,11 @@ class SAPO(AbstractWindowStrategy[SAPOState], AbstractEnsembleCritic):
     ```
     """
 
+    sweepable: ClassVar[tuple[str, ...]] = (
+        ("actor_learning_rate", "critic_learning_rate", "alpha_learning_rate", "init_alpha")
+        + ("target_entropy_scale", "discount", "gae_lambda", "weight_decay")
+        + WINDOW_SWEEPABLE
+    )
     num_envs: int = 64
     horizon: int = 32
     actor_learning_rate: float | Callable[[Array], Array] = 2e-3
