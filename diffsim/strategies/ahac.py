@@ -23,7 +23,7 @@ from . import helpers
 from ._window.ensemble import AbstractEnsembleCritic, EnsembleCritic, ValueEnsemble
 from ._window.stiffness import SIGNAL, StiffnessCut, segment_ends, with_signal_slots
 from ._window.strategy import WINDOW_SWEEPABLE, AbstractWindowStrategy
-from ._window.window import Window, clipped_adam, shac_loss, update_normalizers_from
+from ._window.window import Window, shac_loss, update_normalizers_from
 from .helpers import episode_stats
 
 
@@ -155,20 +155,7 @@ class AHAC(AbstractWindowStrategy[AHACState], AbstractEnsembleCritic):
 
     def _critic_optimizer(self) -> optax.GradientTransformation:
         updates = self.critic_epochs * self.critic_minibatches
-        rate = helpers.decayed(
-            self.critic_learning_rate,
-            lr_decay=self.lr_decay,
-            lr_decay_steps=self.lr_decay_steps,
-            steps_per_iteration=self.steps_per_iteration,
-            updates_per_iteration=updates,
-        )
-        return clipped_adam(
-            rate,
-            max_grad_norm=self.critic_max_grad_norm,
-            b1=self.adam_b1,
-            b2=self.adam_b2,
-            eps=self.adam_eps,
-        )
+        return self._optimizer(self.critic_learning_rate, updates, self.critic_max_grad_norm)
 
     def init(self, env: Env, policy: eqx.Module, *, key: PRNGKeyArray) -> AHACState:
         value_key, env_key = jr.split(key)

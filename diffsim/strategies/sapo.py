@@ -163,13 +163,7 @@ class SAPO(AbstractWindowStrategy[SAPOState], AbstractEnsembleCritic):
 
     def _adamw(self, learning_rate, updates_per_iteration: int = 1):
         """AdamW after a global-norm clip, its rate decayed with `lr_decay`."""
-        rate: Any = helpers.decayed(
-            learning_rate,
-            lr_decay=self.lr_decay,
-            lr_decay_steps=self.lr_decay_steps,
-            steps_per_iteration=self.steps_per_iteration,
-            updates_per_iteration=updates_per_iteration,
-        )
+        rate: Any = self._decayed(learning_rate, updates_per_iteration)
         clips = [] if self.max_grad_value is None else [optax.clip(self.max_grad_value)]
         adamw = optax.adamw(
             rate,

@@ -96,20 +96,24 @@ class AbstractWindowStrategy(AbstractStrategy[StrategyState], AbstractWindowed):
         del env
         return self
 
-    def _optimizer(self, learning_rate, updates_per_iteration: int = 1):
-        """Clipped Adam with this strategy's constants, its rate decayed with `lr_decay`
-        over `lr_decay_steps` env steps (`updates_per_iteration` updates per iteration)."""
-        rate = helpers.decayed(
+    def _decayed(self, learning_rate, updates_per_iteration: int = 1):
+        """`learning_rate` decayed with `lr_decay` over `lr_decay_steps` env steps
+        (`updates_per_iteration` updates per iteration; `helpers.decayed`)."""
+        return helpers.decayed(
             learning_rate,
             lr_decay=self.lr_decay,
             lr_decay_steps=self.lr_decay_steps,
             steps_per_iteration=self.steps_per_iteration,
             updates_per_iteration=updates_per_iteration,
         )
+
+    def _optimizer(self, learning_rate, updates_per_iteration: int = 1, max_grad_norm=None):
+        """Clipped Adam with this strategy's constants (`max_grad_norm` unless another clip
+        is given, then without the elementwise clip), its rate `_decayed`."""
         return clipped_adam(
-            rate,
-            max_grad_norm=self.max_grad_norm,
-            max_grad_value=self.max_grad_value,
+            self._decayed(learning_rate, updates_per_iteration),
+            max_grad_norm=self.max_grad_norm if max_grad_norm is None else max_grad_norm,
+            max_grad_value=self.max_grad_value if max_grad_norm is None else None,
             b1=self.adam_b1,
             b2=self.adam_b2,
             eps=self.adam_eps,
