@@ -131,6 +131,8 @@ def test_a_small_budget_runs_with_fewer_evaluation_points_and_says_so(capsys):
 # A strategy of the user's own, outside the package: analytic gradients of a short window,
 # written only against diffsim's public API. Its fields cover every option type the CLI makes.
 USER_STRATEGY = '''
+from typing import ClassVar
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -154,14 +156,28 @@ class MyStrat(diffsim.AbstractStrategy[MyState]):
     clip: bool = True
     widths: tuple[int, ...] = (8,)
     tag: str = "plain"
+    sweepable: ClassVar[tuple[str, ...]] = ("learning_rate",)
 
     @property
     def steps_per_iteration(self) -> int:
         return self.num_envs * self.horizon
 
     @property
+    def min_steps_per_iteration(self) -> int:
+        return self.steps_per_iteration
+
+    @property
     def batch_size(self) -> int:
         return self.num_envs
+
+    def check(self, env, policy):
+        pass  # any policy will do
+
+    def for_env(self, env):
+        return self
+
+    def for_budget(self, total_steps):
+        return self
 
     def _optimizer(self):
         adam = optax.adam(self.learning_rate)

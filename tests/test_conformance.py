@@ -41,9 +41,9 @@ from diffsim._train import checkpoint as _checkpoint
 class Toy:
     """A strategy's settings for these checks: `strategy` (small; its batch divides over 4
     devices), `policy(env, key)`, an env-step budget in which it learns "reach", one
-    hyperparameter with a value the strategy must refuse, values for the float fields
+    hyperparameter with a value the strategy must refuse, values for the sweepable fields
     whose default is None (a sweep needs numbers), and the float fields that cannot be
-    swept (each with the reason; sweeping one must be refused clearly)."""
+    swept (each with the reason; `sweepable` must leave them out)."""
 
     strategy: diffsim.AbstractStrategy
     policy: Callable
@@ -124,7 +124,7 @@ def toy(name: str) -> Toy:
 
 
 def float_fields(strategy) -> list[str]:
-    """The fields `train_sweep` can vary: annotated `float`, alone or in a union."""
+    """The fields `train_sweep` could trace: annotated `float`, alone or in a union."""
     kinds = {f.name: f.type for f in dataclasses.fields(strategy) if not f.metadata.get("static")}
     return [n for n, kind in kinds.items() if kind is float or float in typing.get_args(kind)]
 
@@ -369,6 +369,30 @@ def test_for_env_and_for_budget_are_idempotent(name, reach):
         assert getattr(budgeted, size) == getattr(once, size), size
 
 
+def test_sweepable_names_float_fields_that_exist(name):
+    """`sweepable` is a class variable (no field, so no part of the study's key) naming,
+    once each, fields that exist and are floats (what `train_sweep` traces); the floats it
+    leaves out are those `TOY` says cannot be traced, and sweeping one is refused at once."""
+    t = toy(name)
+    cls = type(t.strategy)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    assert "sweepable" not in fields and isinstance(cls.sweepable, tuple)
+    assert len(set(cls.sweepable)) == len(cls.sweepable), cls.sweepable
+    assert set(cls.sweepable) <= set(fields), set(cls.sweepable) - set(fields)
+    assert set(cls.sweepable) <= set(float_fields(t.strategy)), cls.sweepable
+    assert set(float_fields(t.strategy)) - set(cls.sweepable) == set(t.untraceable)
+    for field in t.untraceable:
+        with pytest.raises(ValueError, match=f"{cls.__name__}.{field} .* is not sweepable"):
+            diffsim.train_sweep(
+                t.strategy,
+                diffsim.make_env("reach"),
+                t.policy,
+                sweep={field: [0.1]},
+                keys=KEYS,
+                total_steps=1,
+            )
+
+
 def test_bad_hyperparameter_is_refused_naming_it(name):
     """The strategy's `__check_init__` refuses the value, naming the field and the value,
     before anything compiles (constructing the strategy is all it takes)."""
@@ -415,23 +439,19 @@ def nan_sweep(name) -> tuple[diffsim.Run, dict]:
     episodes start). One program serves the sweep and the NaN checks."""
     t = toy(name)
     env = diffsim.envs.AutoResetEnv(NaNReach(), 100, name="nan_reach")
-    floats = float_fields(t.strategy)
-    values = {n: t.sweep_values.get(n, getattr(t.strategy, n)) for n in floats}
-    assert floats and all(isinstance(v, float) for v in values.values()), values
+    names = type(t.strategy).sweepable
+    values = {n: t.sweep_values.get(n, getattr(t.strategy, n)) for n in names}
+    assert names and all(isinstance(v, float) for v in values.values()), values
     args = dict(keys=KEYS, num_evals=2, num_eval_episodes=4, progress=False)
     args["total_steps"] = 4 * t.strategy.for_env(env).steps_per_iteration
     make = lambda k: t.policy(env, k)
-    for field, reason in t.untraceable.items():
-        assert field in floats, f"{field} ({reason}) is not a float field of {name}"
-        with pytest.raises(ValueError, match=f"{field} in Python control flow"):
-            diffsim.train_sweep(t.strategy, env, make, sweep={field: [values[field]]}, **args)
-    sweep = {n: [v] for n, v in values.items() if n not in t.untraceable}
+    sweep = {n: [v] for n, v in values.items()}
     return diffsim.train_sweep(t.strategy, env, make, sweep=sweep, **args), sweep
 
 
-def test_sweep_traces_every_float_field(nan_sweep):
-    """Every float field (bar those `TOY` lists as untraceable, which must be refused with
-    a clear error) arrives as a traced value, and the run completes."""
+def test_sweep_traces_every_sweepable_field(nan_sweep):
+    """Every field the strategy declares sweepable arrives as a traced value, and the run
+    completes."""
     run, sweep = nan_sweep
     assert run.config["sweep"] == [{n: v[0] for n, v in sweep.items()}]
     assert run.curve.eval_return.shape == (1, len(KEYS), 2, 4)

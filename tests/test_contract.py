@@ -3,6 +3,8 @@
 Each broken strategy below is the valid `Counter` with one obligation violated.
 """
 
+from typing import ClassVar
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -24,8 +26,18 @@ class CounterState(eqx.Module):
 class Counter(diffsim.AbstractStrategy[CounterState]):
     """Counts its iterations and leaves the policy alone; reports `env_steps = report`."""
 
+    sweepable: ClassVar[tuple[str, ...]] = ()
     report: int = 10
     least: int = 10
+
+    def check(self, env, policy):
+        pass
+
+    def for_env(self, env):
+        return self
+
+    def for_budget(self, total_steps):
+        return self
 
     def init(self, env, policy, *, key):
         return CounterState(policy, jnp.zeros((), jnp.int32))

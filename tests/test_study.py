@@ -115,8 +115,8 @@ def test_every_contender_on_an_env_searches_the_same_number_of_configs(tmp_path)
 @pytest.mark.parametrize(
     ("search", "message"),
     [
-        ({"num_envs": [4.0, 8.0]}, r"reach/PPO: search\['num_envs'\].*no float hyperparameter"),
-        ({"learning_rat": [1e-3]}, r"no float hyperparameter 'learning_rat'"),
+        ({"num_envs": [4.0, 8.0]}, r"reach/PPO: search\['num_envs'\].*not sweepable"),
+        ({"learning_rat": [1e-3]}, r"no hyperparameter 'learning_rat'.*PPO.sweepable"),
         ({"learning_rate": []}, r"search\['learning_rate'\] must be a non-empty list"),
         ({"learning_rate": [-1.0]}, r"search config \{'learning_rate': -1.0\}"),
     ],

@@ -2,9 +2,11 @@
 
 import dataclasses
 import importlib
+from typing import ClassVar
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
@@ -154,12 +156,20 @@ def no_compiling(monkeypatch):
 @pytest.mark.parametrize(
     "strategy, sweep, message",
     [
-        (APG, {"learnig_rate": [1e-3]}, r"no hyperparameter 'learnig_rate'.*learning_rate"),
-        (APG, {"num_envs": [4, 8]}, r"num_envs .*not a float.*shapes or control flow.*train_seeds"),
-        (APG, {"stochastic": [0.0, 1.0]}, r"stochastic .*not a float"),
-        (PPO, {"value_hidden": [64.0]}, r"value_hidden .*not a float"),
-        (diffsim.ES(), {"population_size": [8.0]}, r"population_size .*not a float"),
-        (diffsim.ES(), {"algorithm": [1.0]}, r"algorithm .*not a float"),
+        (
+            APG,
+            {"learnig_rate": [1e-3]},
+            r"no hyperparameter 'learnig_rate'.*sweepable.*learning_rate",
+        ),
+        (
+            APG,
+            {"num_envs": [4, 8]},
+            r"num_envs .*not sweepable.*shapes or control flow.*train_seeds",
+        ),
+        (APG, {"stochastic": [0.0, 1.0]}, r"stochastic .*not sweepable"),
+        (PPO, {"value_hidden": [64.0]}, r"value_hidden .*not sweepable"),
+        (diffsim.ES(), {"population_size": [8.0]}, r"population_size .*not sweepable"),
+        (diffsim.ES(), {"algorithm": [1.0]}, r"algorithm .*not sweepable"),
         (APG, {"learning_rate": []}, r"sweep\['learning_rate'\] is empty"),
         (APG, {"learning_rate": [1e-3, -1.0]}, r"learning_rate must be a number > 0, got -1.0"),
         (PPO, {"discount": [0.9, 1.5]}, r"discount must be .*got 1.5"),
@@ -177,18 +187,72 @@ def test_bad_sweeps_are_rejected_before_compiling(
         diffsim.train_sweep(strategy, env, policy, sweep=sweep, keys=keys, total_steps=10_000)
 
 
-def test_a_float_used_in_control_flow_fails_while_tracing_with_a_pointer_to_a_loop(envs, keys):
+def test_a_field_not_in_sweepable_is_refused_before_compiling(envs, keys, no_compiling):
+    """ES branches on `weight_decay` in Python (Adam or AdamW), so `ES.sweepable` leaves it
+    out: sweeping it is refused at once, naming the value and listing what can vary."""
     env = envs("reach")
-    es = diffsim.ES(population_size=8)
-    with pytest.raises(ValueError, match=r"weight_decay in Python control flow.*train_seeds"):
+    with pytest.raises(ValueError) as caught:
         diffsim.train_sweep(
-            es,
+            diffsim.ES(population_size=8),
             env,
             deterministic(env),
             sweep={"weight_decay": [0.0, 0.1]},
             keys=keys,
             total_steps=3200,
-            num_evals=3,
+        )
+    assert str(caught.value) == (
+        "ES.weight_decay (= 0.0) is not sweepable: it is not a float or it changes shapes or"
+        " control flow, so each value needs its own compiled program. Loop over its values"
+        " with train_seeds instead (for v in values:"
+        " diffsim.train_seeds(dataclasses.replace(strategy, weight_decay=v), ...))."
+        " What can vary: ES.sweepable = ('std', 'learning_rate')"
+    )
+
+
+class _BranchyState(eqx.Module):
+    policy: eqx.Module
+
+
+class _Branchy(diffsim.AbstractStrategy[_BranchyState]):
+    """Declares `scale` sweepable but branches on it in Python: a mistake `sweepable` cannot
+    see, caught while tracing."""
+
+    sweepable: ClassVar[tuple[str, ...]] = ("scale",)
+    scale: float = 1.0
+
+    steps_per_iteration = min_steps_per_iteration = batch_size = property(lambda self: 8)
+
+    def check(self, env, policy):
+        pass
+
+    def for_env(self, env):
+        return self
+
+    def for_budget(self, total_steps):
+        return self
+
+    def init(self, env, policy, *, key):
+        return _BranchyState(policy)
+
+    def step(self, env, state, *, key):
+        loss = 1.0 if self.scale > 0 else 0.0  # Python control flow on a swept field
+        return state, {"loss": jnp.asarray(loss, jnp.float32)}
+
+    def policy(self, state):
+        return state.policy
+
+
+def test_a_sweepable_float_used_in_control_flow_fails_while_tracing(envs, keys):
+    env = envs("reach")
+    with pytest.raises(ValueError, match=r"scale in Python control flow.*train_seeds"):
+        diffsim.train_sweep(
+            _Branchy(),
+            env,
+            deterministic(env),
+            sweep={"scale": [0.0, 1.0]},
+            keys=keys,
+            total_steps=32,
+            num_evals=2,
         )
 
 

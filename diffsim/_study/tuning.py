@@ -17,6 +17,7 @@ import jax.random as jr
 import numpy as np
 
 from .._train.checkpoint import key_data
+from .._train.sweep import check_sweepable
 from ..results import Run
 from ..stats import aggregate, aggregate_name
 from ..train import train_sweep
@@ -61,23 +62,22 @@ def size(search: Search | None) -> int:
 
 
 def check_search(strategy, search: Search, where: str) -> dict[str, list[float]]:
-    """`search` as plain lists of floats, after checking that each name is a float field
-    of `strategy` and that the strategy accepts every configuration (before training)."""
+    """`search` as plain lists of floats, after checking that each name is in
+    `type(strategy).sweepable` and that the strategy accepts every configuration (before
+    training)."""
     owner = type(strategy).__name__
-    fields = {f.name for f in dataclasses.fields(strategy)}
     if not isinstance(search, Mapping) or not search:
         raise ValueError(
-            f"{where}: search must be a non-empty dict from float fields of {owner} to lists"
-            f" of values, got {search!r}"
+            f"{where}: search must be a non-empty dict from sweepable fields of {owner} to"
+            f" lists of values, got {search!r}; {owner}.sweepable ="
+            f" {getattr(type(strategy), 'sweepable', ())!r}"
         )
     out = {}
     for name, values in search.items():
-        current = getattr(strategy, name, None)
-        if name not in fields or isinstance(current, bool) or not isinstance(current, float):
-            raise ValueError(
-                f"{where}: search[{name!r}]: {owner} has no float hyperparameter {name!r}"
-                f" (= {current!r}); a search varies float fields, in one train_sweep program"
-            )
+        try:  # one compiled train_sweep program: only `sweepable` fields
+            check_sweepable(strategy, name)
+        except ValueError as error:
+            raise ValueError(f"{where}: search[{name!r}]: {error}") from None
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
             raise ValueError(f"{where}: search[{name!r}] must be a non-empty list, got {values!r}")
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):

@@ -61,7 +61,7 @@ class Grid(eqx.Module):
 
 def is_float_field(field: dataclasses.Field) -> bool:
     """A field annotated `float` (alone or in a union: `float | None`, a float or schedule)
-    and not static."""
+    and not static: what a name in `sweepable` must be."""
     if field.metadata.get("static", False) or not field.init:
         return False
     kind = field.type
@@ -70,21 +70,46 @@ def is_float_field(field: dataclasses.Field) -> bool:
     return kind is float or float in typing.get_args(kind)
 
 
+def check_sweepable(strategy: AbstractStrategy, name: str) -> None:
+    """Raise `ValueError` naming `name` and listing `type(strategy).sweepable` unless the
+    strategy's class declares `name` sweepable, and it is a float field (no class may
+    declare another)."""
+    owner = type(strategy).__name__
+    sweepable = tuple(getattr(type(strategy), "sweepable", ()))
+    listing = f"{owner}.sweepable = {sweepable!r}"
+    fields = {f.name: f for f in dataclasses.fields(strategy)}
+    if name not in fields:
+        raise ValueError(f"{owner} has no hyperparameter {name!r}; what can vary: {listing}")
+    if name not in sweepable:
+        raise ValueError(
+            f"{owner}.{name} (= {getattr(strategy, name)!r}) is not sweepable: it is not a"
+            f" float or it changes shapes or control flow, so each value needs its own"
+            f" compiled program. Loop over its values with train_seeds instead (for v in"
+            f" values: diffsim.train_seeds(dataclasses.replace(strategy, {name}=v), ...))."
+            f" What can vary: {listing}"
+        )
+    if not is_float_field(fields[name]):
+        raise ValueError(
+            f"{owner}.sweepable names {name!r}, which is not a (non-static) float field;"
+            f" only those can be traced: fix {owner}.sweepable"
+        )
+
+
 def sweep_grid(strategy: AbstractStrategy, sweep: Mapping[str, Any]) -> Grid:
-    """Validate `sweep` against `strategy` (before anything compiles) and list its
-    combinations (`itertools.product` in the dict's order: the last name varies fastest)."""
+    """Validate `sweep` against `strategy` (before anything compiles: every name must be in
+    `type(strategy).sweepable`) and list its combinations (`itertools.product` in the
+    dict's order: the last name varies fastest)."""
     if not isinstance(strategy, AbstractStrategy):
         raise TypeError(
             f"strategy must be a diffsim strategy (PPO, APG, ES, ...), got {strategy!r}"
         )
     owner = type(strategy).__name__
-    floats = [f.name for f in dataclasses.fields(strategy) if is_float_field(f)]
     if not isinstance(sweep, Mapping) or not sweep:
         raise ValueError(
-            f"sweep must be a non-empty dict from a float hyperparameter of {owner} to a list"
-            f" of values, got {sweep!r}; {owner} has: {', '.join(floats)}"
+            f"sweep must be a non-empty dict from a sweepable hyperparameter of {owner} to a"
+            f" list of values, got {sweep!r}; {owner}.sweepable = {type(strategy).sweepable!r}"
         )
-    columns = [_column(strategy, name, values, floats) for name, values in sweep.items()]
+    columns = [_column(strategy, name, values) for name, values in sweep.items()]
     grid = Grid(tuple(sweep), tuple(itertools.product(*columns)))
     for config in grid.listing():  # checks that relate fields to each other
         try:
@@ -94,22 +119,9 @@ def sweep_grid(strategy: AbstractStrategy, sweep: Mapping[str, Any]) -> Grid:
     return grid
 
 
-def _column(strategy: AbstractStrategy, name: str, values, floats: list[str]) -> tuple:
+def _column(strategy: AbstractStrategy, name: str, values) -> tuple:
     """The values of one swept field, each checked by the strategy itself."""
-    owner = type(strategy).__name__
-    if name not in {f.name for f in dataclasses.fields(strategy)}:
-        raise ValueError(
-            f"{owner} has no hyperparameter {name!r}; the float hyperparameters"
-            f" train_sweep can vary are: {', '.join(floats)}"
-        )
-    if name not in floats:
-        raise ValueError(
-            f"{owner}.{name} (= {getattr(strategy, name)!r}) is not a float"
-            f" hyperparameter: it changes shapes or control flow, so each value needs its"
-            f" own compiled program. Loop over its values with train_seeds instead"
-            f" (for v in values: diffsim.train_seeds(dataclasses.replace(strategy,"
-            f" {name}=v), ...)). train_sweep can vary: {', '.join(floats)}"
-        )
+    check_sweepable(strategy, name)
     if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, (Sequence, np.ndarray)):
         raise ValueError(f"sweep[{name!r}] must be a list of numbers, got {values!r}")
     if len(values) == 0:

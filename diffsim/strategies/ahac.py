@@ -7,7 +7,7 @@ from `_ensemble_critic.py`, shared with `SAPO`.
 """
 
 from collections.abc import Callable
-from typing import cast
+from typing import ClassVar, cast
 
 import equinox as eqx
 import jax
@@ -22,8 +22,8 @@ from ..policies import RunningNorm, trainable
 from . import helpers
 from ._window.ensemble import AbstractEnsembleCritic, EnsembleCritic, ValueEnsemble
 from ._window.stiffness import SIGNAL, StiffnessCut, segment_ends, with_signal_slots
-from ._window.strategy import AbstractWindowStrategy
-from ._window.window import Window, clipped_adam, shac_loss, update_normalizers_from
+from ._window.strategy import WINDOW_SWEEPABLE, AbstractWindowStrategy
+from ._window.window import Window, shac_loss, update_normalizers_from
 from .helpers import episode_stats
 
 
@@ -91,6 +91,11 @@ class AHAC(AbstractWindowStrategy[AHACState], AbstractEnsembleCritic):
     ```
     """
 
+    sweepable: ClassVar[tuple[str, ...]] = (
+        ("horizon_lr", "contact_threshold", "actor_learning_rate", "critic_learning_rate")
+        + ("discount", "gae_lambda", "critic_max_grad_norm")
+        + WINDOW_SWEEPABLE
+    )
     num_envs: int = 64
     horizon: int = 64
     horizon_min: int = 8
@@ -141,26 +146,16 @@ class AHAC(AbstractWindowStrategy[AHACState], AbstractEnsembleCritic):
         """With `lr_decay`, decay over the run's `total_steps` unless `lr_decay_steps` is set."""
         return helpers.with_budget(self, total_steps, "actor_learning_rate", "critic_learning_rate")
 
+    def check(self, env: Env, policy: eqx.Module) -> None:
+        self.window.check(env, policy)
+
     @property
     def _norm_after_activation(self) -> bool:
         return True
 
     def _critic_optimizer(self) -> optax.GradientTransformation:
         updates = self.critic_epochs * self.critic_minibatches
-        rate = helpers.decayed(
-            self.critic_learning_rate,
-            lr_decay=self.lr_decay,
-            lr_decay_steps=self.lr_decay_steps,
-            steps_per_iteration=self.steps_per_iteration,
-            updates_per_iteration=updates,
-        )
-        return clipped_adam(
-            rate,
-            max_grad_norm=self.critic_max_grad_norm,
-            b1=self.adam_b1,
-            b2=self.adam_b2,
-            eps=self.adam_eps,
-        )
+        return self._optimizer(self.critic_learning_rate, updates, self.critic_max_grad_norm)
 
     def init(self, env: Env, policy: eqx.Module, *, key: PRNGKeyArray) -> AHACState:
         value_key, env_key = jr.split(key)

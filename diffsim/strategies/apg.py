@@ -7,6 +7,7 @@ with `SHAC` and `GuidedES`; what APG shares with `SHAC` is `AbstractWindowStrate
 """
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from .._types import Env, Metrics
 from ..policies import trainable
 from . import helpers
-from ._window.strategy import AbstractWindowStrategy
+from ._window.strategy import WINDOW_SWEEPABLE, AbstractWindowStrategy
 from ._window.window import Window, apg_loss, update_normalizers_from
 from .helpers import episode_stats
 
@@ -106,6 +107,7 @@ class APG(AbstractWindowStrategy[APGState]):
     ```
     """
 
+    sweepable: ClassVar[tuple[str, ...]] = ("learning_rate", *WINDOW_SWEEPABLE)
     num_envs: int = 64
     horizon: int = 32
     learning_rate: float | Callable[[Array], Array] = 3e-3
@@ -131,6 +133,9 @@ class APG(AbstractWindowStrategy[APGState]):
     def for_budget(self, total_steps: int) -> "APG":
         """With `lr_decay`, decay over the run's `total_steps` unless `lr_decay_steps` is set."""
         return helpers.with_budget(self, total_steps, "learning_rate")
+
+    def check(self, env: Env, policy: eqx.Module) -> None:
+        self.window.check(env, policy)
 
     def init(self, env: Env, policy: eqx.Module, *, key: PRNGKeyArray) -> APGState:
         return APGState(

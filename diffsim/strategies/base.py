@@ -18,11 +18,17 @@ class AbstractStrategy(eqx.Module, Generic[StrategyState]):
 
     A new strategy is a final subclass: hyperparameters as typed fields (validated in
     `__check_init__`, raising `ValueError` that names the bad value; the validators of
-    `diffsim.strategies.helpers` do this), a state `eqx.Module`, and the members below.
-    It steps the env only through `diffsim.rollout` / `diffsim.reset`. The file to copy is
+    `diffsim.strategies.helpers` do this), a state `eqx.Module`, the class variable
+    `sweepable` and every member below. Every member is abstract here, and a strategy
+    implements each one, trivially where it has nothing to do (`for_env` returning `self`,
+    `check` accepting everything): no method of this class is ever overridden, and reading
+    one strategy file shows all it does. `bind` is the one concrete (final) method. It
+    steps the env only through `diffsim.rollout` / `diffsim.reset`. The file to copy is
     the reference strategy `diffsim/strategies/reinforce.py`; the shared tools (guarded
     optimiser step, finite checks, schedules, GAE and discounted returns, episode
-    statistics) are public in `diffsim.strategies.helpers`.
+    statistics) are public in `diffsim.strategies.helpers`. A first-order strategy can
+    start from `diffsim.AbstractWindowStrategy`, a population one from
+    `diffsim.AbstractPopulationStrategy` (`docs/guides/extending.md`).
 
     **Call order.** `train` calls, in this order:
 
@@ -55,10 +61,14 @@ class AbstractStrategy(eqx.Module, Generic[StrategyState]):
       field holding a jax or numpy array makes the strategy unhashable and would recompile
       on every call (`train` refuses it). Store Python floats, ints or tuples, and build
       arrays inside `init` or `step`.
-    - *Sweepable floats.* `train_sweep` replaces float fields with traced scalars after
-      `for_budget`: a float field must not drive Python control flow (`if self.x > 0:`)
-      or shapes. Use `jnp.where`/`lax.cond` on it, or make it an int or bool field (those
-      cannot be swept: fields that set shapes or control flow are ints, bools or strings).
+    - *Sweepable floats.* `sweepable` (a `ClassVar`, so it is no hyperparameter itself)
+      names the float fields `train_sweep` and a study's tuning search may vary, e.g.
+      `sweepable: ClassVar[tuple[str, ...]] = ("learning_rate", "discount")`; any other
+      name is refused before compiling, with the list. `train_sweep` replaces those fields
+      with traced scalars after `for_budget`, so a sweepable field must not drive Python
+      control flow (`if self.x > 0:`) or shapes: use `jnp.where`/`lax.cond` on it, or
+      leave it out of `sweepable` (fields that set shapes or control flow are ints, bools
+      or strings, and never sweepable). `()` sweeps nothing.
     - *Only the trainable leaves are optimised*: update
       `eqx.filter(policy, diffsim.trainable(policy))` and nothing else. A policy's
       `RunningNorm` statistics are float arrays too; they change only through
@@ -68,6 +78,9 @@ class AbstractStrategy(eqx.Module, Generic[StrategyState]):
       `diffsim.reset` returns in `init`, on a population before it is `vmap`ped. It is a
       no-op on one device; with several, `train` splits that axis over them.
     """
+
+    sweepable: eqx.AbstractClassVar[tuple[str, ...]]
+    """The float fields `train_sweep` may vary (traced), in any order; `()` for none."""
 
     @abc.abstractmethod
     def init(self, env: Env, policy: eqx.Module, *, key: PRNGKeyArray) -> StrategyState:
@@ -120,11 +133,11 @@ class AbstractStrategy(eqx.Module, Generic[StrategyState]):
         A positive Python int, read after `for_env`."""
 
     @property
+    @abc.abstractmethod
     def min_steps_per_iteration(self) -> int:
-        """The fewest env steps one `step` can count (equal to `steps_per_iteration` unless
-        the count varies). `train` sizes its per-segment buffers with it, so a step that
-        reports fewer is an error."""
-        return self.steps_per_iteration
+        """The fewest env steps one `step` can count: `steps_per_iteration` unless the count
+        varies (ES). `train` sizes its per-segment buffers with it, so a step that reports
+        fewer is an error. A positive Python int, read after `for_env`."""
 
     @property
     @abc.abstractmethod
@@ -133,20 +146,18 @@ class AbstractStrategy(eqx.Module, Generic[StrategyState]):
         marks with `diffsim.shard_batch` and `train` splits over devices, which must divide
         it. A positive Python int, read after `for_budget`."""
 
-    def for_env(self, env: Env) -> "AbstractStrategy":
+    @abc.abstractmethod
+    def for_env(self: Bound, env: Env) -> Bound:
         """This strategy with settings left to the env filled in (e.g. ES's rollout length
-        from the episode length). Called once, right after `check`. It must be idempotent
-        (`s.for_env(env).for_env(env) == s.for_env(env)`). The default returns `self`."""
-        del env
-        return self
+        from the episode length), or `self` where nothing is. Called once, right after
+        `check`. It must be idempotent (`s.for_env(env).for_env(env) == s.for_env(env)`)."""
 
-    def for_budget(self, total_steps: int) -> "AbstractStrategy":
+    @abc.abstractmethod
+    def for_budget(self: Bound, total_steps: int) -> Bound:
         """This strategy with settings left to the run's env-step budget filled in (e.g.
-        PPO's learning-rate decay length). Called once, after the step counts are read;
-        it must leave them and `batch_size` unchanged, and be idempotent. The default
-        returns `self`."""
-        del total_steps
-        return self
+        PPO's learning-rate decay length; `diffsim.strategies.helpers.with_budget`), or
+        `self` where nothing is. Called once, after the step counts are read; it must leave
+        them and `batch_size` unchanged, and be idempotent."""
 
     def bind(self: Bound, env: Env, *, total_steps: int) -> Bound:
         """This strategy ready to run `total_steps` env steps on `env` in a loop of your
@@ -173,13 +184,13 @@ class AbstractStrategy(eqx.Module, Generic[StrategyState]):
         """
         if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps < 1:
             raise ValueError(f"total_steps must be a positive int, got {total_steps!r}")
-        return self.for_env(env).for_budget(total_steps)  # pyright: ignore[reportReturnType]
+        return self.for_env(env).for_budget(total_steps)
 
+    @abc.abstractmethod
     def check(self, env: Env, policy: eqx.Module) -> None:
-        """Raise `ValueError` if this strategy cannot train `policy` on `env`.
+        """Raise `ValueError` if this strategy cannot train `policy` on `env` (PPO: a policy
+        without `log_prob`); return None where it can train anything.
 
         Called first, before compiling, on an abstract policy: its arrays are
-        `jax.ShapeDtypeStruct`s (shapes and dtypes, no values). The default accepts
-        everything.
+        `jax.ShapeDtypeStruct`s (shapes and dtypes, no values).
         """
-        del env, policy

@@ -1,7 +1,7 @@
 """Evolution strategies: any distribution-based evosax 0.3 algorithm over the rollout core."""
 
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import equinox as eqx
 import jax
@@ -112,6 +112,7 @@ class ES(AbstractPopulationStrategy[ESState]):
     ```
     """
 
+    sweepable: ClassVar[tuple[str, ...]] = ("std", "learning_rate")
     algorithm: str | type = eqx.field(default="Open_ES", static=True)
     population_size: int = eqx.field(default=64, static=True)
     episodes_per_member: int = eqx.field(default=1, static=True)

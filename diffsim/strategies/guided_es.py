@@ -7,7 +7,7 @@ critic; `_guide_windows.py`) and the mode that uses its gradient (`Blend` or `Su
 """
 
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import equinox as eqx
 import jax
@@ -127,6 +127,7 @@ class GuidedES(AbstractPopulationStrategy[GuidedESState]):
     ```
     """
 
+    sweepable: ClassVar[tuple[str, ...]] = ("std", "learning_rate")
     mode: AbstractGuideMode = Blend()
     gradient: AbstractGuideWindow = APGWindow()
     population_size: int = eqx.field(default=32, static=True)

@@ -1,17 +1,17 @@
-"""The public toolkit a strategy is written with: validators for `__check_init__`, the
-NaN/inf-guarded optimiser step, learning-rate schedules over an env-step budget, GAE and
-discounted returns, and episode statistics for metrics.
+"""The public toolkit a strategy is written with: `__check_init__` validators, the guarded
+optimiser step, schedules over an env-step budget, GAE, returns and episode statistics.
 
-A strategy written outside diffsim needs these and the public bases only:
-`diffsim.AbstractStrategy`, or a family's base, `diffsim.AbstractWindowStrategy` (first-order:
-APG, SHAC, AHAC, SAPO) and `diffsim.AbstractPopulationStrategy` (ES, GuidedES). The built-in
-strategies also share their family's private machinery (`strategies/_window/`,
-`strategies/_population/`). It imports them like this:
+A strategy outside diffsim needs these, `diffsim`'s public functions (`rollout`, ...) and
+one public base: `diffsim.AbstractStrategy`, `diffsim.AbstractWindowStrategy` (APG, SHAC,
+AHAC, SAPO) or `diffsim.AbstractPopulationStrategy` (ES, GuidedES), whose documented
+`_`-methods are there for subclasses (`docs/guides/extending.md`). The reference
+`REINFORCE` uses nothing else; the other built-ins also use their family's private
+machinery (`strategies/_window/`, `strategies/_population/`), which may change.
 
 ```python
 from diffsim.strategies import helpers
-
 class MyStrategy(diffsim.AbstractStrategy[MyState]):
+    sweepable: ClassVar[tuple[str, ...]] = ("learning_rate",)
     learning_rate: float = 1e-3
 
     def __check_init__(self):

@@ -1,6 +1,7 @@
 """Proximal policy optimisation (Schulman et al. 2017), entirely inside jit."""
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -70,6 +71,13 @@ class PPO(AbstractStrategy[PPOState]):
     ```
     """
 
+    sweepable: ClassVar[tuple[str, ...]] = (
+        "learning_rate",
+        "max_grad_norm",
+        "adam_eps",
+        "discount",
+        "gae_lambda",
+    ) + ("clip_epsilon", "value_coef", "value_clip", "entropy_coef", "reward_scale")
     num_envs: int = 64
     unroll_length: int = 64
     num_epochs: int = 5
@@ -121,6 +129,14 @@ class PPO(AbstractStrategy[PPOState]):
     @property
     def steps_per_iteration(self) -> int:
         return self.num_envs * self.unroll_length
+
+    @property
+    def min_steps_per_iteration(self) -> int:
+        return self.steps_per_iteration
+
+    def for_env(self, env: Env) -> "PPO":
+        del env
+        return self
 
     def for_budget(self, total_steps: int) -> "PPO":
         """With `lr_decay`, decay over the run's `total_steps` unless `lr_decay_steps` is set."""

@@ -14,7 +14,9 @@ A strategy is known by a command-line name (`ppo`, `apg`, `shac`, `es`, `guided-
 ```python
 @diffsim.register_strategy
 class MyStrategy(diffsim.AbstractStrategy[MyState]):
-    ...
+    sweepable: ClassVar[tuple[str, ...]] = ("learning_rate",)
+    learning_rate: float = 1e-3
+    ...  # check, for_env, for_budget, init, step, policy and the step counts
 
 diffsim.strategies.registry.resolve("mystrategy") is MyStrategy
 ```

@@ -1,6 +1,8 @@
 """REINFORCE with a learned value baseline: the reference strategy, written only against
 diffsim's public API. Copy this file to start a strategy of your own."""
 
+from typing import ClassVar
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -47,6 +49,7 @@ class REINFORCE(diffsim.AbstractStrategy[REINFORCEState]):
     ```
     """
 
+    sweepable: ClassVar[tuple[str, ...]] = ("learning_rate", "discount")
     num_envs: int = 16
     unroll_length: int = 16
     learning_rate: float = 1e-3
@@ -64,8 +67,20 @@ class REINFORCE(diffsim.AbstractStrategy[REINFORCEState]):
         return self.num_envs * self.unroll_length
 
     @property
+    def min_steps_per_iteration(self) -> int:
+        return self.steps_per_iteration  # every step counts the same
+
+    @property
     def batch_size(self) -> int:
         return self.num_envs  # the env axis, marked with `diffsim.shard_batch`
+
+    def for_env(self, env: diffsim.Env) -> "REINFORCE":
+        del env
+        return self  # nothing is left to the env
+
+    def for_budget(self, total_steps: int) -> "REINFORCE":
+        del total_steps
+        return self  # nothing is left to the budget (see `helpers.with_budget` for a decay)
 
     def check(self, env: diffsim.Env, policy: eqx.Module) -> None:
         if not callable(getattr(policy, "log_prob", None)):

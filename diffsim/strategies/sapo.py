@@ -7,7 +7,7 @@ critics from `_ensemble_critic.py`, shared with `AHAC`.
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -21,7 +21,7 @@ from .._types import Env, Metrics, Trajectory
 from ..policies import trainable
 from . import helpers
 from ._window.ensemble import AbstractEnsembleCritic, EnsembleCritic, ValueEnsemble
-from ._window.strategy import AbstractWindowStrategy
+from ._window.strategy import WINDOW_SWEEPABLE, AbstractWindowStrategy
 from ._window.window import Window, shac_loss, update_normalizers_from
 from .helpers import episode_stats, guarded_update
 
@@ -87,6 +87,11 @@ class SAPO(AbstractWindowStrategy[SAPOState], AbstractEnsembleCritic):
     ```
     """
 
+    sweepable: ClassVar[tuple[str, ...]] = (
+        ("actor_learning_rate", "critic_learning_rate", "alpha_learning_rate", "init_alpha")
+        + ("target_entropy_scale", "discount", "gae_lambda", "weight_decay")
+        + WINDOW_SWEEPABLE
+    )
     num_envs: int = 64
     horizon: int = 32
     actor_learning_rate: float | Callable[[Array], Array] = 2e-3
@@ -158,13 +163,7 @@ class SAPO(AbstractWindowStrategy[SAPOState], AbstractEnsembleCritic):
 
     def _adamw(self, learning_rate, updates_per_iteration: int = 1):
         """AdamW after a global-norm clip, its rate decayed with `lr_decay`."""
-        rate: Any = helpers.decayed(
-            learning_rate,
-            lr_decay=self.lr_decay,
-            lr_decay_steps=self.lr_decay_steps,
-            steps_per_iteration=self.steps_per_iteration,
-            updates_per_iteration=updates_per_iteration,
-        )
+        rate: Any = self._decayed(learning_rate, updates_per_iteration)
         clips = [] if self.max_grad_value is None else [optax.clip(self.max_grad_value)]
         adamw = optax.adamw(
             rate,

@@ -6,6 +6,7 @@ the critic's update from `_critic.py`, shared with GuidedES's `SHACWindow`.
 """
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ from .._types import Env, Metrics
 from ..policies import ValueFunction, trainable
 from . import helpers
 from ._window.critic import AbstractSHACCritic, Critic
-from ._window.strategy import AbstractWindowStrategy
+from ._window.strategy import WINDOW_SWEEPABLE, AbstractWindowStrategy
 from ._window.window import Window, update_normalizers_from
 from .helpers import episode_stats
 
@@ -109,6 +110,11 @@ class SHAC(AbstractWindowStrategy[SHACState], AbstractSHACCritic):
     ```
     """
 
+    sweepable: ClassVar[tuple[str, ...]] = (
+        ("actor_learning_rate", "critic_learning_rate", "discount", "gae_lambda")
+        + ("target_alpha", "reward_scale")
+        + WINDOW_SWEEPABLE
+    )
     num_envs: int = 64
     horizon: int = 32
     actor_learning_rate: float | Callable[[Array], Array] = 2e-3
@@ -143,6 +149,9 @@ class SHAC(AbstractWindowStrategy[SHACState], AbstractSHACCritic):
     def for_budget(self, total_steps: int) -> "SHAC":
         """With `lr_decay`, decay over the run's `total_steps` unless `lr_decay_steps` is set."""
         return helpers.with_budget(self, total_steps, "actor_learning_rate", "critic_learning_rate")
+
+    def check(self, env: Env, policy: eqx.Module) -> None:
+        self.window.check(env, policy)
 
     def _critic_optimizer(self) -> optax.GradientTransformation:
         """The critic's optimiser, decayed (if at all) over its `critic_epochs *

@@ -110,8 +110,13 @@ class AbstractPopulationStrategy(AbstractStrategy[StrategyState]):
     (None: the env's episode length, set by `for_env`), searching with `std`.
 
     Its fields are declared by the final class, whose `__check_init__` calls
-    `_check_population` first; from them this base also fills in the rollout length,
-    counts the population's steps, checks the env and scores members.
+    `_check_population` first; from them this base fills in the rollout length
+    (`for_env`), leaves `for_budget` to the identity, gives `batch_size =
+    population_size`, counts the population's steps (`_population_steps`), checks the
+    rollout length against the env (`_check_rollout_length`) and scores members
+    (`_score`). A final class adds its fields, `sweepable`, `check`,
+    `steps_per_iteration`, `min_steps_per_iteration`, `init`, `step` and `policy`
+    (`docs/guides/extending.md`).
     """
 
     population_size: AbstractVar[int]
@@ -132,6 +137,11 @@ class AbstractPopulationStrategy(AbstractStrategy[StrategyState]):
         if self.rollout_length is not None:
             return self
         return dataclasses.replace(self, rollout_length=env.episode_length)
+
+    def for_budget(self, total_steps: int):
+        """`self`: a population's settings do not depend on the budget."""
+        del total_steps
+        return self
 
     @property
     def batch_size(self) -> int:

@@ -120,6 +120,40 @@ def fit_critic(
     return value, opt_state, jnp.mean(losses)
 
 
+class AbstractCriticFit(eqx.Module):
+    """The fit of a window's critic data that SHAC's critic and the ensembles of `AHAC` and
+    `SAPO` share: `critic_epochs x critic_minibatches` steps of `_critic_optimizer`."""
+
+    critic_epochs: AbstractVar[int]
+    critic_minibatches: AbstractVar[int]
+
+    @abc.abstractmethod
+    def _critic_optimizer(self) -> optax.GradientTransformation:
+        """The critic's optimiser."""
+
+    def _new_opt_state(self, value: eqx.Module) -> optax.OptState:
+        """`_critic_optimizer`'s state for the trainable leaves of `value`."""
+        return self._critic_optimizer().init(eqx.filter(value, trainable(value)))
+
+    def _fit(
+        self, value: CriticT, opt_state: optax.OptState, batch: CriticBatch, ok, *, key
+    ) -> tuple[CriticT, optax.OptState, Float[Array, ""], Bool[Array, ""]]:
+        """`fit_critic` of `value` on `batch` unless not `ok` or `batch` is not finite, and
+        that `ok`."""
+        ok = ok & all_finite(batch)
+        value, opt_state, loss = fit_critic(
+            value,
+            opt_state,
+            batch,
+            ok,
+            key=key,
+            optimizer=self._critic_optimizer(),
+            epochs=self.critic_epochs,
+            minibatches=self.critic_minibatches,
+        )
+        return value, opt_state, loss, ok
+
+
 def polyak(target: ValueFunction, value: ValueFunction, alpha) -> ValueFunction:
     """`alpha * target + (1 - alpha) * value` on the trainable leaves; the rest from `value`."""
     spec = trainable(value)
@@ -140,7 +174,7 @@ class CriticUpdate(eqx.Module):
     ok: Bool[Array, ""]
 
 
-class AbstractSHACCritic(eqx.Module):
+class AbstractSHACCritic(AbstractCriticFit):
     """SHAC's actor loss and critic, from the settings the final class (`SHAC`,
     `SHACWindow`) declares as fields: `discount`, `gae_lambda`, `target_alpha`,
     `critic_epochs`, `critic_minibatches` (dividing `num_envs * horizon`),
@@ -172,10 +206,6 @@ class AbstractSHACCritic(eqx.Module):
         helpers.positive("reward_scale", self.reward_scale)
         check_critic_fit(self.critic_epochs, self.critic_minibatches, self.num_envs * self.horizon)
 
-    @abc.abstractmethod
-    def _critic_optimizer(self) -> optax.GradientTransformation:
-        """The critic's optimiser."""
-
     def _new_critic(self, env: Env, *, key: PRNGKeyArray) -> Critic:
         """A fresh `ValueFunction` as both critics, and its optimiser state."""
         value = ValueFunction(
@@ -184,8 +214,7 @@ class AbstractSHACCritic(eqx.Module):
             activation=self.value_activation,
             key=key,
         )
-        opt_state = self._critic_optimizer().init(eqx.filter(value, trainable(value)))
-        return Critic(value=value, target=value, opt_state=opt_state)
+        return Critic(value=value, target=value, opt_state=self._new_opt_state(value))
 
     def _actor_losses(
         self,
@@ -230,17 +259,7 @@ class AbstractSHACCritic(eqx.Module):
             gae_lambda=self.gae_lambda,
             reward_scale=self.reward_scale,
         )
-        ok = ok & all_finite(batch)
-        value, opt_state, loss = fit_critic(
-            critic.value,
-            critic.opt_state,
-            batch,
-            ok,
-            key=key,
-            optimizer=self._critic_optimizer(),
-            epochs=self.critic_epochs,
-            minibatches=self.critic_minibatches,
-        )
+        value, opt_state, loss, ok = self._fit(critic.value, critic.opt_state, batch, ok, key=key)
         target = select(ok, polyak(critic.target, value, self.target_alpha), critic.target)
         value = update_normalizers_from(value, traj, kept, ok)
         target = eqx.tree_at(lambda v: v.norm, target, value.norm)

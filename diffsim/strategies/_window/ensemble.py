@@ -21,10 +21,9 @@ from equinox import AbstractVar
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from ..._types import Env, Trajectory
-from ...policies import ACTIVATIONS, RunningNorm, trainable
+from ...policies import ACTIVATIONS, RunningNorm
 from .. import helpers
-from ..helpers import all_finite
-from .critic import check_critic_fit, critic_batch, fit_critic
+from .critic import AbstractCriticFit, check_critic_fit, critic_batch
 from .window import update_normalizers_from
 
 
@@ -130,7 +129,7 @@ class EnsembleUpdate(eqx.Module):
     ok: Bool[Array, ""]
 
 
-class AbstractEnsembleCritic(eqx.Module):
+class AbstractEnsembleCritic(AbstractCriticFit):
     """An ensemble critic from the settings the final class (`AHAC`, `SAPO`) declares:
     `num_critics`, `value_hidden`, `value_activation` (a name in `CRITIC_ACTIVATIONS`),
     `value_layer_norm`, `discount`, `gae_lambda`, `critic_epochs`, `critic_minibatches`
@@ -168,10 +167,6 @@ class AbstractEnsembleCritic(eqx.Module):
     def _norm_after_activation(self) -> bool:
         """Whether each hidden layer's LayerNorm follows its activation."""
 
-    @abc.abstractmethod
-    def _critic_optimizer(self) -> optax.GradientTransformation:
-        """The critics' optimiser."""
-
     def _new_ensemble(self, env: Env, *, key: PRNGKeyArray) -> EnsembleCritic:
         """Fresh critics and their optimiser state."""
         value = ValueEnsemble(
@@ -183,8 +178,7 @@ class AbstractEnsembleCritic(eqx.Module):
             norm_after_activation=self._norm_after_activation,
             key=key,
         )
-        opt_state = self._critic_optimizer().init(eqx.filter(value, trainable(value)))
-        return EnsembleCritic(value=value, opt_state=opt_state)
+        return EnsembleCritic(value=value, opt_state=self._new_opt_state(value))
 
     def _update_ensemble(
         self,
@@ -201,16 +195,6 @@ class AbstractEnsembleCritic(eqx.Module):
         batch = critic_batch(
             critic.value.min, traj, kept, discount=self.discount, gae_lambda=self.gae_lambda
         )
-        ok = ok & all_finite(batch)
-        value, opt_state, loss = fit_critic(
-            critic.value,
-            critic.opt_state,
-            batch,
-            ok,
-            key=key,
-            optimizer=self._critic_optimizer(),
-            epochs=self.critic_epochs,
-            minibatches=self.critic_minibatches,
-        )
+        value, opt_state, loss, ok = self._fit(critic.value, critic.opt_state, batch, ok, key=key)
         value = update_normalizers_from(value, traj, kept, ok)
         return EnsembleUpdate(EnsembleCritic(value=value, opt_state=opt_state), loss, ok)

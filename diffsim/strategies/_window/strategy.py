@@ -21,6 +21,18 @@ from .gradient import LossFn, WindowGradient, window_gradient
 from .valve import step_norm_stats
 from .window import AbstractWindowed, check_bools, clipped_adam
 
+WINDOW_SWEEPABLE = (
+    "max_grad_norm",
+    "max_grad_value",
+    "adam_b1",
+    "adam_b2",
+    "adam_eps",
+    "valve_max_norm",
+    "valve_decay",
+)
+"""The float fields every window strategy declares and `train_sweep` may vary: the
+gradient clips, Adam's constants and the valve; a final class's `sweepable` adds its own."""
+
 
 class ActorUpdate(eqx.Module):
     """One actor update of a window strategy: the window's `grad` (`WindowGradient`), the
@@ -39,9 +51,14 @@ class AbstractWindowStrategy(AbstractStrategy[StrategyState], AbstractWindowed):
     `num_envs` envs) and updates the policy with Adam after a gradient clip.
 
     Its fields are declared by the final class (`APG`, `SHAC`); from them this base builds
-    the window, checks the env and policy before compiling, counts the steps, builds the
-    optimiser (decayed over the budget with `lr_decay`) and takes the window's gradient
-    (per env with `mask_nonfinite_envs`) and its statistics (`_gradient_metrics`).
+    the window (`self.window`, whose `check(env, policy)` a final class's `check` calls),
+    counts the steps (`steps_per_iteration = min_steps_per_iteration = num_envs * horizon`,
+    `batch_size = num_envs`), leaves `for_env` to the identity, builds the optimiser
+    (`_optimizer`, decayed over the budget with `lr_decay`) and takes the window's
+    gradient (`_gradient`, per env with `mask_nonfinite_envs`), one guarded update
+    (`_actor_update`) and its statistics (`_gradient_metrics`). A final class adds its
+    fields, `sweepable`, `check`, `for_budget`, `init`, `step` and `policy`
+    (`docs/guides/extending.md`).
     """
 
     max_grad_norm: AbstractVar[float]
@@ -67,26 +84,36 @@ class AbstractWindowStrategy(AbstractStrategy[StrategyState], AbstractWindowed):
         return self.num_envs * self.horizon
 
     @property
+    def min_steps_per_iteration(self) -> int:
+        return self.steps_per_iteration  # every step of the window feeds the update
+
+    @property
     def batch_size(self) -> int:
         return self.num_envs
 
-    def check(self, env: Env, policy: eqx.Module) -> None:
-        self.window.check(env, policy)
+    def for_env(self, env: Env):
+        """`self`: a window's settings do not depend on the env (its checks are `check`'s)."""
+        del env
+        return self
 
-    def _optimizer(self, learning_rate, updates_per_iteration: int = 1):
-        """Clipped Adam with this strategy's constants, its rate decayed with `lr_decay`
-        over `lr_decay_steps` env steps (`updates_per_iteration` updates per iteration)."""
-        rate = helpers.decayed(
+    def _decayed(self, learning_rate, updates_per_iteration: int = 1):
+        """`learning_rate` decayed with `lr_decay` over `lr_decay_steps` env steps
+        (`updates_per_iteration` updates per iteration; `helpers.decayed`)."""
+        return helpers.decayed(
             learning_rate,
             lr_decay=self.lr_decay,
             lr_decay_steps=self.lr_decay_steps,
             steps_per_iteration=self.steps_per_iteration,
             updates_per_iteration=updates_per_iteration,
         )
+
+    def _optimizer(self, learning_rate, updates_per_iteration: int = 1, max_grad_norm=None):
+        """Clipped Adam with this strategy's constants (`max_grad_norm` unless another clip
+        is given, then without the elementwise clip), its rate `_decayed`."""
         return clipped_adam(
-            rate,
-            max_grad_norm=self.max_grad_norm,
-            max_grad_value=self.max_grad_value,
+            self._decayed(learning_rate, updates_per_iteration),
+            max_grad_norm=self.max_grad_norm if max_grad_norm is None else max_grad_norm,
+            max_grad_value=self.max_grad_value if max_grad_norm is None else None,
             b1=self.adam_b1,
             b2=self.adam_b2,
             eps=self.adam_eps,
