@@ -76,6 +76,13 @@ _PPO = dict(
 _ES = dict(population_size=64, std=0.05, learning_rate=0.01)
 
 
+def _ppo(num_envs: int, unroll_length: int, num_minibatches: int) -> dict:
+    """`_PPO` with `num_envs` x `unroll_length` steps per update, in `num_minibatches`."""
+    return dict(
+        _PPO, num_envs=num_envs, unroll_length=unroll_length, num_minibatches=num_minibatches
+    )
+
+
 # The inverted_pendulum PPO pair: 1024 envs x 10 steps per update in minibatches of 32 envs
 # (128 updates per 10,240 env steps), 4M env steps. Brax's PPO reached 900 in all 3 repeats
 # of a Brax-only run at these settings (first at 2.0M, 2.0M and 3.1M steps) and fell back
@@ -83,38 +90,13 @@ _ES = dict(population_size=64, std=0.05, learning_rate=0.01)
 # unrolls of 5 steps (minibatches of 64 or of 1024 envs) it ended below 500 after 2-3M.
 # name: trainer, env, env-step budget, evaluations, solved-at return, settings
 PAIRS = {
-    "ppo": dict(
-        trainer="ppo",
-        env="inverted_pendulum",
-        steps=4_096_000,
-        evals=9,
-        solve=900.0,
-        params=dict(_PPO, num_envs=1024, unroll_length=10, num_minibatches=32),
-    ),
-    "es": dict(
-        trainer="es",
-        env="inverted_pendulum",
-        steps=2_560_000,
-        evals=11,
-        solve=900.0,
-        params=_ES,
-    ),
-    "ppo-halfcheetah": dict(
-        trainer="ppo",
-        env="halfcheetah",
-        steps=409_600,
-        evals=5,
-        solve=float("inf"),
-        params=dict(_PPO, num_envs=256, unroll_length=20, num_minibatches=8),
-    ),
-    "es-halfcheetah": dict(
-        trainer="es",
-        env="halfcheetah",
-        steps=512_000,
-        evals=5,
-        solve=float("inf"),
-        params=_ES,
-    ),
+    name: dict(trainer=trainer, env=env, steps=steps, evals=evals, solve=solve, params=params)
+    for name, trainer, env, steps, evals, solve, params in (
+        ("ppo", "ppo", "inverted_pendulum", 4_096_000, 9, 900.0, _ppo(1024, 10, 32)),
+        ("es", "es", "inverted_pendulum", 2_560_000, 11, 900.0, _ES),
+        ("ppo-halfcheetah", "ppo", "halfcheetah", 409_600, 5, float("inf"), _ppo(256, 20, 8)),
+        ("es-halfcheetah", "es", "halfcheetah", 512_000, 5, float("inf"), _ES),
+    )
 }
 
 BRAX_HELPER = textwrap.dedent(

@@ -36,6 +36,7 @@ from diffsim.study import (
     Cell,
     load_study,
     log_grid,
+    provenance_header,
     reproduction,
     run_study,
     summary,
@@ -89,6 +90,32 @@ def cells(budgets: dict[str, int], configs: int, contenders=strategies) -> list[
     return grid
 
 
+def grid_cells(names, labels, configs: int, contenders, budget, num_evals=None) -> list[Cell]:
+    """The cells of the envs `names` x the contenders (`contenders(name)`: label, strategy,
+    policy) whose label is in `labels`, each searching `configs` learning rates
+    (`rate_search`) over `budget(name, label)` env steps, with `num_evals` evaluations
+    (None: the study's)."""
+    grid = []
+    for name in names:
+        env = diffsim.make_env(name)
+        for label, strategy, policy in contenders(name):
+            if label in labels:
+                search = rate_search(strategy, configs)
+                steps = budget(name, label)
+                grid.append(Cell(env, label, strategy, policy, steps, None, num_evals, search))
+    return grid
+
+
+def evolution(window: dict, rollout_length: int) -> list:
+    """ES (32 members) and GuidedES (its gradient from an `APGWindow(**window)`), each
+    scoring its members on `rollout_length`-step episodes: (label, strategy, policy)."""
+    guided = diffsim.GuidedES(gradient=diffsim.APGWindow(**window), rollout_length=rollout_length)
+    return [
+        ("ES", diffsim.ES(population_size=32, rollout_length=rollout_length), deterministic),
+        ("GuidedES", guided, deterministic),
+    ]
+
+
 def protocol_arguments(parser: argparse.ArgumentParser, *, seeds: int, configs: int) -> None:
     """The options every published study shares: seeds, search size, folders, --allow-dirty."""
     parser.add_argument("--seeds", type=int, default=seeds, help="reported seeds per cell")
@@ -102,11 +129,49 @@ def protocol_arguments(parser: argparse.ArgumentParser, *, seeds: int, configs: 
         help="train nothing: write the current key into each finished cell (only after a"
         " change known to leave its numbers as they were; see docs/guides/studies.md)",
     )
+    allow_dirty_argument(parser)
+
+
+def allow_dirty_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-dirty",
         action="store_true",
         help="write the tables from a tree with uncommitted changes (recorded as dirty)",
     )
+
+
+def report_only_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: the tables and figures from the finished cells in --out",
+    )
+
+
+def grid_parser(
+    doc: str,
+    envs,
+    contenders,
+    *,
+    seeds: int,
+    configs: int,
+    default_envs=None,
+    default_labels=None,
+    report_only: bool = True,
+) -> argparse.ArgumentParser:
+    """The options of a study over a grid of envs x contenders (`contenders(name)`: label,
+    strategy, policy): `--envs` and `--strategies` (the part to train or report, all of it
+    unless `default_envs`, `default_labels`), the protocol's and `--report-only`."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    envs = list(envs)
+    labels = list(dict.fromkeys(label for name in envs for label, *_ in contenders(name)))
+    parser.add_argument("--envs", nargs="+", default=list(default_envs or envs), choices=envs)
+    default_labels = list(default_labels or labels)
+    parser.add_argument("--strategies", nargs="+", default=default_labels, choices=labels)
+    protocol_arguments(parser, seeds=seeds, configs=configs)
+    if report_only:
+        report_only_argument(parser)
+    return parser
 
 
 def start(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[dict, str]:
@@ -131,17 +196,62 @@ def save_figures(runs, study: str, folder: str) -> None:
     print(f"wrote {folder}/{study}_*.png")
 
 
+def train(study: str, cells: list[Cell], args: argparse.Namespace, *, num_evals: int, reuse=()):
+    """`run_study` of `cells` under the protocol's options in `args` (`protocol_arguments`),
+    16 evaluation episodes at `num_evals` points, loading finished cells from `reuse` too."""
+    return run_study(
+        study,
+        cells,
+        num_seeds=args.seeds,
+        tuning_seeds=args.tuning_seeds,
+        out=args.out,
+        restamp=args.restamp,
+        num_evals=num_evals,
+        num_eval_episodes=16,
+        reuse=reuse,
+    )
+
+
+def grid_runs(study: str, args: argparse.Namespace, contenders, cells, *, num_evals: int):
+    """The runs of a `grid_parser` study: with --report-only its finished cells in
+    <out>/<study> of `args.envs` x `args.strategies`, in the grid's order; otherwise
+    `train` of `cells(args.envs, args.strategies, args.configs)`."""
+    if not args.report_only:
+        grid = cells(args.envs, args.strategies, args.configs)
+        return train(study, grid, args, num_evals=num_evals)
+    found = load_study(Path(args.out) / study)
+    grid = [(name, label) for name in args.envs for label, *_ in contenders(name)]
+    return {k: found[k] for k in grid if k in found and k[1] in args.strategies}
+
+
+def write_table(runs, root: Path, provenance: dict, command: str, references=("PPO",)) -> dict:
+    """The study's summary table, written with its provenance to `root`/table.{txt,json}
+    and printed."""
+    table = summary(runs, references=references)
+    path = write_summary(root, table, provenance=provenance, command=command)
+    print("\n" + path.read_text())
+    return table
+
+
+def cell_table(columns: str, rows) -> str:
+    """A text table with a line per cell: the `env` and `strategy` columns, then the
+    others (`columns`: their heads; each row: env, strategy, the rest of its line)."""
+    head = f"{'env':<13}{'strategy':<10}{columns}"
+    return "\n".join([head, *(f"{env:<13}{label:<10}{rest}" for env, label, rest in rows)])
+
+
+def write_text(path: Path, text: str, provenance: dict, command: str) -> None:
+    """`text` under the provenance header, to `path`."""
+    path.write_text(provenance_header(provenance, command) + "\n\n" + text + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     protocol_arguments(parser, seeds=10, configs=5)
     parser.add_argument(
         "--full", action="store_true", help="add the ball env and Brax's inverted_pendulum"
     )
-    parser.add_argument(
-        "--report-only",
-        action="store_true",
-        help="train nothing: the tables and figures from the finished cells in --out",
-    )
+    report_only_argument(parser)
     parser.add_argument(
         "--reproduce",
         metavar="FOLDER",
@@ -154,20 +264,10 @@ def main():
     if args.report_only:
         runs = load_study(Path(args.out) / study)
     else:
-        runs = run_study(
-            study,
-            cells(FULL_BUDGETS if args.full else BUDGETS, args.configs),
-            num_seeds=args.seeds,
-            tuning_seeds=args.tuning_seeds,
-            out=args.out,
-            num_evals=11,
-            num_eval_episodes=16,
-            reuse=[Path(args.out) / "compare"] if args.full else [],  # its reach, pendulum
-            restamp=args.restamp,
-        )
-    table = summary(runs, references=("PPO",))
-    path = write_summary(Path(args.out) / study, table, provenance=provenance, command=command)
-    print("\n" + path.read_text())
+        grid = cells(FULL_BUDGETS if args.full else BUDGETS, args.configs)
+        reuse = [Path(args.out) / "compare"] if args.full else []  # its reach, pendulum
+        runs = train(study, grid, args, num_evals=11, reuse=reuse)
+    table = write_table(runs, Path(args.out) / study, provenance, command)
     save_figures(runs, study, args.figures)
     if args.reproduce:
         committed = json.loads((Path(args.reproduce) / study / "table.json").read_text())

@@ -26,14 +26,13 @@ cell on a CPU core (hours on WalkerWalk); run one process per core and commit ea
 it lands.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 
 import diffsim
-from diffsim.study import Cell, load_study, provenance_header, run_study, summary, write_summary
+from diffsim.study import Cell
 
 sys.path.insert(0, str(Path(__file__).parent))
 import compare  # noqa: E402  (the protocol's options, search, policies and figures)
@@ -66,34 +65,19 @@ def contenders(name: str):
         ("AHAC", diffsim.AHAC(**remat), stochastic),
         ("SAPO", diffsim.SAPO(**remat), stochastic),
         ("APG", diffsim.APG(**window, learning_rate=1e-3), compare.deterministic),
-        ("ES", diffsim.ES(population_size=32, rollout_length=100), compare.deterministic),
-        (
-            "GuidedES",
-            diffsim.GuidedES(gradient=diffsim.APGWindow(**window), rollout_length=100),
-            compare.deterministic,
-        ),
+        *compare.evolution(window, rollout_length=100),
     ]
 
 
 def cells(names, labels, configs: int) -> list[Cell]:
-    grid = []
-    for name in names:
-        env = diffsim.make_env(name)
-        for label, strategy, policy in contenders(name):
-            if label in labels:
-                search = compare.rate_search(strategy, configs)
-                grid.append(Cell(env, label, strategy, policy, BUDGET, None, EVALS, search))
-    return grid
+    return compare.grid_cells(names, labels, configs, contenders, lambda *_: BUDGET, EVALS)
 
 
 def gradients(runs) -> str:
     """Per cell with gradient metrics: updates over the reported seeds, the share skipped
     for a non-finite gradient, the largest and median pre-clip gradient norm, and the
     largest per-step cotangent norm in a window."""
-    lines = [
-        f"{'env':<13}{'strategy':<10}{'updates':>9}{'skipped':>9}{'max norm':>11}"
-        f"{'median norm':>13}{'max step norm':>15}"
-    ]
+    rows = []
     for (name, label), run in runs.items():
         metrics = {k: np.asarray(v, np.float64) for k, v in run.metrics.items()}
         if "grad_norm" not in metrics:
@@ -103,53 +87,31 @@ def gradients(runs) -> str:
         skipped = np.nansum(metrics.get("skipped_updates", np.zeros_like(ran, float))[ran] > 0)
         step = metrics.get("grad_norm_step_max")
         step_max = np.nanmax(step[ran]) if step is not None else float("nan")
-        lines.append(
-            f"{name:<13}{label:<10}{int(ran.sum()):>9}{skipped / max(ran.sum(), 1):>9.1%}"
+        rest = (
+            f"{int(ran.sum()):>9}{skipped / max(ran.sum(), 1):>9.1%}"
             f"{np.max(norms, initial=np.nan):>11.3g}{np.median(norms) if norms.size else np.nan:>13.3g}"
             f"{step_max:>15.3g}"
         )
-    return "\n".join(lines)
+        rows.append((name, label, rest))
+    heads = f"{'updates':>9}{'skipped':>9}{'max norm':>11}{'median norm':>13}{'max step norm':>15}"
+    return compare.cell_table(heads, rows)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--envs", nargs="+", default=list(ENVS), choices=list(ENVS))
-    labels = [label for label, *_ in contenders("ant")]
-    parser.add_argument("--strategies", nargs="+", default=list(DEFAULT), choices=labels)
-    compare.protocol_arguments(parser, seeds=5, configs=3)
-    parser.add_argument(
-        "--report-only",
-        action="store_true",
-        help="train nothing: tables and figures from the finished cells in --out",
+    parser = compare.grid_parser(
+        __doc__, ENVS, contenders, seeds=5, configs=3, default_labels=DEFAULT
     )
     args = parser.parse_args()
     provenance, command = compare.start(parser, args)
     root = Path(args.out) / "contact"
-    if args.report_only:
-        found = load_study(root)
-        grid = [(n, label) for n in args.envs for label, *_ in contenders(n)]
-        runs = {k: found[k] for k in grid if k in found and k[1] in args.strategies}
-    else:
-        runs = run_study(
-            "contact",
-            cells(args.envs, args.strategies, args.configs),
-            num_seeds=args.seeds,
-            tuning_seeds=args.tuning_seeds,
-            out=args.out,
-            restamp=args.restamp,
-            num_evals=EVALS,
-            num_eval_episodes=16,
-        )
-    table = summary(runs, references=("PPO",))
-    path = write_summary(root, table, provenance=provenance, command=command)
-    print("\n" + path.read_text())
-    header = provenance_header(provenance, command) + "\n\n"
+    runs = compare.grid_runs("contact", args, contenders, cells, num_evals=EVALS)
+    compare.write_table(runs, root, provenance, command)
     text = gradients(runs)
-    (root / "gradients.txt").write_text(header + text + "\n")
+    compare.write_text(root / "gradients.txt", text, provenance, command)
     print(text)
     brax = {k: r for k, r in runs.items() if k[0] != "WalkerWalk"}
     gait = locomotion.format_gaits(locomotion.gaits(brax, root)) if brax else ""
-    (root / "gait.txt").write_text(header + gait + "\n")
+    compare.write_text(root / "gait.txt", gait, provenance, command)
     print(gait)
     compare.save_figures(runs, "contact", args.figures)
 

@@ -32,7 +32,6 @@ warm-up) of CheetahRun on MJX against Brax's halfcheetah on the spring backend, 
 process, and writes results/dm_control/throughput.txt.
 """
 
-import argparse
 import csv
 import sys
 import time
@@ -43,7 +42,7 @@ import jax.numpy as jnp
 import jax.random as jr
 
 import diffsim
-from diffsim.study import Cell, provenance_header, run_study, summary, write_summary
+from diffsim.study import Cell, provenance_header
 
 sys.path.insert(0, str(Path(__file__).parent))
 import compare  # noqa: E402  (the protocol's options, search, policies and figures)
@@ -64,24 +63,12 @@ def contenders(name: str):
         ("PPO", diffsim.PPO(num_envs=64, unroll_length=32, discount=0.99), compare.gaussian),
         ("APG", diffsim.APG(**window, learning_rate=1e-3), compare.deterministic),
         ("SHAC", diffsim.SHAC(**window), compare.deterministic),
-        ("ES", diffsim.ES(population_size=32, rollout_length=200), compare.deterministic),
-        (
-            "GuidedES",
-            diffsim.GuidedES(gradient=diffsim.APGWindow(**window), rollout_length=200),
-            compare.deterministic,
-        ),
+        *compare.evolution(window, rollout_length=200),
     ]
 
 
 def cells(names, labels, configs: int) -> list[Cell]:
-    grid = []
-    for name in names:
-        env = diffsim.make_env(name)
-        for label, strategy, policy in contenders(name):
-            if label in labels:
-                search = compare.rate_search(strategy, configs)
-                grid.append(Cell(env, label, strategy, policy, BUDGETS[name], search=search))
-    return grid
+    return compare.grid_cells(names, labels, configs, contenders, lambda name, _: BUDGETS[name])
 
 
 def throughput(num_envs: int = 64, length: int = 100) -> str:
@@ -130,12 +117,10 @@ def skipped_updates(root: Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--envs", nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
-    labels = [label for label, *_ in contenders("WalkerWalk")]
-    parser.add_argument("--strategies", nargs="+", default=labels, choices=labels)
+    parser = compare.grid_parser(
+        __doc__, BUDGETS, contenders, seeds=5, configs=3, report_only=False
+    )
     parser.add_argument("--throughput", action="store_true", help="only the MJX/Brax timing")
-    compare.protocol_arguments(parser, seeds=5, configs=3)
     args = parser.parse_args()
     provenance, command = compare.start(parser, args)
     root = Path(args.out) / "dm_control"
@@ -145,23 +130,11 @@ def main() -> None:
         (root / "throughput.txt").write_text(text + "\n")
         print(text)
         return
-    runs = run_study(
-        "dm_control",
-        cells(args.envs, args.strategies, args.configs),
-        num_seeds=args.seeds,
-        tuning_seeds=args.tuning_seeds,
-        out=args.out,
-        restamp=args.restamp,
-        num_evals=11,
-        num_eval_episodes=16,
-    )
-    table = summary(runs, references=("PPO",))
-    path = write_summary(root, table, provenance=provenance, command=command)
-    print("\n" + path.read_text())
+    grid = cells(args.envs, args.strategies, args.configs)
+    runs = compare.train("dm_control", grid, args, num_evals=11)
+    compare.write_table(runs, root, provenance, command)
     skipped = skipped_updates(root)
-    (root / "skipped.txt").write_text(
-        provenance_header(provenance, command) + "\n\n" + skipped + "\n"
-    )
+    compare.write_text(root / "skipped.txt", skipped, provenance, command)
     print(skipped)
     compare.save_figures(runs, "dm_control", args.figures)
 

@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 import diffsim
-from diffsim.study import run_study, summary, write_summary
 
 sys.path.insert(0, str(Path(__file__).parent))
 import compare  # noqa: E402  (the main study's contenders, search and options)
@@ -41,20 +40,9 @@ def main():
     args = parser.parse_args()
     provenance, command = compare.start(parser, args)
 
-    runs = run_study(
-        "hybrid",
-        compare.cells(BUDGETS, args.configs, contenders),
-        num_seeds=args.seeds,
-        tuning_seeds=args.tuning_seeds,
-        out=args.out,
-        restamp=args.restamp,
-        num_evals=11,
-        num_eval_episodes=16,
-        reuse=[Path(args.out) / "compare"],
-    )
-    table = summary(runs, references=("PPO", "ES"))
-    path = write_summary(Path(args.out) / "hybrid", table, provenance=provenance, command=command)
-    print("\n" + path.read_text())
+    grid = compare.cells(BUDGETS, args.configs, contenders)
+    runs = compare.train("hybrid", grid, args, num_evals=11, reuse=[Path(args.out) / "compare"])
+    compare.write_table(runs, Path(args.out) / "hybrid", provenance, command, ("PPO", "ES"))
     compare.save_figures(runs, "hybrid", args.figures)
 
 

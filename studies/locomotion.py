@@ -34,7 +34,6 @@ with their provenance to results/locomotion/{table,gait}.{txt,json} and
 figures/locomotion_*.png. Refuses a tree with uncommitted changes unless --allow-dirty.
 """
 
-import argparse
 import json
 import sys
 import time
@@ -47,14 +46,6 @@ import numpy as np
 import diffsim
 from diffsim.diagnostics import GAIT_FIELDS, gait_stats
 from diffsim.stats import aggregate_ci, aggregate_name, probability_of_improvement
-from diffsim.study import (
-    Cell,
-    load_study,
-    provenance_header,
-    run_study,
-    summary,
-    write_summary,
-)
 
 sys.path.insert(0, str(Path(__file__).parent))
 import compare  # noqa: E402  (the learning-rate search and the shared options)
@@ -141,15 +132,8 @@ def contenders(name: str):
 def cells(names, labels, configs: int):
     """The grid's cells on the envs `names` whose strategy label is in `labels`, each
     searching `configs` learning rates."""
-    grid = []
-    for name in names:
-        env = diffsim.make_env(name)  # spring backend, Brax's reward
-        for label, strategy, policy in contenders(name):
-            if label in labels:
-                search = compare.rate_search(strategy, configs)
-                steps = BUDGETS.get(label, GRADIENT_BUDGET)
-                grid.append(Cell(env, label, strategy, policy, steps, None, EVALS, search))
-    return grid
+    budget = lambda _, label: BUDGETS.get(label, GRADIENT_BUDGET)
+    return compare.grid_cells(names, labels, configs, contenders, budget, EVALS)
 
 
 @eqx.filter_jit
@@ -181,18 +165,21 @@ def gaits(runs, root: Path, *, num_envs: int = 8) -> list[dict]:
 
 
 def format_gaits(rows: list[dict]) -> str:
-    head = (
-        f"{'env':<13}{'strategy':<10}{'return':>9}{'ep. length':>11}{'fwd m/s':>9}"
+    heads = (
+        f"{'return':>9}{'ep. length':>11}{'fwd m/s':>9}"
         f"{'height m':>10}{'upright':>9}{'tip dist':>10}"
     )
-    lines = [head]
-    for r in rows:
-        lines.append(
-            f"{r['env']:<13}{r['strategy']:<10}{r['return']:>9.1f}{r['episode_length']:>11.0f}"
+    lines = [
+        (
+            r["env"],
+            r["strategy"],
+            f"{r['return']:>9.1f}{r['episode_length']:>11.0f}"
             f"{r['forward_velocity']:>9.2f}{r['torso_height']:>10.2f}"
-            f"{r['upright_fraction']:>9.2f}{r['final_distance']:>10.3f}"
+            f"{r['upright_fraction']:>9.2f}{r['final_distance']:>10.3f}",
         )
-    return "\n".join(lines).replace("nan", "  -")
+        for r in rows
+    ]
+    return compare.cell_table(heads, lines).replace("nan", "  -")
 
 
 def equal_budget(runs, steps: int = GRADIENT_BUDGET) -> list[dict]:
@@ -227,62 +214,32 @@ def equal_budget(runs, steps: int = GRADIENT_BUDGET) -> list[dict]:
 
 
 def format_equal_budget(rows: list[dict]) -> str:
-    head = (
-        f"{'env':<13}{'strategy':<10}{'env steps':>11}{'seeds':>6}{'stat':>6}{'score':>10}"
-        f"{'95% CI':>21}{'P(>PPO)':>9}"
-    )
-    lines = [head]
+    lines = []
     for r in rows:
         p = "-" if r["p_over_PPO"] is None else f"{r['p_over_PPO']:.2f}"
         ci = f"[{r['low']:.1f}, {r['high']:.1f}]"
-        lines.append(
-            f"{r['env']:<13}{r['strategy']:<10}{r['env_steps']:>11,}{r['seeds']:>6}"
-            f"{r['stat']:>6}{r['score']:>10.1f}{ci:>21}{p:>9}"
+        rest = (
+            f"{r['env_steps']:>11,}{r['seeds']:>6}{r['stat']:>6}{r['score']:>10.1f}{ci:>21}{p:>9}"
         )
-    return "\n".join(lines)
+        lines.append((r["env"], r["strategy"], rest))
+    heads = f"{'env steps':>11}{'seeds':>6}{'stat':>6}{'score':>10}{'95% CI':>21}{'P(>PPO)':>9}"
+    return compare.cell_table(heads, lines)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--envs", nargs="+", default=list(BODIES), choices=list(ENVS))
-    labels = list(dict.fromkeys(label for name in ENVS for label, *_ in contenders(name)))
-    parser.add_argument("--strategies", nargs="+", default=labels, choices=labels)
-    compare.protocol_arguments(parser, seeds=5, configs=3)
-    parser.add_argument(
-        "--report-only",
-        action="store_true",
-        help="train nothing: tables and figures from the finished cells in --out",
-    )
+    parser = compare.grid_parser(__doc__, ENVS, contenders, seeds=5, configs=3, default_envs=BODIES)
     args = parser.parse_args()
     provenance, command = compare.start(parser, args)
 
     tic = time.perf_counter()
     root = Path(args.out) / "locomotion"
-    if args.report_only:  # the finished cells of the grid, in the grid's order
-        found = load_study(root)
-        grid = [(n, label) for n in args.envs for label, *_ in contenders(n)]
-        runs = {k: found[k] for k in grid if k in found and k[1] in args.strategies}
-    else:
-        runs = run_study(
-            "locomotion",
-            cells(args.envs, args.strategies, args.configs),
-            num_seeds=args.seeds,
-            tuning_seeds=args.tuning_seeds,
-            out=args.out,
-            restamp=args.restamp,
-            num_evals=EVALS,
-            num_eval_episodes=16,
-        )
+    runs = compare.grid_runs("locomotion", args, contenders, cells, num_evals=EVALS)
     study_s = time.perf_counter() - tic
-    table = summary(runs, references=("PPO",))
-    path = write_summary(root, table, provenance=provenance, command=command)
-    print("\n" + path.read_text())
+    compare.write_table(runs, root, provenance, command)
 
     def write(stem: str, text: str, rows: list[dict]) -> None:
         """results/locomotion/<stem>.txt under the provenance header, and its JSON."""
-        (root / f"{stem}.txt").write_text(
-            provenance_header(provenance, command) + "\n\n" + text + "\n"
-        )
+        compare.write_text(root / f"{stem}.txt", text, provenance, command)
         record = {"command": command, "provenance": provenance, "rows": rows}
         (root / f"{stem}.json").write_text(json.dumps(record, indent=2))
 

@@ -28,7 +28,7 @@ import jax
 import jax.random as jr
 import matplotlib.pyplot as plt
 import numpy as np
-from compare import start, strategies
+from compare import allow_dirty_argument, start, strategies
 
 import diffsim
 from diffsim.plotting import color_for
@@ -66,11 +66,7 @@ def main():
     parser.add_argument("--out", default="results")
     parser.add_argument("--figures", default="figures", help="where the figure is written")
     parser.add_argument("--tiny", action="store_true", help="2 values, 2 seeds, 10k steps")
-    parser.add_argument(
-        "--allow-dirty",
-        action="store_true",
-        help="write the tables from a tree with uncommitted changes (recorded as dirty)",
-    )
+    allow_dirty_argument(parser)
     parser.add_argument(
         "--finished-only",
         action="store_true",

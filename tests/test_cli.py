@@ -147,6 +147,12 @@ class MyState(eqx.Module):
     env_state: object
 
 
+def optimizer(strategy):
+    """Adam at the strategy's rate, after a clip of the gradient's norm at 1 if it asks."""
+    adam = optax.adam(strategy.learning_rate)
+    return optax.chain(optax.clip_by_global_norm(1.0), adam) if strategy.clip else adam
+
+
 class MyStrat(diffsim.AbstractStrategy[MyState]):
     """A user's strategy: one Adam step on a short window's summed reward."""
 
@@ -159,16 +165,16 @@ class MyStrat(diffsim.AbstractStrategy[MyState]):
     sweepable: ClassVar[tuple[str, ...]] = ("learning_rate",)
 
     @property
+    def batch_size(self) -> int:
+        return self.num_envs
+
+    @property
     def steps_per_iteration(self) -> int:
-        return self.num_envs * self.horizon
+        return self.batch_size * self.horizon
 
     @property
     def min_steps_per_iteration(self) -> int:
         return self.steps_per_iteration
-
-    @property
-    def batch_size(self) -> int:
-        return self.num_envs
 
     def check(self, env, policy):
         pass  # any policy will do
@@ -179,14 +185,10 @@ class MyStrat(diffsim.AbstractStrategy[MyState]):
     def for_budget(self, total_steps):
         return self
 
-    def _optimizer(self):
-        adam = optax.adam(self.learning_rate)
-        return optax.chain(optax.clip_by_global_norm(1.0), adam) if self.clip else adam
-
     def init(self, env, policy, *, key):
         params = eqx.filter(policy, diffsim.trainable(policy))
         env_state = diffsim.reset(env, key=key, num_envs=self.num_envs)
-        return MyState(policy, self._optimizer().init(params), env_state)
+        return MyState(policy, optimizer(self).init(params), env_state)
 
     def step(self, env, state, *, key):
         params, static = eqx.partition(state.policy, diffsim.trainable(state.policy))
@@ -199,7 +201,7 @@ class MyStrat(diffsim.AbstractStrategy[MyState]):
             return -jnp.mean(traj.reward), end
 
         (value, end), grads = eqx.filter_value_and_grad(loss, has_aux=True)(params)
-        updates, opt_state = self._optimizer().update(grads, state.opt_state, params)
+        updates, opt_state = optimizer(self).update(grads, state.opt_state, params)
         policy = eqx.apply_updates(state.policy, updates)
         return MyState(policy, opt_state, jax.lax.stop_gradient(end)), {"loss": value}
 

@@ -53,6 +53,17 @@ class Toy:
     untraceable: dict = dataclasses.field(default_factory=dict)
 
 
+WINDOW = dict(num_envs=8, horizon=16)  # the differentiated windows of APG, SHAC, AHAC, SAPO
+CRITIC = dict(WINDOW, critic_epochs=2, critic_minibatches=2)  # SHAC's, AHAC's, SAPO's fit
+
+
+def windowed(strategy, policy, invalid, **sweep_values) -> Toy:
+    """The `Toy` of a strategy with a differentiated window: 10k env steps, its gradient's
+    clip by value swept at 1 (with `sweep_values`)."""
+    sweep_values = {"max_grad_value": 1.0, **sweep_values}
+    return Toy(strategy, policy, 10_000, invalid=invalid, sweep_values=sweep_values)
+
+
 TOY = {
     "ppo": Toy(
         diffsim.PPO(num_envs=16, unroll_length=32, num_epochs=4, num_minibatches=8),
@@ -61,41 +72,14 @@ TOY = {
         invalid=("num_epochs", 0),
         sweep_values={"value_clip": 1.0},
     ),
-    "apg": Toy(
-        diffsim.APG(num_envs=8, horizon=16),
-        deterministic,
-        10_000,
-        invalid=("horizon", -1),
-        sweep_values={"max_grad_value": 1.0, "valve_max_norm": 10.0},
-    ),
-    "shac": Toy(
-        diffsim.SHAC(num_envs=8, horizon=16, critic_epochs=2, critic_minibatches=2),
-        deterministic,
-        10_000,
-        invalid=("discount", 0.0),
-        sweep_values={"max_grad_value": 1.0, "valve_max_norm": 10.0},
-    ),
-    "ahac": Toy(
-        diffsim.AHAC(
-            num_envs=8,
-            horizon=16,
-            horizon_min=4,
-            critic_epochs=2,
-            critic_minibatches=2,
-            value_hidden=(32, 32),
-        ),
+    "apg": windowed(diffsim.APG(**WINDOW), deterministic, ("horizon", -1), valve_max_norm=10.0),
+    "shac": windowed(diffsim.SHAC(**CRITIC), deterministic, ("discount", 0.0), valve_max_norm=10.0),
+    "ahac": windowed(
+        diffsim.AHAC(**CRITIC, horizon_min=4, value_hidden=(32, 32)),
         gaussian,
-        10_000,
-        invalid=("contact_threshold", -1.0),
-        sweep_values={"max_grad_value": 1.0},
+        ("contact_threshold", -1.0),
     ),
-    "sapo": Toy(
-        diffsim.SAPO(num_envs=8, horizon=16, critic_epochs=2, critic_minibatches=2),
-        gaussian,
-        10_000,
-        invalid=("target_entropy_scale", 0.0),
-        sweep_values={"max_grad_value": 1.0},
-    ),
+    "sapo": windowed(diffsim.SAPO(**CRITIC), gaussian, ("target_entropy_scale", 0.0)),
     "es": Toy(
         diffsim.ES(population_size=8, rollout_length=50),
         deterministic,

@@ -112,6 +112,14 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
+def _train_until_a_checkpoint_fails(env, folder, index: int, reason: str, newest: str) -> None:
+    """Train TINY on `env` with checkpoints in `folder`; the write of checkpoint `index`
+    fails for `reason`, and the error names `newest` as the newest complete checkpoint."""
+    match = f"could not write checkpoint {index} to .*{folder.name}: {reason};"
+    with pytest.raises(OSError, match=f"{match} the newest complete checkpoint is {newest}"):
+        diffsim.train(TINY, env, gaussian(env), key=jr.key(5), checkpoint_dir=folder, **ARGS)
+
+
 def test_a_write_failing_before_its_rename_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     """An I/O error inside the write of checkpoint 4 (its files written, not yet renamed):
     `train` names checkpoint 3 as the newest complete one, removes the partial folder, and
@@ -124,14 +132,7 @@ def test_a_write_failing_before_its_rename_keeps_the_previous_checkpoint(tmp_pat
     saved = _recording_saves(monkeypatch)
     monkeypatch.setattr(_checkpoint, "_before_rename", fail_inside_the_write)
     env = diffsim.make_env("reach")
-    with pytest.raises(
-        OSError,
-        match="could not write checkpoint 4 to .*ckpt: injected I/O error;"
-        " the newest complete checkpoint is ckpt-000003",
-    ):
-        diffsim.train(
-            TINY, env, gaussian(env), key=jr.key(5), checkpoint_dir=tmp_path / "ckpt", **ARGS
-        )
+    _train_until_a_checkpoint_fails(env, tmp_path / "ckpt", 4, "injected I/O error", "ckpt-000003")
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["ckpt-000003"]
     with np.load(tmp_path / "ckpt" / "ckpt-000003" / "history.npz") as data:
         np.testing.assert_array_equal(data["eval_return"], saved[3][1]["eval_return"])
@@ -243,14 +244,7 @@ def test_a_checkpoint_write_that_fails_mid_run_says_so_and_leaves_no_partial_fol
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (8192, hard))
     try:
-        with pytest.raises(
-            OSError,
-            match="could not write checkpoint 1 to .*ckpt: File too large;"
-            " the newest complete checkpoint is none",
-        ):
-            diffsim.train(
-                TINY, env, gaussian(env), key=jr.key(5), checkpoint_dir=tmp_path / "ckpt", **ARGS
-            )
+        _train_until_a_checkpoint_fails(env, tmp_path / "ckpt", 1, "File too large", "none")
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert list((tmp_path / "ckpt").iterdir()) == []  # the partial ckpt-000001.tmp is gone

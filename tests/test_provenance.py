@@ -203,7 +203,8 @@ def test_study_scripts_refuse_a_dirty_tree_before_training(checkout, monkeypatch
         "sensitivity",
     ):
         source = (ROOT / "studies" / f"{script}.py").read_text()
-        assert "protocol_arguments(parser" in source or '"--allow-dirty"' in source, script
+        options = ("protocol_arguments(parser", "grid_parser(", "allow_dirty_argument(parser")
+        assert any(o in source for o in options) or '"--allow-dirty"' in source, script
         assert "start(parser, args)" in source, script  # the check, before any training
 
 
