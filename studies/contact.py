@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 import diffsim
-from diffsim.study import Cell
+from diffsim.study import Cell, gradient_health
 
 sys.path.insert(0, str(Path(__file__).parent))
 import compare  # noqa: E402  (the protocol's options, search, policies and figures)
@@ -74,23 +74,17 @@ def cells(names, labels, configs: int) -> list[Cell]:
 
 
 def gradients(runs) -> str:
-    """Per cell with gradient metrics: updates over the reported seeds, the share skipped
-    for a non-finite gradient, the largest and median pre-clip gradient norm, and the
-    largest per-step cotangent norm in a window."""
+    """Per cell with gradient metrics (`diffsim.study.gradient_health`): updates over the
+    reported seeds, the share skipped for a non-finite gradient, the largest and median
+    pre-clip gradient norm, and the largest per-step cotangent norm in a window."""
     rows = []
     for (name, label), run in runs.items():
-        metrics = {k: np.asarray(v, np.float64) for k, v in run.metrics.items()}
-        if "grad_norm" not in metrics:
+        health = gradient_health(run)
+        if health is None or "grad_norm_max" not in health:
             continue
-        ran = np.isfinite(metrics["env_steps"])
-        norms = metrics["grad_norm"][ran & np.isfinite(metrics["grad_norm"])]
-        skipped = np.nansum(metrics.get("skipped_updates", np.zeros_like(ran, float))[ran] > 0)
-        step = metrics.get("grad_norm_step_max")
-        step_max = np.nanmax(step[ran]) if step is not None else float("nan")
         rest = (
-            f"{int(ran.sum()):>9}{skipped / max(ran.sum(), 1):>9.1%}"
-            f"{np.max(norms, initial=np.nan):>11.3g}{np.median(norms) if norms.size else np.nan:>13.3g}"
-            f"{step_max:>15.3g}"
+            f"{health['updates']:>9}{health['skipped']:>9.1%}{health['grad_norm_max']:>11.3g}"
+            f"{health['grad_norm_median']:>13.3g}{health.get('step_norm_max', np.nan):>15.3g}"
         )
         rows.append((name, label, rest))
     heads = f"{'updates':>9}{'skipped':>9}{'max norm':>11}{'median norm':>13}{'max step norm':>15}"
