@@ -136,18 +136,9 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str) -> Any:
     """Import a public name on first use and keep it (PEP 562)."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'diffsim' has no attribute {name!r}")
-    module, _, attribute = _EXPORTS[name].partition(":")
-    if name not in _NO_BRAX:
-        _config.import_brax()
-    if module:
-        value = getattr(importlib.import_module(module, __name__), attribute or name)
-    else:
-        value = importlib.import_module(f".{name}", __name__)
-        if name == "strategies":  # `diffsim.strategies.registry`, as before names were lazy
-            importlib.import_module(".strategies.registry", __name__)
-    globals()[name] = value
+    value = _config.lazy_attribute(__name__, _EXPORTS, name, brax=name not in _NO_BRAX)
+    if name == "strategies":  # `diffsim.strategies.registry`, as before names were lazy
+        importlib.import_module(".strategies.registry", __name__)
     return value
 
 

@@ -36,12 +36,8 @@ def _add_hyperparameters(
             _add_component(parser, cls, field.name, default)
             added.append(field.name)
             continue
-        if optional:
-            if any(a.dest == prefix + field.name for a in parser._actions):
-                added.append(field.name)
-                continue
-            default = _unset(default)
-        if default is _SKIP:
+        if optional and any(a.dest == prefix + field.name for a in parser._actions):
+            added.append(field.name)  # a field two kinds share: one option
             continue
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
@@ -67,18 +63,6 @@ def _add_hyperparameters(
     return added
 
 
-_SKIP = object()
-
-
-def _unset(default):
-    """The default itself if it is a plain value an option can take, else `_SKIP`."""
-    if isinstance(default, bool | int | float | str):
-        return default
-    if isinstance(default, tuple) and all(isinstance(v, int) for v in default):
-        return default
-    return _SKIP
-
-
 def _final_subclasses(base: type) -> list[type]:
     """The concrete classes below `base` (equinox: abstract or final)."""
     found = []
@@ -93,15 +77,15 @@ def _add_component(parser: argparse.ArgumentParser, cls: type, name: str, defaul
     `--NAME-FIELD VALUE` sets its fields (`--gradient-horizon 16`): the fields of every kind
     are listed, and one that the chosen kind lacks is an error."""
     base = typing.get_type_hints(cls).get(name, type(default))
-    kinds = {strategy_registry().command_name(k): k for k in _final_subclasses(base)} or {
-        strategy_registry().command_name(type(default)): type(default)
-    }
+    command_name = strategy_registry().command_name
+    fallback = command_name(type(default))
+    kinds = {command_name(k): k for k in _final_subclasses(base)} or {fallback: type(default)}
     parser.add_argument(
         "--" + name.replace("_", "-"),
         dest=f"{name}.kind",
         choices=list(kinds),
-        default=strategy_registry().command_name(type(default)),
-        help=f"{cls.__name__}.{name}; default {strategy_registry().command_name(type(default))}",
+        default=fallback,
+        help=f"{cls.__name__}.{name}; default {fallback}",
     )
     for kind in kinds.values():
         for field in _add_hyperparameters(parser, kind, prefix=f"{name}_", optional=True):

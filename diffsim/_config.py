@@ -4,9 +4,12 @@ programs are compiled with (per program, never through `XLA_FLAGS`)."""
 
 import contextlib
 import functools
+import importlib
 import io
 import os
+import sys
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +86,26 @@ def import_brax() -> None:
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.filterwarnings("ignore", "JAXopt is no longer maintained", DeprecationWarning)
         import brax.envs  # noqa: F401
+
+
+def lazy_attribute(package: str, exports: Mapping[str, str], name: str, *, brax: bool = True):
+    """A package's public `name` imported on first use (PEP 562), kept in the package (so
+    that the package's `__getattr__`, which calls this, runs once per name) and returned.
+
+    `exports[name]` is the module it comes from, relative to `package` (`".module"`, or
+    `".module:attribute"` where the attribute has another name), or `""` for the
+    submodule of that name. Brax is imported first (`import_brax`) unless `brax` is false.
+
+    **Raises:** `AttributeError` for a name not in `exports`, as for any module.
+    """
+    if name not in exports:
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+    if brax:
+        import_brax()
+    module, _, attribute = exports[name].partition(":")
+    if module:
+        value = getattr(importlib.import_module(module, package), attribute or name)
+    else:
+        value = importlib.import_module(f".{name}", package)
+    vars(sys.modules[package])[name] = value
+    return value

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import policies
+from . import _networks, policies
 
 FORMAT = "diffsim.policy/1"
 
@@ -56,14 +56,15 @@ _ACTIVATIONS = (
 
 
 def _builtins() -> dict[str, Any]:
-    """diffsim's own policy classes (every `eqx.Module` in `diffsim.policies`, including ones
-    added later), `eqx.nn.Linear`, and common activations, by the name stored in JSON."""
+    """diffsim's own policy classes (every `eqx.Module` defined in `diffsim.policies` or its
+    building blocks' module, including ones added later), `eqx.nn.Linear`, and common
+    activations, by the name stored in JSON."""
     names: dict[str, Any] = {}
     for name, obj in vars(policies).items():
         if (
             inspect.isclass(obj)
             and issubclass(obj, eqx.Module)
-            and obj.__module__ == policies.__name__
+            and obj.__module__ in (policies.__name__, _networks.__name__)
         ):
             names[f"diffsim.{name}"] = obj
     names["equinox.nn.Linear"] = eqx.nn.Linear

@@ -16,11 +16,12 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 from jax.flatten_util import ravel_pytree
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from ._episodes import ended_before
 from ._types import Env
 from .policies import trainable
-from .rollout import reset, rollout
+from .rollout import from_resets, reset, rollout
 from .strategies._window.gradient import window_step_norms as window_step_norms
 
 
@@ -86,11 +87,6 @@ def _stats(horizons: Array, fo: Float[Array, "S K P"], zo: Float[Array, "S K P"]
         bias=jnp.linalg.norm(fo_mean - zo_mean, axis=-1),
         num_finite=count,
     )
-
-
-def _first_episode(done: Float[Array, " T *batch"]) -> Bool[Array, " T *batch"]:
-    """True at the steps of each env's first episode, up to and including its end."""
-    return (jnp.cumsum(done, 0) - done) == 0
 
 
 def gradient_stats(
@@ -161,7 +157,7 @@ def gradient_stats(
             env, pol, env_state, key=act_key, length=length, deterministic=deterministic
         )
         reward, done = traj.reward[:, 0], traj.done[:, 0]
-        return jnp.cumsum(reward * _first_episode(done))[index]
+        return jnp.cumsum(reward * (ended_before(done) == 0))[index]
 
     def one_sample(key: PRNGKeyArray) -> tuple[Float[Array, "K P"], Float[Array, "K P"]]:
         reset_key, act_key, eps_key = jr.split(key, 3)
@@ -248,18 +244,11 @@ def gait_stats(
 
 @eqx.filter_jit  # one compiled program when called eagerly (not one per Brax operation)
 def _gait_stats(env: Env, policy, key, num_envs: int, layout: dict) -> dict[str, Array]:
-    reset_key, act_key = jr.split(key)
-    env_state = reset(env, key=reset_key, num_envs=num_envs)
-    _, traj = rollout(
-        env,
-        policy,
-        env_state,
-        key=act_key,
-        length=env.episode_length,  # pyright: ignore[reportAttributeAccessIssue]
-        deterministic=True,
-    )
+    env_state, act_key = from_resets(env, key, num_envs)
+    length = env.episode_length  # pyright: ignore[reportAttributeAccessIssue]
+    _, traj = rollout(env, policy, env_state, key=act_key, length=length, deterministic=True)
     obs, done = traj.obs, traj.done  # [T, B, obs], [T, B]
-    alive = _first_episode(done)
+    alive = ended_before(done) == 0  # each env's first episode, up to and including its end
     steps = jnp.sum(alive, 0)  # [B]
 
     def mean(x: Float[Array, "T B"]) -> Float[Array, ""]:

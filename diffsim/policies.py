@@ -21,200 +21,34 @@ import jax.numpy as jnp
 import jax.random as jr
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._networks import (
+    ACTIVATIONS as ACTIVATIONS,
+    MLP as MLP,
+    RunningNorm as RunningNorm,
+    get_activation as get_activation,
+    tanh as tanh,
+    trainable as trainable,
+    update_normalizers as update_normalizers,
+)
+
 _ATANH_BOUND = 1.0 - 1e-6
 _LOG_2PI_E = math.log(2 * math.pi * math.e)
 
 
-class RunningNorm(eqx.Module):
-    """Running mean and variance of observations, applied as `(obs - mean) / std`.
-
-    The statistics are constants to autodiff (`stop_gradient`); only `update` changes them,
-    returning a new module (Chan et al.'s parallel merge, exact for any batch split).
-
-    **Example:**
-
-    ```python
-    norm = RunningNorm(3).update(obs_batch)   # obs_batch: Float[Array, "... 3"]
-    z = norm(obs)                             # obs: Float[Array, "3"]
-    ```
-    """
-
-    mean: Float[Array, " obs"]
-    var: Float[Array, " obs"]
-    count: Float[Array, ""]
-
-    def __init__(self, size: int):
-        self.mean = jnp.zeros(size)
-        self.var = jnp.ones(size)
-        self.count = jnp.zeros(())
-
-    def __call__(self, obs: Float[Array, " obs"]) -> Float[Array, " obs"]:
-        mean, var = jax.lax.stop_gradient((self.mean, self.var))
-        return (obs - mean) / jnp.sqrt(var + 1e-8)
-
-    def update(
-        self, obs: Float[Array, "... obs"], mask: Float[Array, "..."] | None = None
-    ) -> "RunningNorm":
-        """Merge a batch of observations (any leading axes) into the statistics; with
-        `mask` (the leading shape of `obs`, 0 or 1), only the observations where it is 1."""
-        batch = obs.reshape(-1, obs.shape[-1])
-        w = jnp.ones(batch.shape[0], batch.dtype) if mask is None else mask.reshape(-1)
-        n = jnp.sum(w)
-        mean = jnp.sum(w[:, None] * batch, 0) / jnp.maximum(n, 1)
-        var = jnp.sum(w[:, None] * (batch - mean) ** 2, 0) / jnp.maximum(n, 1)
-        return self.merge(n, mean, var)
-
-    def merge(
-        self, count: Float[Array, "*n"], mean: Float[Array, "*n obs"], var: Float[Array, "*n obs"]
-    ) -> "RunningNorm":
-        """Merge the moments of other batches (`count` observations with `mean`, `var`;
-        any leading axes `n`, pooled first) into the statistics (Chan et al.)."""
-        count = count.reshape(-1).astype(self.count.dtype)
-        mean, var = mean.reshape(-1, mean.shape[-1]), var.reshape(-1, var.shape[-1])
-        n = jnp.sum(count)
-        b_mean = jnp.sum(count[:, None] * mean, 0) / jnp.maximum(n, 1)
-        b_var = jnp.sum(count[:, None] * (var + (mean - b_mean) ** 2), 0) / jnp.maximum(n, 1)
-        total = self.count + n
-        delta = b_mean - self.mean
-        new_mean = self.mean + delta * n / jnp.maximum(total, 1)
-        m2 = self.var * self.count + b_var * n + delta**2 * self.count * n / jnp.maximum(total, 1)
-        # Before the first update the prior var is 1 with weight 0; an empty batch keeps it.
-        new_var = jnp.where(total > 0, m2 / jnp.maximum(total, 1), self.var)
-        return eqx.tree_at(lambda r: (r.mean, r.var, r.count), self, (new_mean, new_var, total))
-
-
-def tanh(x: Array) -> Array:
-    """`jnp.tanh` as a plain module-level function, so policies pickle by reference."""
-    return jnp.tanh(x)
-
-
-ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "tanh": tanh,
-    "elu": jax.nn.elu,
-    "relu": jax.nn.relu,
-    "gelu": jax.nn.gelu,
-    "silu": jax.nn.silu,
-    "softplus": jax.nn.softplus,
-    "leaky_relu": jax.nn.leaky_relu,
-}
-"""The activations networks take by name (`MLP(..., activation="elu")`). Each is a function
-`load_run` may rebuild, so a policy using one round-trips through `Run.save`."""
-
-
-def get_activation(name: str | Callable[[Array], Array]) -> Callable[[Array], Array]:
-    """The activation function `name` names in `ACTIVATIONS`; a function is returned as is.
-
-    **Raises:** `ValueError` for an unknown name, listing the valid ones.
-
-    **Example:**
-
-    ```python
-    get_activation("elu") is jax.nn.elu   # True
-    ```
-    """
-    if isinstance(name, str):
-        if name not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {name!r}; valid names: {sorted(ACTIVATIONS)}")
-        return ACTIVATIONS[name]
-    if not callable(name):
-        raise ValueError(
-            f"activation must be a name in {sorted(ACTIVATIONS)} or a function, got {name!r}"
-        )
-    return name
-
-
-def _is_norm(x) -> bool:
-    return isinstance(x, RunningNorm)
-
-
-def update_normalizers(
-    module, obs: Float[Array, "... obs"] | RunningNorm, mask: Float[Array, "..."] | None = None
-):
-    """Return `module` with every `RunningNorm` inside it updated with `obs` (where `mask`
-    is 1, if given), or merged with the statistics of another `RunningNorm`.
-
-    **Example:**
-
-    ```python
-    policy = update_normalizers(policy, traj.obs)   # traj.obs: Float[Array, "T B obs"]
-    ```
-    """
-    if isinstance(obs, RunningNorm):
-        fn = lambda x: x.merge(obs.count, obs.mean, obs.var)
-    else:
-        fn = lambda x: x.update(obs, mask)
-    return jax.tree.map(lambda x: fn(x) if _is_norm(x) else x, module, is_leaf=_is_norm)
-
-
-def trainable(module):
-    """Filter spec for `eqx.partition`: floating arrays, minus `RunningNorm` statistics.
-
-    **Example:**
-
-    ```python
-    params, static = eqx.partition(policy, trainable(policy))
-    ```
-    """
-    return jax.tree.map(
-        lambda x: False if _is_norm(x) else eqx.is_inexact_array(x), module, is_leaf=_is_norm
+def _normalised_mlp(
+    obs_size: int,
+    out_size: int,
+    hidden: Sequence[int],
+    activation: str | Callable[[Array], Array],
+    final_scale: float,
+    key: PRNGKeyArray,
+) -> tuple[RunningNorm, MLP]:
+    """The `norm` and `net` fields every policy here holds: `net(norm(obs))`."""
+    norm = RunningNorm(obs_size)
+    net = MLP(
+        obs_size, out_size, hidden=hidden, activation=activation, final_scale=final_scale, key=key
     )
-
-
-class MLP(eqx.Module):
-    """A multi-layer perceptron on one input vector.
-
-    **Arguments:**
-
-    - `in_size`, `out_size`: input and output widths.
-    - `hidden`: widths of the hidden layers, e.g. `(64, 64)`.
-    - `activation`: applied after every hidden layer: a name in `ACTIVATIONS` (`"tanh"`,
-      the default, `"elu"`, `"relu"`, ...) or a function.
-    - `final_scale`: multiplies the last layer's initial weights; small values (0.01) start
-      a policy near zero output.
-    - `key`: initialisation key (keyword-only).
-
-    `Float[Array, "in"] -> Float[Array, "out"]`.
-
-    **Example:**
-
-    ```python
-    mlp = MLP(4, 1, hidden=(32, 32), key=jax.random.key(0))
-    y = mlp(jnp.ones(4))   # shape (1,)
-    ```
-    """
-
-    layers: tuple[eqx.nn.Linear, ...]
-    activation: Callable[[Array], Array] = eqx.field(static=True)
-
-    def __init__(
-        self,
-        in_size: int,
-        out_size: int,
-        *,
-        hidden: Sequence[int] = (64, 64),
-        activation: str | Callable[[Array], Array] = "tanh",
-        final_scale: float = 1.0,
-        key: PRNGKeyArray,
-    ):
-        sizes = (in_size, *hidden, out_size)
-        keys = jr.split(key, len(sizes) - 1)
-        layers = [
-            eqx.nn.Linear(a, b, key=k) for a, b, k in zip(sizes[:-1], sizes[1:], keys, strict=True)
-        ]
-        last = layers[-1]
-        assert last.bias is not None  # eqx.nn.Linear(use_bias=True)
-        layers[-1] = eqx.tree_at(
-            lambda lin: (lin.weight, lin.bias),
-            last,
-            (last.weight * final_scale, jnp.zeros_like(last.bias)),
-        )
-        self.layers = tuple(layers)
-        self.activation = get_activation(activation)
-
-    def __call__(self, x: Float[Array, " in"]) -> Float[Array, " out"]:
-        for layer in self.layers[:-1]:
-            x = self.activation(layer(x))
-        return self.layers[-1](x)
+    return norm, net
 
 
 class GaussianPolicy(eqx.Module):
@@ -263,10 +97,7 @@ class GaussianPolicy(eqx.Module):
         if init_std <= 0:
             raise ValueError(f"init_std must be > 0, got {init_std!r}")
         out = 2 * action_size if state_dependent_std else action_size
-        self.norm = RunningNorm(obs_size)
-        self.net = MLP(
-            obs_size, out, hidden=hidden, activation=activation, final_scale=0.01, key=key
-        )
+        self.norm, self.net = _normalised_mlp(obs_size, out, hidden, activation, 0.01, key)
         if state_dependent_std:
             # Start every observation at init_std: the output bias carries log(init_std).
             last = self.net.layers[-1]
@@ -356,10 +187,7 @@ class DeterministicPolicy(eqx.Module):
         activation: str | Callable[[Array], Array] = "tanh",
         key: PRNGKeyArray,
     ):
-        self.norm = RunningNorm(obs_size)
-        self.net = MLP(
-            obs_size, action_size, hidden=hidden, activation=activation, final_scale=0.01, key=key
-        )
+        self.norm, self.net = _normalised_mlp(obs_size, action_size, hidden, activation, 0.01, key)
 
     def __call__(
         self, obs: Float[Array, " obs"], *, key: PRNGKeyArray | None = None
@@ -393,8 +221,7 @@ class ValueFunction(eqx.Module):
         activation: str | Callable[[Array], Array] = "tanh",
         key: PRNGKeyArray,
     ):
-        self.norm = RunningNorm(obs_size)
-        self.net = MLP(obs_size, 1, hidden=hidden, activation=activation, key=key)
+        self.norm, self.net = _normalised_mlp(obs_size, 1, hidden, activation, 1.0, key)
 
     def __call__(self, obs: Float[Array, " obs"]) -> Float[Array, ""]:
         return self.net(self.norm(obs))[0]

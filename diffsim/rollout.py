@@ -14,6 +14,12 @@ import jax.random as jr
 from brax.envs.base import State
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from ._episodes import (
+    Episodes as Episodes,
+    ended_before,
+    episode_returns as episode_returns,
+    episode_stats as episode_stats,
+)
 from ._types import Env, Trajectory
 from .policies import RunningNorm
 from .sharding import shard_batch
@@ -35,6 +41,12 @@ def reset(env: Env, *, key: PRNGKeyArray, num_envs: int) -> State:
 @eqx.filter_jit  # one compiled program when called eagerly (not one per Brax operation)
 def _reset(env: Env, key: PRNGKeyArray, num_envs: int) -> State:
     return jax.vmap(env.reset)(jr.split(key, num_envs))
+
+
+def from_resets(env: Env, key: PRNGKeyArray, num_envs: int) -> tuple[State, PRNGKeyArray]:
+    """`num_envs` fresh resets from one half of `key`, and the other half to act with."""
+    reset_key, act_key = jr.split(key)
+    return reset(env, key=reset_key, num_envs=num_envs), act_key
 
 
 class Action(eqx.Module):
@@ -159,56 +171,6 @@ def rollout(
     return jax.lax.scan(step, env_state, jr.split(key, length))
 
 
-def episode_returns(traj: Trajectory) -> Float[Array, " B"]:
-    """Return of each env's FIRST episode in `traj` (rewards after its end are dropped).
-
-    Use on a rollout that starts at a reset and is at least one episode long.
-    """
-    before_end = jnp.cumsum(traj.done, axis=0) - traj.done  # episodes finished before t
-    return jnp.sum(traj.reward * (before_end == 0), axis=0)
-
-
-def episode_stats(traj: Trajectory) -> dict[str, Float[Array, ""]]:
-    """What strategies log about a training rollout. Not differentiated.
-
-    `"episodes"`: episodes that ended in `traj`; `"train_return"`: their mean return (NaN
-    when none ended: average it over iterations with `np.nanmean`); `"diverged"`: steps
-    that went non-finite (each ended its episode); `"reused_starts"`: episodes that
-    restarted from a reused start (see `rollout`).
-    """
-    traj = jax.lax.stop_gradient(traj)
-    episodes = jnp.sum(traj.done)
-    ended = jnp.where(traj.done > 0, traj.extras["episode_return"], 0.0)
-    mean = jnp.sum(ended) / jnp.maximum(episodes, 1)
-    stats = {"episodes": episodes, "train_return": jnp.where(episodes > 0, mean, jnp.nan)}
-    for name, extra in (("diverged", "diverged"), ("reused_starts", "reused_start")):
-        if extra in traj.extras:
-            stats[name] = jnp.sum(traj.extras[extra])
-    return {k: v.astype(jnp.float32) for k, v in stats.items()}
-
-
-class Episodes(eqx.Module):
-    """The first episode of each env of a batch, as `first_episodes` measures it.
-
-    **Fields:**
-
-    - `returns`: `Float[Array, "B"]`, the undiscounted return of each env's first episode.
-    - `steps`: `Int[Array, "B"]`, the env steps inside it (at most `max_length`).
-    - `diverged`: `Float[Array, "B"]`, 1 where it ended on a non-finite step (see `rollout`).
-    - `length`: `Int[Array, ""]`, the steps every env of the batch was simulated for (a
-      multiple of the chunk, at least `max(steps)`): the batch's simulation cost is
-      `B x length` env steps.
-    - `obs`: a `RunningNorm` with the count, mean and variance of the observations inside
-      these episodes (what a normaliser should learn from them).
-    """
-
-    returns: Float[Array, " B"]
-    steps: Int[Array, " B"]
-    diverged: Float[Array, " B"]
-    length: Int[Array, ""]
-    obs: RunningNorm
-
-
 class _EpisodeLoop(eqx.Module):
     env_state: State
     returns: Float[Array, " B"]
@@ -261,8 +223,8 @@ def first_episodes(
             num_starts=0,
         )
         in_time = (loop.t + jnp.arange(chunk) < max_length)[:, None]
-        ended_before = jnp.cumsum(traj.done, axis=0) - traj.done  # episode ends before t
-        inside = loop.alive[None] & (ended_before == 0) & in_time  # [chunk, B]
+        before = ended_before(traj.done)
+        inside = loop.alive[None] & (before == 0) & in_time  # [chunk, B]
         weight = inside.astype(traj.reward.dtype)
         ended = jnp.any(inside & (traj.done > 0), axis=0)
         return _EpisodeLoop(
@@ -315,14 +277,9 @@ def evaluate(
     returns.shape   # (8,)
     ```
     """
-    reset_key, act_key = jr.split(key)
-    state = shard_batch(reset(env, key=reset_key, num_envs=num_episodes))
+    state, act_key = from_resets(env, key, num_episodes)
+    length = env.episode_length  # pyright: ignore[reportAttributeAccessIssue]
     episodes = first_episodes(
-        env,
-        policy,
-        state,
-        key=act_key,
-        max_length=env.episode_length,  # pyright: ignore[reportAttributeAccessIssue]
-        deterministic=deterministic,
+        env, policy, shard_batch(state), key=act_key, max_length=length, deterministic=deterministic
     )
     return episodes.returns

@@ -109,20 +109,7 @@ def train(
     run.curve.eval_return.mean(-1)   # mean return at each evaluation point
     ```
     """
-    options = Options(
-        total_steps,
-        num_evals,
-        num_eval_episodes,
-        progress,
-        seeds=False,
-        checkpoint_dir=checkpoint_dir,
-        checkpoint_every=checkpoint_every,
-        resume_from=resume_from,
-        devices=devices,
-        log_dir=log_dir,
-        seed_index=seed_index,
-    )
-    return run(strategy, env, policy, key, options)
+    return run(strategy, env, policy, key, _options(locals(), seeds=False))
 
 
 def train_seeds(
@@ -171,19 +158,7 @@ def train_seeds(
     ```
     """
     _check_keys(keys)
-    options = Options(
-        total_steps,
-        num_evals,
-        num_eval_episodes,
-        progress,
-        seeds=True,
-        checkpoint_dir=checkpoint_dir,
-        checkpoint_every=checkpoint_every,
-        resume_from=resume_from,
-        devices=devices,
-        log_dir=log_dir,
-    )
-    return run(strategy, env, policy, keys, options)
+    return run(strategy, env, policy, keys, _options(locals(), seeds=True))
 
 
 def train_sweep(
@@ -245,18 +220,16 @@ def train_sweep(
     """
     grid = sweep_grid(strategy, sweep)
     _check_keys(keys)
-    options = Options(
-        total_steps,
-        num_evals,
-        num_eval_episodes,
-        progress,
-        seeds=True,
-        devices=devices,
-        grid=grid,
-        seed_index=seed_index,
-    )
+    options = _options(locals(), seeds=True)
     template = dataclasses.replace(strategy, **grid.listing()[0])  # its fields get replaced
     return run(template, env, policy, keys, options)
+
+
+def _options(arguments: Mapping[str, Any], *, seeds: bool) -> Options:
+    """`Options` from a public function's arguments (its `locals()`): those named like a
+    field of `Options`; the fields it lacks keep their defaults."""
+    fields = {field.name for field in dataclasses.fields(Options)}
+    return Options(**{k: v for k, v in arguments.items() if k in fields}, seeds=seeds)
 
 
 def _check_keys(keys) -> None:

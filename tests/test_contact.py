@@ -283,7 +283,7 @@ def test_the_solver_guard_passes_back_only_finite_cotangents():
     """`_finite_cotangent` (which guards the input of MJX's constraint solver while a
     Playground step is traced) is the identity forward; backward, a non-finite cotangent
     entry becomes 0 and the finite ones pass unchanged. Without it the gradient is NaN."""
-    from diffsim.envs._playground import _finite_cotangent
+    from diffsim.envs._mjx_guards import _finite_cotangent
 
     f = lambda x, guard: jnp.sum(jnp.sqrt(guard(x)) * jnp.array([0.0, 2.0]))  # sqrt'(0) = inf
     x = jnp.array([0.0, 4.0])

@@ -267,7 +267,7 @@ def test_bounded_while_loop_is_the_while_loop_and_differentiable():
     """`x <- x * c` while `x < 100`, at most 8 times: from 1 with c = 3 it stops at 3^5 = 243,
     the same value as lax.while_loop's, with d/dc 3^5 = 5 * 3^4 = 405 in reverse mode; a
     bound of 3 stops at 27, as MJX's `cond` does at `opt.iterations`."""
-    from diffsim.envs._playground import _bounded_while_loop
+    from diffsim.envs._mjx_guards import _bounded_while_loop
 
     cond = lambda carry: carry[0] < 100.0
     body = lambda carry: (carry[0] * carry[1], carry[1])
@@ -286,7 +286,8 @@ def test_reward_tolerance_has_playgrounds_values_and_a_finite_gradient():
 
     from mujoco_playground._src import reward
 
-    from diffsim.envs._playground import PlaygroundEnv, _tolerance
+    from diffsim.envs._mjx_guards import _tolerance
+    from diffsim.envs._playground import PlaygroundEnv
 
     x = jnp.linspace(-2.0, 3.0, 41)
     for bounds in ((1.2, jnp.inf), (-jnp.inf, 0.5), (-0.25, 0.25), (0.0, 0.0)):

@@ -1,29 +1,24 @@
 """A user's own env in a module of its own: `tests/test_user_env.py` trains it from the CLI
-as `--env user_envs:Cart --env-arg gain=2.0` and renders the saved run in a new process."""
+as `--env user_envs:Cart --env-arg gain=2.0` and renders the saved run in a new process.
 
-import jax
-import jax.numpy as jnp
+`Cart` is the example of `diffsim.envs.AbstractEnv`'s docstring, run here (so the
+documented example keeps working), with episodes of 20 steps."""
+
+import textwrap
 
 import diffsim
 
 
-class Cart(diffsim.envs.AbstractEnv):
+def _documented_example() -> dict:
+    """The names `AbstractEnv`'s docstring example defines, run as this module's code."""
+    doc = diffsim.envs.AbstractEnv.__doc__ or ""
+    code = textwrap.dedent(doc.split("```python\n", 1)[1].split("```", 1)[0])
+    names = {"__name__": __name__}
+    exec(code, names)
+    return names
+
+
+class Cart(_documented_example()["Cart"]):
     """A cart on a line, pushed toward 0: obs (position, velocity), action a force."""
 
-    obs_size, act_size, default_episode_length = 2, 1, 20
-
-    def __init__(self, gain: float = 1.0):
-        self.gain = gain
-
-    def init(self, key):
-        return {"x": jax.random.uniform(key, (), minval=-1.0, maxval=1.0), "v": jnp.zeros(())}
-
-    def dynamics(self, s, action):
-        v = s["v"] + 0.1 * self.gain * action[0]
-        return {"x": s["x"] + 0.1 * v, "v": v}
-
-    def observe(self, s):
-        return jnp.stack([s["x"], s["v"]])
-
-    def reward(self, s, action, next_s):
-        return -(next_s["x"] ** 2) - 0.01 * jnp.sum(action**2)
+    default_episode_length = 20

@@ -4,9 +4,9 @@ The names and sizes (`names`, `toy_names`, ...) come without importing Brax or M
 everything else is imported on first use (PEP 562), like `diffsim`'s own names.
 """
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
+from .. import _config
 from ._catalog import (
     BRAX_BACKENDS as BRAX_BACKENDS,
     brax_names as brax_names,
@@ -45,14 +45,7 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str) -> Any:
     """Import a public name on first use (Brax with it, quietly) and keep it."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'diffsim.envs' has no attribute {name!r}")
-    from .. import _config
-
-    _config.import_brax()
-    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    globals()[name] = value
-    return value
+    return _config.lazy_attribute(__name__, _EXPORTS, name)
 
 
 def __dir__() -> list[str]:
