@@ -27,6 +27,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -47,7 +48,29 @@ TUTORIAL = dict(
 )
 
 
-def main():
+class Training(NamedTuple):
+    """The trained runs with the wall-clock and machine load around training."""
+
+    run: diffsim.Run
+    total_s: float
+    load_before: tuple[float, float, float]
+    load_after: tuple[float, float, float]
+
+
+class Outcome(NamedTuple):
+    """The numbers of the comparison, read from the run's curve and config."""
+
+    returns: np.ndarray  # (seeds, evals)
+    compile_s: float
+    train_s: float
+    steps: int
+    initial: float
+    final: float
+    final_ci: list[float]
+    best: float
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=1_000_000, help="env steps per seed")
     parser.add_argument("--seeds", type=int, default=5, help="seeds, vmapped in one program")
@@ -59,9 +82,11 @@ def main():
     parser.add_argument("--evals", type=int, default=21, help="evaluation points incl. first")
     parser.add_argument("--out", default="results/ant_ppo")
     parser.add_argument("--figure", default="figures/ant_ppo.png")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    env = diffsim.make_env("ant", backend="spring", episode_length=1000)
+
+def train(args: argparse.Namespace, env) -> Training:
+    """Trains PPO on all seeds in one program and saves the run to `args.out`."""
     obs_size, act_size = env.observation_size, env.action_size  # read once: it resets
     ppo = diffsim.PPO(
         num_envs=args.num_envs,
@@ -95,7 +120,11 @@ def main():
     total_s = time.perf_counter() - tic
     load_after = os.getloadavg()
     run.save(args.out)
+    return Training(run, total_s, load, load_after)
 
+
+def outcome(run: diffsim.Run) -> Outcome:
+    """IQMs over seeds of the eval returns (first, last, best) and the timings."""
     returns = np.asarray(run.curve.eval_return).mean(-1)  # (seeds, evals)
     compile_s = float(run.config["compile_seconds"])
     train_s = float(run.config["train_seconds"])
@@ -105,8 +134,15 @@ def main():
     _, low, high = iqm_ci(returns[:, -1:])
     final_ci = [float(low[0]), float(high[0])]
     best = float(iqm(returns.max(axis=1)))
+    return Outcome(returns, compile_s, train_s, steps, initial, final, final_ci, best)
+
+
+def our_figures(args: argparse.Namespace, training: Training, result: Outcome) -> dict[str, Any]:
+    """This run's column of the table next to the tutorial's, as summary.json records it."""
+    returns, compile_s, train_s, steps, initial, final, final_ci, best = result
+    total_s, load, load_after = training.total_s, training.load_before, training.load_after
     platform = jax.devices()[0].platform
-    ours = dict(
+    return dict(
         hardware=f"{os.cpu_count()} shared CPU cores ({platform})",
         env_steps=steps,
         wall_clock_s=train_s,
@@ -122,6 +158,13 @@ def main():
         load_average_after=load_after,
     )
 
+
+def print_comparison(
+    args: argparse.Namespace, training: Training, result: Outcome, ours: dict[str, Any]
+) -> None:
+    """Prints the table next to the tutorial's figures and the eval returns along training."""
+    returns, compile_s, train_s, steps, initial, final, final_ci, best = result
+    load, load_after = training.load_before, training.load_after
     agg = "IQM over seeds of " if args.seeds > 1 else ""
     print(f"\nPPO on Brax ant (spring, episode_length 1000); returns: {agg}mean of 16 episodes")
     print(f"{'':<28}{'tutorial (2021)':>20}{'diffsim (this run)':>28}")
@@ -143,9 +186,12 @@ def main():
         f"load average before/after: {load[0]:.2f} / {load_after[0]:.2f} on {os.cpu_count()} cores"
     )
     print("\neval return along training (mean of 16 episodes, per seed):")
-    for i, s in enumerate(np.asarray(run.curve.env_steps)[0]):
+    for i, s in enumerate(np.asarray(training.run.curve.env_steps)[0]):
         print(f"  {int(s):>9,} steps  " + "  ".join(f"{r:8.1f}" for r in returns[:, i]))
 
+
+def final_gait(env, run: diffsim.Run) -> dict[str, float]:
+    """Prints and returns the gait of seed 0's final policy over 16 deterministic episodes."""
     seed0 = jax.tree.map(lambda x: x[0] if eqx.is_array(x) else x, run.policy)
     moves = eqx.filter_jit(gait_stats)(env, seed0, key=jr.key(123), num_envs=16)
     moves = {k: float(v) for k, v in moves.items()}
@@ -154,8 +200,10 @@ def main():
         " forward velocity {forward_velocity:.2f} m/s, upright {upright_fraction:.1%} of"
         " steps, episode length {episode_length:.0f}, return {return:.0f}".format(**moves)
     )
-    ours["final_policy_gait"] = moves
+    return moves
 
+
+def write_summary(out: str, run: diffsim.Run, ours: dict[str, Any]) -> None:
     summary = dict(
         tutorial=TUTORIAL,
         diffsim=ours,
@@ -163,8 +211,11 @@ def main():
         devices=[str(d) for d in jax.devices()],
         versions=diffsim.results.versions(),
     )
-    Path(args.out, "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    Path(out, "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
+
+def plot(args: argparse.Namespace, run: diffsim.Run, result: Outcome) -> None:
+    """The learning curve vs env steps and vs wall-clock, saved to `args.figure`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,12 +231,24 @@ def main():
         )
         ax.legend(frameon=False)
     axes[1].set_title(
-        f"{steps:,} steps in {train_s / 60:.1f} min on {os.cpu_count()} CPU cores"
+        f"{result.steps:,} steps in {result.train_s / 60:.1f} min on {os.cpu_count()} CPU cores"
         f" (tutorial: 41 min, P100)",
         fontsize=10,
     )
     Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.figure, dpi=150)
+
+
+def main():
+    args = parse_args()
+    env = diffsim.make_env("ant", backend="spring", episode_length=1000)
+    training = train(args, env)
+    result = outcome(training.run)
+    ours = our_figures(args, training, result)
+    print_comparison(args, training, result, ours)
+    ours["final_policy_gait"] = final_gait(env, training.run)
+    write_summary(args.out, training.run, ours)
+    plot(args, training.run, result)
     print(f"\nwrote {args.out}/ and {args.figure}")
 
 

@@ -54,7 +54,7 @@ def compile_and_time(programs: dict, *, repeats: int) -> dict[str, tuple[float, 
     return {name: (compile_seconds[name], float(np.median(times[name]))) for name in programs}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--env", default="inverted_pendulum")
     parser.add_argument("--backend", default="spring")
@@ -65,20 +65,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--hidden", type=int, nargs="*", default=[32, 32])
     parser.add_argument("--out", default="results/es_benchmark.json")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    backend = args.backend if args.env not in diffsim.envs.toy_names() else None
-    env = diffsim.make_env(args.env, backend=backend, episode_length=max(args.length, 1000))
-    policy = diffsim.DeterministicPolicy(
-        env.observation_size, env.action_size, hidden=tuple(args.hidden), key=jr.key(1)
-    )
-    num_envs = args.population * args.episodes
-    es = diffsim.ES(
-        population_size=args.population,
-        episodes_per_member=args.episodes,
-        rollout_length=args.length,
-    )
-    steps_per_call = args.generations * es.steps_per_iteration
+
+def es_programs(args: argparse.Namespace, env, es: diffsim.ES, policy, num_envs: int) -> dict:
+    """The three programs (`es`, `population_rollout`, `rollout_core`) with their arguments."""
 
     def es_generations(state, key):
         step = lambda s, k: es.step(env, s, key=k)
@@ -111,16 +102,18 @@ def main() -> None:
         lambda x: x + 0.05 * jr.normal(jr.key(3), (args.population, *x.shape)),
         eqx.filter(policy, diffsim.trainable(policy)),
     )
-    timings = compile_and_time(
-        {
-            "es": (es_generations, state, jr.key(2)),
-            "population_rollout": (population_rollouts, state, population, jr.key(2)),
-            "rollout_core": (rollouts, policy, jr.key(2)),
-        },
-        repeats=args.repeats,
-    )
+    return {
+        "es": (es_generations, state, jr.key(2)),
+        "population_rollout": (population_rollouts, state, population, jr.key(2)),
+        "rollout_core": (rollouts, policy, jr.key(2)),
+    }
 
-    result = {
+
+def summary(
+    args: argparse.Namespace, env, num_envs: int, steps_per_call: int, timings: dict
+) -> dict:
+    """What `results/es_benchmark.json` records: the setting, each program's rates, overheads."""
+    return {
         "env": args.env,
         "backend": env.backend,
         "population": args.population,
@@ -143,6 +136,11 @@ def main() -> None:
         # ES over one policy's rollouts: also the cost of per-member parameters.
         "es_overhead_fraction": timings["es"][1] / timings["rollout_core"][1] - 1.0,
     }
+
+
+def print_summary(
+    args: argparse.Namespace, env, num_envs: int, timings: dict, result: dict
+) -> None:
     print(
         f"{args.env} ({env.backend}): {args.population} members x {args.episodes} episodes"
         f" = {num_envs} envs, {args.length} steps, {args.generations} generations per call"
@@ -159,6 +157,25 @@ def main() -> None:
         f" of the population rollouts"
     )
     print(f"ES over the rollout core with one policy: {100 * result['es_overhead_fraction']:+.1f}%")
+
+
+def main() -> None:
+    args = parse_args()
+    backend = args.backend if args.env not in diffsim.envs.toy_names() else None
+    env = diffsim.make_env(args.env, backend=backend, episode_length=max(args.length, 1000))
+    policy = diffsim.DeterministicPolicy(
+        env.observation_size, env.action_size, hidden=tuple(args.hidden), key=jr.key(1)
+    )
+    num_envs = args.population * args.episodes
+    es = diffsim.ES(
+        population_size=args.population,
+        episodes_per_member=args.episodes,
+        rollout_length=args.length,
+    )
+    steps_per_call = args.generations * es.steps_per_iteration
+    timings = compile_and_time(es_programs(args, env, es, policy, num_envs), repeats=args.repeats)
+    result = summary(args, env, num_envs, steps_per_call, timings)
+    print_summary(args, env, num_envs, timings, result)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -81,58 +81,50 @@ def pieces(name, strategy, env, state, key):
     return rollout, returns
 
 
-def main():
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--env", default="inverted_pendulum")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", default="results/benchmarks")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    env = diffsim.make_env(args.env)
-    obs, act = env.observation_size, env.action_size
-    contenders = {
-        "PPO": (diffsim.PPO(), diffsim.GaussianPolicy),
-        "APG": (diffsim.APG(), diffsim.DeterministicPolicy),
-        "SHAC": (diffsim.SHAC(), diffsim.DeterministicPolicy),
-        "ES": (diffsim.ES().for_env(env), diffsim.DeterministicPolicy),
-    }
-    rows = []
-    for name, (strategy, cls) in contenders.items():
-        key = jr.key(0)
-        step = jax.jit(lambda s, k, strategy=strategy: strategy.step(env, s, key=k))
-        state = jax.jit(
-            lambda k, strategy=strategy, cls=cls: strategy.init(env, cls(obs, act, key=k), key=k)
-        )(key)
-        for i in range(3):  # a few updates in, so the policy is not the initial one
-            state, metrics = step(state, jr.key(i))
-        rollout_fn, returns_fn = pieces(name, strategy, env, state, key)
-        rollout_j = jax.jit(rollout_fn)
-        t_rollout = timed(rollout_j, state, repeats=args.repeats)
-        t_returns = 0.0
-        if returns_fn is not None:
-            traj = rollout_j(state)
-            t_returns = timed(jax.jit(returns_fn), state, traj, repeats=args.repeats)
-        t_step = timed(step, state, key, repeats=args.repeats)
-        evaluate = jax.jit(
-            lambda s, strategy=strategy: diffsim.evaluate(env, strategy.policy(s), key=jr.key(1))
-        )
-        t_eval = timed(evaluate, state, repeats=args.repeats)
-        steps = float(metrics.get("env_steps", strategy.steps_per_iteration))
-        rows.append(
-            dict(
-                strategy=name,
-                env_steps=steps,
-                rollout_ms=1e3 * t_rollout,
-                returns_ms=1e3 * t_returns,
-                update_ms=1e3 * max(t_step - t_rollout - t_returns, 0.0),
-                step_ms=1e3 * t_step,
-                eval_ms=1e3 * t_eval,
-                steps_per_s=steps / t_step,
-            )
-        )
-        print(rows[-1], flush=True)
 
-    print(f"\n{args.env}: one iteration, median of {args.repeats} (ms)")
+def profile(name: str, strategy, cls, env, obs: int, act: int, *, repeats: int) -> dict:
+    """One row of the table: the timed pieces of one iteration of `strategy` on `env`."""
+    key = jr.key(0)
+    step = jax.jit(lambda s, k, strategy=strategy: strategy.step(env, s, key=k))
+    state = jax.jit(
+        lambda k, strategy=strategy, cls=cls: strategy.init(env, cls(obs, act, key=k), key=k)
+    )(key)
+    for i in range(3):  # a few updates in, so the policy is not the initial one
+        state, metrics = step(state, jr.key(i))
+    rollout_fn, returns_fn = pieces(name, strategy, env, state, key)
+    rollout_j = jax.jit(rollout_fn)
+    t_rollout = timed(rollout_j, state, repeats=repeats)
+    t_returns = 0.0
+    if returns_fn is not None:
+        traj = rollout_j(state)
+        t_returns = timed(jax.jit(returns_fn), state, traj, repeats=repeats)
+    t_step = timed(step, state, key, repeats=repeats)
+    evaluate = jax.jit(
+        lambda s, strategy=strategy: diffsim.evaluate(env, strategy.policy(s), key=jr.key(1))
+    )
+    t_eval = timed(evaluate, state, repeats=repeats)
+    steps = float(metrics.get("env_steps", strategy.steps_per_iteration))
+    return dict(
+        strategy=name,
+        env_steps=steps,
+        rollout_ms=1e3 * t_rollout,
+        returns_ms=1e3 * t_returns,
+        update_ms=1e3 * max(t_step - t_rollout - t_returns, 0.0),
+        step_ms=1e3 * t_step,
+        eval_ms=1e3 * t_eval,
+        steps_per_s=steps / t_step,
+    )
+
+
+def print_table(env_name: str, repeats: int, rows: list[dict]) -> None:
+    print(f"\n{env_name}: one iteration, median of {repeats} (ms)")
     print(
         f"{'strategy':<9}{'env steps':>10}{'rollout':>9}{'returns':>9}{'update':>9}"
         f"{'step':>9}{'steps/s':>10}{'eval (16 ep)':>14}"
@@ -143,13 +135,15 @@ def main():
             f"{r['returns_ms']:>9.1f}{r['update_ms']:>9.1f}{r['step_ms']:>9.1f}"
             f"{r['steps_per_s']:>10,.0f}{r['eval_ms']:>14.1f}"
         )
-    out = Path(args.out)
+
+
+def write_rows(out: Path, env_name: str, rows: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"profile_{args.env}.json"
+    path = out / f"profile_{env_name}.json"
     path.write_text(
         json.dumps(
             dict(
-                env=args.env,
+                env=env_name,
                 devices=[str(d) for d in jax.devices()],
                 versions=diffsim.results.versions(),
                 rows=rows,
@@ -158,6 +152,24 @@ def main():
         )
     )
     print(f"wrote {path}")
+
+
+def main():
+    args = parse_args()
+    env = diffsim.make_env(args.env)
+    obs, act = env.observation_size, env.action_size
+    contenders = {
+        "PPO": (diffsim.PPO(), diffsim.GaussianPolicy),
+        "APG": (diffsim.APG(), diffsim.DeterministicPolicy),
+        "SHAC": (diffsim.SHAC(), diffsim.DeterministicPolicy),
+        "ES": (diffsim.ES().for_env(env), diffsim.DeterministicPolicy),
+    }
+    rows = []
+    for name, (strategy, cls) in contenders.items():
+        rows.append(profile(name, strategy, cls, env, obs, act, repeats=args.repeats))
+        print(rows[-1], flush=True)
+    print_table(args.env, args.repeats, rows)
+    write_rows(Path(args.out), args.env, rows)
 
 
 if __name__ == "__main__":

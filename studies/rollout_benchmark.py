@@ -80,65 +80,84 @@ def interleaved(compiled_fns, args, repeats):
     return [float(np.median(t)) for t in times]
 
 
-def main():
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--envs", nargs="+", default=["inverted_pendulum", "reach"])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--length", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--out", default="results/benchmarks/rollout.json")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def measure_env(name: str, *, batch: int, length: int, repeats: int) -> list[dict]:
+    """The rows of one env: hand-written loop and `diffsim.rollout` (sampled, deterministic),
+    then one `PPO.step`."""
     rows = []
-    for name in args.envs:
-        env = diffsim.make_env(name)
-        policy = diffsim.GaussianPolicy(env.observation_size, env.action_size, key=jr.key(0))
-        state = diffsim.reset(env, key=jr.key(1), num_envs=args.batch)
-        steps = args.batch * args.length
-        for deterministic in (False, True):
-            mode = "deterministic" if deterministic else "sampled"
-            args_ = (policy, state, jr.key(2))
-            fns = [
-                functools.partial(f, env, length=args.length, deterministic=deterministic)
-                for f in (hand_written, core)
-            ]
-            compiled = [compile_timed(f, *args_) for f in fns]
-            seconds = interleaved([c for c, _ in compiled], args_, args.repeats)
-            for label, (_, compile_s), secs in zip(
-                ("hand-written", "diffsim.rollout"), compiled, seconds, strict=True
-            ):
-                rows.append(
-                    dict(
-                        env=name,
-                        what=f"{label} ({mode})",
-                        steps_per_s=steps / secs,
-                        compile_s=compile_s,
-                    )
+    env = diffsim.make_env(name)
+    policy = diffsim.GaussianPolicy(env.observation_size, env.action_size, key=jr.key(0))
+    state = diffsim.reset(env, key=jr.key(1), num_envs=batch)
+    steps = batch * length
+    for deterministic in (False, True):
+        mode = "deterministic" if deterministic else "sampled"
+        args_ = (policy, state, jr.key(2))
+        fns = [
+            functools.partial(f, env, length=length, deterministic=deterministic)
+            for f in (hand_written, core)
+        ]
+        compiled = [compile_timed(f, *args_) for f in fns]
+        seconds = interleaved([c for c, _ in compiled], args_, repeats)
+        for label, (_, compile_s), secs in zip(
+            ("hand-written", "diffsim.rollout"), compiled, seconds, strict=True
+        ):
+            rows.append(
+                dict(
+                    env=name,
+                    what=f"{label} ({mode})",
+                    steps_per_s=steps / secs,
+                    compile_s=compile_s,
                 )
-        ppo = diffsim.PPO(num_envs=args.batch, unroll_length=16, num_minibatches=16)
-        ppo_state = ppo.init(env, policy, key=jr.key(3))
-        step = functools.partial(ppo_step, ppo, env)
-        compiled, compile_s = compile_timed(step, ppo_state, jr.key(4))
-        (secs,) = interleaved([compiled], (ppo_state, jr.key(4)), args.repeats)
-        rows.append(
-            dict(
-                env=name,
-                what=f"PPO.step ({args.batch} envs x 16, {ppo.num_epochs}x{ppo.num_minibatches} minibatches)",
-                steps_per_s=ppo.steps_per_iteration / secs,
-                compile_s=compile_s,
             )
+    ppo = diffsim.PPO(num_envs=batch, unroll_length=16, num_minibatches=16)
+    ppo_state = ppo.init(env, policy, key=jr.key(3))
+    step = functools.partial(ppo_step, ppo, env)
+    compiled, compile_s = compile_timed(step, ppo_state, jr.key(4))
+    (secs,) = interleaved([compiled], (ppo_state, jr.key(4)), repeats)
+    rows.append(
+        dict(
+            env=name,
+            what=f"PPO.step ({batch} envs x 16, {ppo.num_epochs}x{ppo.num_minibatches} minibatches)",
+            steps_per_s=ppo.steps_per_iteration / secs,
+            compile_s=compile_s,
         )
+    )
+    return rows
 
-    by = {(r["env"], r["what"]): r["steps_per_s"] for r in rows}
+
+def print_rows(rows: list[dict]) -> None:
     print(f"\n{'env':<20}{'what':<52}{'env steps/s':>14}{'compile s':>11}")
     for r in rows:
         print(f"{r['env']:<20}{r['what']:<52}{r['steps_per_s']:>14,.0f}{r['compile_s']:>11.1f}")
+
+
+def add_ratios(envs: list[str], rows: list[dict]) -> None:
+    """Prints and appends to `rows` the ratio core / hand-written of each env and mode."""
+    by = {(r["env"], r["what"]): r["steps_per_s"] for r in rows}
     print()
-    for name in args.envs:
+    for name in envs:
         for mode in ("sampled", "deterministic"):
             ratio = by[(name, f"diffsim.rollout ({mode})")] / by[(name, f"hand-written ({mode})")]
             print(f"{name}: diffsim.rollout / hand-written ({mode}) = {ratio:.3f}")
             rows.append(dict(env=name, what=f"ratio core/hand-written ({mode})", ratio=ratio))
+
+
+def main():
+    args = parse_args()
+    rows = []
+    for name in args.envs:
+        rows += measure_env(name, batch=args.batch, length=args.length, repeats=args.repeats)
+    print_rows(rows)
+    add_ratios(args.envs, rows)
     meta = dict(
         batch=args.batch,
         length=args.length,
