@@ -60,6 +60,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["APG", "APGState"], ".strategies.apg"),
     "AbstractStrategy": ".strategies.base",
     "AbstractWindowStrategy": ".strategies._window.strategy",
+    **dict.fromkeys(["UpdateOptions", "WindowOptions"], ".strategies._window.options"),
     "AbstractPopulationStrategy": ".strategies._population.population",
     **dict.fromkeys(["ES", "ESState"], ".strategies.es"),
     **dict.fromkeys(
@@ -112,6 +113,10 @@ if TYPE_CHECKING:
     from .strategies import helpers as helpers
     from .strategies._population.population import (
         AbstractPopulationStrategy as AbstractPopulationStrategy,
+    )
+    from .strategies._window.options import (
+        UpdateOptions as UpdateOptions,
+        WindowOptions as WindowOptions,
     )
     from .strategies._window.strategy import AbstractWindowStrategy as AbstractWindowStrategy
     from .strategies.ahac import AHAC as AHAC, AHACState as AHACState

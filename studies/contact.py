@@ -54,9 +54,9 @@ def stochastic(env, key):
 
 def contenders(name: str):
     """(label, strategy, policy) in plot order. On the Brax bodies every differentiated
-    window rematerialises each physics substep in the backward pass (`remat`)."""
+    window rematerialises each physics substep in the backward pass (`options.remat`)."""
     brax = name != "WalkerWalk"
-    remat = {"remat": True} if brax else {}
+    remat = {"options": diffsim.WindowOptions(remat=True)} if brax else {}
     ppo = locomotion.PPO[name] if brax else PPO_WALKER
     window = dict(num_envs=16, horizon=32, **remat)
     return [

@@ -24,6 +24,7 @@ with its provenance, a row at a time (a crash loses no finished row). Brax bodie
 """
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -51,11 +52,16 @@ REMEDIES = {
 
 
 def measure(env, remedy: dict, windows: int) -> dict:
-    """`windows` consecutive APG updates under `remedy`; their gradient norms."""
-    settings = dict(num_envs=16, horizon=32, learning_rate=1e-3) | remedy
+    """`windows` consecutive APG updates under `remedy` (APG's fields, and
+    `WindowOptions`' where it names them); their gradient norms."""
+    names = {f.name for f in dataclasses.fields(diffsim.WindowOptions)}
+    options = {k: v for k, v in remedy.items() if k in names}
     if env.name in SPRING:
-        settings["remat"] = True
-    strategy = diffsim.APG(**settings).for_env(env).for_budget(10**6)
+        options["remat"] = True
+    settings = {k: v for k, v in remedy.items() if k not in names}
+    options = diffsim.WindowOptions(**options)
+    apg = diffsim.APG(num_envs=16, horizon=32, learning_rate=1e-3, options=options, **settings)
+    strategy = apg.for_env(env).for_budget(10**6)
     policy = diffsim.DeterministicPolicy(env.observation_size, env.action_size, key=jr.key(0))
     state = strategy.init(env, policy, key=jr.key(1))
     step = eqx.filter_jit(strategy.step)

@@ -112,7 +112,7 @@ def contenders(name: str):
     published (stochastic ELU actor, ELU critic, discount 0.99, linear LR decay). ES and
     GuidedES score their members on 100-step episodes."""
     num_envs, horizon = WINDOWS[name]
-    window = dict(num_envs=num_envs, horizon=horizon, remat=True)
+    window = dict(num_envs=num_envs, horizon=horizon, options=diffsim.WindowOptions(remat=True))
     shac = diffsim.SHAC(
         **window, stochastic=True, value_activation="elu", lr_decay=True, discount=0.99
     )

@@ -38,6 +38,17 @@ def _start(env, num_envs=2, length=8):
     return with_signal_slots(diffsim.reset(env, key=jr.key(0), num_envs=num_envs), length)
 
 
+def test_window_options_keep_each_strategys_own_defaults():
+    """The settings modules hold only what every strategy defaults alike: setting one of
+    them keeps AHAC's and SAPO's published valve, decay and sampling."""
+    remat = diffsim.WindowOptions(remat=True)
+    for strategy in (diffsim.AHAC(options=remat), diffsim.SAPO(options=remat)):
+        assert strategy.options.remat is True
+        assert strategy.valve_max_norm == 100.0 and strategy.window.valve_max_norm == 100.0
+        assert strategy.lr_decay is True and strategy.stochastic is True
+    assert diffsim.SAPO(options=remat).max_grad_norm == 0.5
+
+
 def test_cut_leaves_forward_values_unchanged(reach):
     policy = deterministic(reach)
     bare = diffsim.reset(reach, key=jr.key(0), num_envs=2)

@@ -8,9 +8,12 @@ from conftest import deterministic, gaussian
 
 import diffsim
 from diffsim.envs import AutoResetEnv, Reach
+from diffsim.results import hyperparameters
 from diffsim.rollout import default_pool_size
 from diffsim.strategies._window import window as windows
 from diffsim.strategies._window.gradient import window_gradient
+
+MASKED = diffsim.UpdateOptions(mask_nonfinite_envs=True)
 
 
 class _DivergingReach(Reach):
@@ -224,8 +227,8 @@ def test_solves_toy_envs(key, envs, name, strategy, make_policy, total_steps, th
         (lambda: diffsim.APG(horizon=0), "0"),
         (lambda: diffsim.APG(learning_rate=-1.0), "-1.0"),
         (lambda: diffsim.APG(max_grad_norm=0.0), "0.0"),
-        (lambda: diffsim.APG(max_grad_value=-3.0), "-3.0"),
-        (lambda: diffsim.APG(adam_b1=1.5), "1.5"),
+        (lambda: diffsim.UpdateOptions(max_grad_value=-3.0), "-3.0"),
+        (lambda: diffsim.UpdateOptions(adam_b1=1.5), "1.5"),
         (lambda: diffsim.SHAC(discount=0.0), "0.0"),
         (lambda: diffsim.SHAC(target_alpha=1.5), "1.5"),
         (lambda: diffsim.SHAC(critic_minibatches=3), "3"),
@@ -235,6 +238,19 @@ def test_solves_toy_envs(key, envs, name, strategy, make_policy, total_steps, th
 def test_rejects_bad_hyperparameters(make, bad):
     with pytest.raises(ValueError, match=bad):
         make()
+
+
+def test_hyperparameters_flatten_the_settings_modules():
+    """A study's key lists `options`' and `update`'s fields under their own names, as when
+    the strategies declared them, and GuidedES's gradient as the repr it had then."""
+    hyper = hyperparameters(diffsim.SHAC(update=MASKED))
+    assert hyper["remat"] is False and hyper["adam_b1"] == 0.7
+    assert hyper["mask_nonfinite_envs"] is True
+    assert "options" not in hyper and "update" not in hyper
+    remat = diffsim.APGWindow(num_envs=64, horizon=8, options=diffsim.WindowOptions(remat=True))
+    gradient = hyperparameters(diffsim.GuidedES(gradient=remat))["gradient"]
+    assert gradient == "APGWindow(num_envs=64, horizon=8, remat=True)"
+    assert hyperparameters(diffsim.GuidedES())["gradient"] == "APGWindow()"
 
 
 def test_train_rejects_before_compiling(key, envs):
@@ -248,7 +264,11 @@ def test_train_rejects_before_compiling(key, envs):
 
     with pytest.raises(ValueError, match="float64"):
         diffsim.train(
-            diffsim.APG(float64=True), env, deterministic(env), key=key, total_steps=10**5
+            diffsim.APG(options=diffsim.WindowOptions(float64=True)),
+            env,
+            deterministic(env),
+            key=key,
+            total_steps=10**5,
         )
     with pytest.raises(ValueError, match="NoKey"):
         diffsim.train(
@@ -266,7 +286,7 @@ def test_float64_window(key):
     state = diffsim.reset(env, key=key, num_envs=2)  # float32, made before x64 is on
     params, static = _params(policy)
     with jax.enable_x64(True):
-        apg = diffsim.APG(num_envs=2, horizon=30, float64=True)
+        apg = diffsim.APG(num_envs=2, horizon=30, options=diffsim.WindowOptions(float64=True))
         (loss, window), grads = jax.value_and_grad(
             lambda p: apg.loss(env, eqx.combine(p, static), state, key=key), has_aux=True
         )(params)
@@ -339,7 +359,7 @@ def test_masked_env_drops_out_and_the_others_update(key, name):
     policy = deterministic(env, hidden=(16,))
     state = _one_diverging_env(env, key, 6)
     if name == "apg":
-        strategy = diffsim.APG(num_envs=6, horizon=10, mask_nonfinite_envs=True)
+        strategy = diffsim.APG(num_envs=6, horizon=10, update=MASKED)
         losses = lambda pol, s, k: strategy.env_losses(env, pol, s, key=k)
     else:
         strategy = diffsim.SHAC(
@@ -347,7 +367,7 @@ def test_masked_env_drops_out_and_the_others_update(key, name):
             horizon=10,
             value_hidden=(8,),
             critic_minibatches=2,
-            mask_nonfinite_envs=True,
+            update=MASKED,
         )
         critic = strategy.init(env, policy, key=key).target_value
         losses = lambda pol, s, k: strategy.env_losses(env, pol, critic, s, key=k)

@@ -58,9 +58,8 @@ CRITIC = dict(WINDOW, critic_epochs=2, critic_minibatches=2)  # SHAC's, AHAC's, 
 
 
 def windowed(strategy, policy, invalid, **sweep_values) -> Toy:
-    """The `Toy` of a strategy with a differentiated window: 10k env steps, its gradient's
-    clip by value swept at 1 (with `sweep_values`)."""
-    sweep_values = {"max_grad_value": 1.0, **sweep_values}
+    """The `Toy` of a strategy with a differentiated window: 10k env steps, and
+    `sweep_values` for its sweepable fields whose default is None."""
     return Toy(strategy, policy, 10_000, invalid=invalid, sweep_values=sweep_values)
 
 

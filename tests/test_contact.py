@@ -21,7 +21,7 @@ from diffsim.strategies._window.gradient import window_gradient
 from diffsim.strategies._window.valve import Valved, valve, with_probe
 from diffsim.strategies.guided_es import APGWindow
 
-VALVE: dict[str, Any] = dict(valve_max_norm=0.05, valve_decay=0.8)
+VALVE: dict[str, Any] = dict(valve_max_norm=0.05, options=diffsim.WindowOptions(valve_decay=0.8))
 
 
 class Constant(eqx.Module):
@@ -196,24 +196,25 @@ def test_metrics_report_the_gradient_norms(envs, key):
 
 
 @pytest.mark.parametrize(
-    "kwargs, name",
+    "make, name",
     [
-        (dict(valve_max_norm=0.0), "valve_max_norm"),
-        (dict(valve_decay=0.0), "valve_decay"),
-        (dict(valve_decay=1.5), "valve_decay"),
-        (dict(contact_smoothing=-0.01), "contact_smoothing"),
+        (lambda cls: cls(valve_max_norm=0.0), "valve_max_norm"),
+        (lambda cls: cls(options=diffsim.WindowOptions(valve_decay=0.0)), "valve_decay"),
+        (lambda cls: cls(options=diffsim.WindowOptions(valve_decay=1.5)), "valve_decay"),
+        (lambda cls: cls(options=diffsim.WindowOptions(contact_smoothing=-0.01)), "smoothing"),
     ],
 )
-def test_bad_valve_settings_are_rejected(kwargs, name):
+def test_bad_valve_settings_are_rejected(make, name):
     for cls in (diffsim.APG, diffsim.SHAC, APGWindow):
         with pytest.raises(ValueError, match=name):
-            cls(**kwargs)
+            make(cls)
 
 
 def test_contact_smoothing_needs_the_spring_backend(envs):
     env = envs("reach")
     with pytest.raises(ValueError, match="spring"):
-        diffsim.APG(contact_smoothing=0.01).check(env, deterministic(env))
+        apg = diffsim.APG(options=diffsim.WindowOptions(contact_smoothing=0.01))
+        apg.check(env, deterministic(env))
 
 
 def test_penetrating_is_hard_forward_and_smooth_backward():
@@ -239,7 +240,8 @@ def test_a_masked_candidates_infinite_impulse_leaves_the_smoothed_gradient_finit
 
 def test_diagnostics_window_step_norms(envs, key):
     env = envs("pendulum")
-    apg = diffsim.APG(num_envs=2, horizon=4, remat=True, **VALVE)
+    remat = diffsim.WindowOptions(valve_decay=0.8, remat=True)
+    apg = diffsim.APG(num_envs=2, horizon=4, **{**VALVE, "options": remat})
     norms = diffsim.diagnostics.window_step_norms(apg, env, deterministic(env), key=key)
     assert norms.shape == (2, 4)
     assert bool(jnp.all(jnp.isfinite(norms) & (norms > 0)))

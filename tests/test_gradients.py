@@ -17,6 +17,9 @@ from diffsim.envs import AutoResetEnv, Reach
 from diffsim.strategies._window import env as window_env
 from diffsim.strategies.guided_es import APGWindow
 
+REMAT = diffsim.WindowOptions(remat=True)
+FLOAT64 = diffsim.WindowOptions(float64=True)
+
 
 @pytest.fixture(scope="module")
 def reacher():
@@ -59,7 +62,11 @@ def _window_gradient(env, policy, state, key, *, horizon: int, remat: bool):
     """The float64 parameters and the jitted `value_and_grad` of APG's float64 window loss
     in them; its aux says whether the window ran in float64."""
     params, static = _params(policy)
-    apg = diffsim.APG(num_envs=state.obs.shape[0], horizon=horizon, float64=True, remat=remat)
+    apg = diffsim.APG(
+        num_envs=state.obs.shape[0],
+        horizon=horizon,
+        options=diffsim.WindowOptions(float64=True, remat=remat),
+    )
 
     def loss(p):
         value, window = apg.loss(env, eqx.combine(p, static), state, key=key)
@@ -119,7 +126,7 @@ def test_remat_gives_the_same_gradient_in_less_memory(key):
     params, static = _params(policy)
 
     def gradient(remat: bool):
-        apg = diffsim.APG(num_envs=8, horizon=64, remat=remat)
+        apg = diffsim.APG(num_envs=8, horizon=64, options=diffsim.WindowOptions(remat=remat))
         return jax.jit(jax.grad(lambda p: apg.loss(env, eqx.combine(p, static), state, key=key)[0]))
 
     plain, remat = gradient(False), gradient(True)
@@ -290,12 +297,12 @@ def test_rejects_a_backend_it_cannot_differentiate(make, key):
     [
         (diffsim.APG(horizon=101), r"horizon=101 \(the gradient window\) exceeds the episode"),
         (diffsim.SHAC(horizon=128), r"horizon=128 .* pass SHAC\(horizon=100\) or less"),
-        (diffsim.APG(horizon=1, remat=True), "remat=True with horizon=1"),
+        (diffsim.APG(horizon=1, options=REMAT), "remat=True with horizon=1"),
         (
-            diffsim.GuidedES(gradient=APGWindow(horizon=1, remat=True)),
-            r"pass APGWindow\(remat=False\)",
+            diffsim.GuidedES(gradient=APGWindow(horizon=1, options=REMAT)),
+            r"pass APGWindow\(options=WindowOptions\(remat=False\)\)",
         ),
-        (diffsim.SHAC(float64=True), "float64=True needs 64-bit JAX"),
+        (diffsim.SHAC(options=FLOAT64), "float64=True needs 64-bit JAX"),
     ],
 )
 def test_rejects_windows_that_cannot_apply(strategy, message, key, envs):
@@ -309,8 +316,8 @@ def test_rejects_float64_on_an_env_that_stays_float32(key):
     policy = deterministic(env)
     with jax.enable_x64(True):
         with pytest.raises(ValueError, match="float64=True cannot apply to env 'float32_reach'"):
-            diffsim.APG(float64=True).check(env, policy)
-        diffsim.APG(float64=True).check(diffsim.make_env("reach"), policy)  # a float64 toy env
+            diffsim.APG(options=FLOAT64).check(env, policy)
+        diffsim.APG(options=FLOAT64).check(diffsim.make_env("reach"), policy)  # a float64 toy env
 
 
 @pytest.mark.parametrize(

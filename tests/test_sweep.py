@@ -167,6 +167,13 @@ def no_compiling(monkeypatch):
             r"num_envs .*not sweepable.*shapes or control flow.*train_seeds",
         ),
         (APG, {"stochastic": [0.0, 1.0]}, r"stochastic .*not sweepable"),
+        (
+            APG,
+            {"adam_b1": [0.9]},
+            r"APG.update.adam_b1 \(= 0.7\) is not sweepable: the fields of UpdateOptions"
+            r".*replace\(strategy, update=dataclasses.replace\(strategy.update, adam_b1=v\)\)",
+        ),
+        (APG, {"remat": [1.0]}, r"APG.options.remat \(= False\) is not sweepable"),
         (PPO, {"value_hidden": [64.0]}, r"value_hidden .*not sweepable"),
         (diffsim.ES(), {"population_size": [8.0]}, r"population_size .*not sweepable"),
         (diffsim.ES(), {"algorithm": [1.0]}, r"algorithm .*not sweepable"),

@@ -202,16 +202,50 @@ def _broadcast(like, lead: tuple[int, ...]):
 
 def hyperparameters(strategy) -> dict:
     """The strategy's fields as plain JSON values (what `run.config["hyperparameters"]`
-    records).
+    records). The fields of a settings module it holds (`diffsim.WindowOptions`,
+    `diffsim.UpdateOptions`) count as its own, under their own names, and a module held as
+    a field (GuidedES's `gradient`) is written as its repr with them flattened the same
+    way: a study's key does not depend on how the settings are grouped.
 
     **Example:**
 
     ```python
     hyperparameters(diffsim.PPO())["learning_rate"]   # 0.0003
+    hyperparameters(diffsim.SHAC())["remat"]           # False (SHAC().options.remat)
     ```
     """
-    fields = dataclasses.fields(strategy)
-    return json.loads(json.dumps({f.name: _jsonable(getattr(strategy, f.name)) for f in fields}))
+    fields = {name: _jsonable(value) for name, value, _ in _flat_fields(strategy)}
+    return json.loads(json.dumps(fields))
+
+
+def _flat_fields(module) -> list[tuple[str, Any, Any]]:
+    """`(name, value, default)` of each field of the dataclass `module`, those of a
+    settings module (`_window.options.OPTIONS`) in its place."""
+    from ..strategies._window.options import OPTIONS  # (strategies load Brax: not before)
+
+    flat = []
+    for field in dataclasses.fields(module):
+        value = getattr(module, field.name)
+        if isinstance(value, OPTIONS):
+            flat += _flat_fields(value)
+        else:
+            flat.append((field.name, value, field.default))
+    return flat
+
+
+def _holds_options(value) -> bool:
+    """Whether `value` is a dataclass instance with a settings module as a field."""
+    if not dataclasses.is_dataclass(value) or isinstance(value, type):
+        return False
+    return len(_flat_fields(value)) > len(dataclasses.fields(value))
+
+
+def _flat_repr(module) -> str:
+    """`repr(module)` (equinox's: fields at their default left out, by identity) with the
+    fields of its settings modules in their place."""
+    shown = [(name, value) for name, value, default in _flat_fields(module) if value is not default]
+    flat = dataclasses.make_dataclass(type(module).__name__, [name for name, _ in shown])
+    return eqx.tree_pformat(flat(*[value for _, value in shown]))
 
 
 def run_config(
@@ -259,4 +293,6 @@ def _jsonable(value):
         return [_jsonable(v) for v in value]
     if isinstance(value, type):
         return value.__name__
+    if _holds_options(value):
+        return _flat_repr(value)
     return getattr(value, "__name__", repr(value))

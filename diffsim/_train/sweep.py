@@ -78,6 +78,16 @@ def check_sweepable(strategy: AbstractStrategy, name: str) -> None:
     sweepable = tuple(getattr(type(strategy), "sweepable", ()))
     listing = f"{owner}.sweepable = {sweepable!r}"
     fields = {f.name: f for f in dataclasses.fields(strategy)}
+    holder = _holder(strategy, name) if name not in fields else None
+    if holder is not None:  # a field of a settings module (`options`, `update`)
+        inner = getattr(strategy, holder)
+        raise ValueError(
+            f"{owner}.{holder}.{name} (= {getattr(inner, name)!r}) is not sweepable: the"
+            f" fields of {type(inner).__name__} are constants of the compiled program. Loop"
+            f" over its values with train_seeds instead (for v in values: diffsim.train_seeds("
+            f"dataclasses.replace(strategy, {holder}=dataclasses.replace(strategy.{holder},"
+            f" {name}=v)), ...)). What can vary: {listing}"
+        )
     if name not in fields:
         raise ValueError(f"{owner} has no hyperparameter {name!r}; what can vary: {listing}")
     if name not in sweepable:
@@ -93,6 +103,15 @@ def check_sweepable(strategy: AbstractStrategy, name: str) -> None:
             f"{owner}.sweepable names {name!r}, which is not a (non-static) float field;"
             f" only those can be traced: fix {owner}.sweepable"
         )
+
+
+def _holder(strategy: AbstractStrategy, name: str) -> str | None:
+    """The field of `strategy` that holds a module with a field `name`, if one does."""
+    for field in dataclasses.fields(strategy):
+        inner = getattr(strategy, field.name)
+        if dataclasses.is_dataclass(inner) and name in {f.name for f in dataclasses.fields(inner)}:
+            return field.name
+    return None
 
 
 def sweep_grid(strategy: AbstractStrategy, sweep: Mapping[str, Any]) -> Grid:

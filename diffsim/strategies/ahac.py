@@ -21,6 +21,7 @@ from .._types import Env, Metrics
 from ..policies import RunningNorm, trainable
 from . import helpers
 from ._window.ensemble import AbstractEnsembleCritic, EnsembleCritic, ValueEnsemble
+from ._window.options import UpdateOptions, WindowOptions
 from ._window.stiffness import SIGNAL, StiffnessCut, segment_ends, with_signal_slots
 from ._window.strategy import WINDOW_SWEEPABLE, AbstractWindowStrategy
 from ._window.window import Window, shac_loss, update_normalizers_from
@@ -71,9 +72,10 @@ class AHAC(AbstractWindowStrategy[AHACState], AbstractEnsembleCritic):
     segments, `metrics["cut_windows"]` the segments ended by a stiff step, `metrics["horizon"]`
     the learned horizon, `metrics["stiffness"]` the mean signal.
 
-    Clipping, Adam constants, `stochastic`, `float64`, `remat`, `mask_nonfinite_envs`,
-    `lr_decay` (on by default, as published) and the checks before compiling are as in
-    `SHAC`; the observation statistics of the policy and critics are frozen within the window.
+    `max_grad_norm`, `stochastic` (on by default), `valve_max_norm` (100 by default),
+    `lr_decay` (on by default, as published), `options`, `update` and the checks before
+    compiling are as in `SHAC`; the observation statistics of the policy and critics are
+    frozen within the window.
 
     - `horizon`: the longest window (static); `horizon_min`: the shortest learned horizon,
       where it starts.
@@ -98,6 +100,9 @@ class AHAC(AbstractWindowStrategy[AHACState], AbstractEnsembleCritic):
     )
     num_envs: int = 64
     horizon: int = 64
+    stochastic: bool = True
+    valve_max_norm: float | None = 100.0
+    options: WindowOptions = WindowOptions()
     horizon_min: int = 8
     horizon_lr: float = 2e-3
     contact_threshold: float = 500.0
@@ -114,19 +119,9 @@ class AHAC(AbstractWindowStrategy[AHACState], AbstractEnsembleCritic):
     critic_max_grad_norm: float = 100.0
     normalize_returns: bool = True
     max_grad_norm: float = 1.0
-    max_grad_value: float | None = None
-    adam_b1: float = 0.7
-    adam_b2: float = 0.95
-    adam_eps: float = 1e-8
-    stochastic: bool = True
-    float64: bool = False
-    remat: bool = False
-    mask_nonfinite_envs: bool = False
-    valve_max_norm: float | None = 100.0
-    valve_decay: float = 1.0
-    contact_smoothing: float | None = eqx.field(default=None, static=True)  # a switch
     lr_decay: bool = True
     lr_decay_steps: int | None = None
+    update: UpdateOptions = UpdateOptions()
 
     def __check_init__(self):
         helpers.learning_rate("actor_learning_rate", self.actor_learning_rate)

@@ -18,6 +18,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 from .._types import Env, Metrics
 from ..policies import trainable
 from . import helpers
+from ._window.options import UpdateOptions, WindowOptions
 from ._window.strategy import WINDOW_SWEEPABLE, AbstractWindowStrategy
 from ._window.window import Window, apg_loss, update_normalizers_from
 from .helpers import episode_stats
@@ -47,15 +48,15 @@ class APG(AbstractWindowStrategy[APGState]):
     updated after the update.
 
     `train` rejects before compiling an env whose backend cannot be reverse-differentiated
-    (Brax `mjx`), a `horizon` longer than the episode, and `remat` or `float64` where they
-    cannot apply.
+    (Brax `mjx`), a `horizon` longer than the episode, and `options.remat` or
+    `options.float64` where they cannot apply.
 
     Defaults: Brax's window (h=32, 64 envs, Adam (0.7, 0.95)) with global-norm clip 1.0,
     and lr 3e-3 (Brax: 1e-3).
 
     If the loss or the gradient is not finite the update is skipped (policy and optimiser
     state unchanged) and counted: `metrics["skipped_updates"]` is 1.0 for that iteration.
-    With `mask_nonfinite_envs`, an env whose window diverged (a non-finite reward,
+    With `update.mask_nonfinite_envs`, an env whose window diverged (a non-finite reward,
     observation or gradient) drops out of the mean instead and the others update
     (`metrics["masked_envs"]` counts the dropped envs). `metrics["grad_norm"]` is the
     global gradient norm before clipping; `metrics["grad_norm_step_max"]` and
@@ -66,37 +67,25 @@ class APG(AbstractWindowStrategy[APGState]):
 
     - `num_envs`, `horizon`: `B` and `H`; one step is `B * H` env steps.
     - `learning_rate`: a float or an optax schedule of the update count.
-    - `max_grad_norm`: global-norm clip; `max_grad_value`: optional elementwise clip first.
-    - `adam_b1`, `adam_b2`, `adam_eps`: Adam's constants (`(0.7, 0.95)` as in Brax/SHAC).
+    - `max_grad_norm`: the global-norm clip of the gradient.
     - `stochastic`: act with reparameterised samples `policy(obs, key=k)` (e.g. a
       `GaussianPolicy`); False acts with `policy(obs)`.
-    - `float64`: run the window in float64: the policy, the env state and the Brax system's
-      constants are cast for the window (`float64_env`); parameters keep their
-      dtype. Needs `jax.config.update("jax_enable_x64", True)` before training: x64 cannot
-      be switched on inside jit, so `train` rejects `float64=True` without it, and an env
-      whose step still computes in float32.
-    - `remat`: rematerialise the physics in the backward pass (`jax.checkpoint` around
-      each Brax substep, or each step of an env without a Brax pipeline), so reverse mode
-      stores states instead of all of the simulator's intermediates: long windows fit in
-      memory, for a second forward pass of the physics.
+    - `valve_max_norm`: the gradient valve on the env state before each step of the
+      window (identity forward): backward, the cotangent of one env's window loss through
+      that state is clipped to norm `valve_max_norm` (None: no clip) and multiplied by
+      `options.valve_decay` per step (D.Va's decay; 1.0: none). Off by default, so the
+      default gradient is the exact one of Brax APG: the valve trades bias for bounded
+      norms, which pays through stiff contact, not on smooth dynamics, and the per-step
+      norms it measures are logged either way (`grad_norm_step_max`,
+      `grad_norm_step_median`), so a bound can be chosen from them.
     - `lr_decay`, `lr_decay_steps`: decay the learning rate linearly to 0 over
       `lr_decay_steps` env steps (one update per `num_envs * horizon`), which `train` sets
       to the run's budget unless given, as in `PPO`. Off by default.
-    - `valve_max_norm`, `valve_decay`: the gradient valve on the env state before each step
-      of the window (identity forward): backward, the cotangent of one env's window loss
-      through that state is clipped to norm `valve_max_norm` (None: no clip) and multiplied
-      by `valve_decay` per step (D.Va's decay; 1.0: none). Off by default, so the default
-      gradient is the exact one of Brax APG: the valve trades bias for bounded norms, which
-      pays through stiff contact, not on smooth dynamics, and the per-step norms it
-      measures are logged either way (`grad_norm_step_max`, `grad_norm_step_median`), so a
-      bound can be chosen from them.
-    - `contact_smoothing`: a width in metres: Brax spring's contacts are smoothed in the
-      backward pass only (straight-through, `sigmoid(-dist / width)`); forward physics is
-      unchanged. Spring envs only; None (the default) is Brax's gradient.
-    - `mask_nonfinite_envs`: differentiate each env's window on its own (`jax.vmap` of
-      `jax.grad` over envs) and drop diverged envs from the mean. It costs throughput
-      (per-env parameter gradients), so it is off by default; a stochastic policy then
-      draws its samples from per-env keys.
+    - `options`: how the window is computed (`diffsim.WindowOptions`: `float64`, `remat`,
+      `valve_decay`, `contact_smoothing`; all off by default).
+    - `update`: how its gradient becomes the update (`diffsim.UpdateOptions`:
+      `mask_nonfinite_envs`, the elementwise clip `max_grad_value`, Adam's constants
+      `(0.7, 0.95)` as in Brax and SHAC).
 
     **Example:**
 
@@ -111,24 +100,17 @@ class APG(AbstractWindowStrategy[APGState]):
     num_envs: int = 64
     horizon: int = 32
     learning_rate: float | Callable[[Array], Array] = 3e-3
-    max_grad_norm: float = 1.0
-    max_grad_value: float | None = None
-    adam_b1: float = 0.7
-    adam_b2: float = 0.95
-    adam_eps: float = 1e-8
     stochastic: bool = False
-    float64: bool = False
-    remat: bool = False
-    mask_nonfinite_envs: bool = False
     valve_max_norm: float | None = None
-    valve_decay: float = 1.0
-    contact_smoothing: float | None = eqx.field(default=None, static=True)  # a switch
+    options: WindowOptions = WindowOptions()
+    max_grad_norm: float = 1.0
     lr_decay: bool = False
     lr_decay_steps: int | None = None
+    update: UpdateOptions = UpdateOptions()
 
     def __check_init__(self):
-        helpers.learning_rate("learning_rate", self.learning_rate)
         helpers.check_decay(self, "learning_rate")
+        helpers.learning_rate("learning_rate", self.learning_rate)
 
     def for_budget(self, total_steps: int) -> "APG":
         """With `lr_decay`, decay over the run's `total_steps` unless `lr_decay_steps` is set."""

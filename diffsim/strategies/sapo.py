@@ -21,6 +21,7 @@ from .._types import Env, Metrics, Trajectory
 from ..policies import trainable
 from . import helpers
 from ._window.ensemble import AbstractEnsembleCritic, EnsembleCritic, ValueEnsemble
+from ._window.options import UpdateOptions, WindowOptions
 from ._window.strategy import WINDOW_SWEEPABLE, AbstractWindowStrategy
 from ._window.window import Window, shac_loss, update_normalizers_from
 from .helpers import episode_stats, guarded_update
@@ -63,12 +64,13 @@ class SAPO(AbstractWindowStrategy[SAPOState], AbstractEnsembleCritic):
         J(log alpha) = alpha |H*| (mean_{t,b} H_t - H*),
 
     so that `alpha` grows while the policy's entropy is below the target. The actor, the
-    critics and `log_alpha` use AdamW (`adam_b1`, `adam_b2`, `weight_decay`) after a
-    global-norm clip at `max_grad_norm`; the learning rates decay linearly with `lr_decay`
-    (on by default, as published).
+    critics and `log_alpha` use AdamW (`update.adam_b1`, `update.adam_b2`, `weight_decay`)
+    after a global-norm clip at `max_grad_norm` (0.5); the learning rates decay linearly
+    with `lr_decay` (on by default, as published).
 
-    Clipping, `float64`, `remat`, `mask_nonfinite_envs` and the checks before compiling are
-    as in `SHAC`; SAPO always acts stochastically (`stochastic` must stay True). `metrics["alpha"]` is the temperature,
+    `valve_max_norm` (100 by default), `options`, `update` and the checks before compiling
+    are as in `SHAC`; SAPO always acts stochastically (`stochastic` must stay True).
+    `metrics["alpha"]` is the temperature,
     `metrics["entropy"]` the mean `H_t`, `metrics["env_steps"]` `num_envs * horizon`.
 
     - `num_critics`, `value_hidden`, `value_activation`, `value_layer_norm`: the critics,
@@ -96,6 +98,9 @@ class SAPO(AbstractWindowStrategy[SAPOState], AbstractEnsembleCritic):
     horizon: int = 32
     actor_learning_rate: float | Callable[[Array], Array] = 2e-3
     critic_learning_rate: float | Callable[[Array], Array] = 5e-4
+    stochastic: bool = True
+    valve_max_norm: float | None = 100.0
+    options: WindowOptions = WindowOptions()
     alpha_learning_rate: float = 5e-3
     init_alpha: float = 1.0
     target_entropy_scale: float = 0.5
@@ -109,19 +114,9 @@ class SAPO(AbstractWindowStrategy[SAPOState], AbstractEnsembleCritic):
     value_layer_norm: bool = True
     weight_decay: float = 0.01
     max_grad_norm: float = 0.5
-    max_grad_value: float | None = None
-    adam_b1: float = 0.7
-    adam_b2: float = 0.95
-    adam_eps: float = 1e-8
-    stochastic: bool = True
-    float64: bool = False
-    remat: bool = False
-    mask_nonfinite_envs: bool = False
-    valve_max_norm: float | None = 100.0
-    valve_decay: float = 1.0
-    contact_smoothing: float | None = eqx.field(default=None, static=True)  # a switch
     lr_decay: bool = True
     lr_decay_steps: int | None = None
+    update: UpdateOptions = UpdateOptions()
 
     def __check_init__(self):
         helpers.learning_rate("actor_learning_rate", self.actor_learning_rate)
@@ -164,12 +159,13 @@ class SAPO(AbstractWindowStrategy[SAPOState], AbstractEnsembleCritic):
     def _adamw(self, learning_rate, updates_per_iteration: int = 1):
         """AdamW after a global-norm clip, its rate decayed with `lr_decay`."""
         rate: Any = self._decayed(learning_rate, updates_per_iteration)
-        clips = [] if self.max_grad_value is None else [optax.clip(self.max_grad_value)]
+        update = self.update
+        clips = [] if update.max_grad_value is None else [optax.clip(update.max_grad_value)]
         adamw = optax.adamw(
             rate,
-            b1=self.adam_b1,
-            b2=self.adam_b2,
-            eps=self.adam_eps,
+            b1=update.adam_b1,
+            b2=update.adam_b2,
+            eps=update.adam_eps,
             weight_decay=self.weight_decay,
         )
         return optax.chain(*clips, optax.clip_by_global_norm(self.max_grad_norm), adamw)

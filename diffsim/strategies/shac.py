@@ -19,6 +19,7 @@ from .._types import Env, Metrics
 from ..policies import ValueFunction, trainable
 from . import helpers
 from ._window.critic import AbstractSHACCritic, Critic
+from ._window.options import UpdateOptions, WindowOptions
 from ._window.strategy import WINDOW_SWEEPABLE, AbstractWindowStrategy
 from ._window.window import Window, update_normalizers_from
 from .helpers import episode_stats
@@ -67,11 +68,12 @@ class SHAC(AbstractWindowStrategy[SHACState], AbstractSHACCritic):
     Observation statistics (policy and critics) are frozen within the window and updated
     after the updates. Non-finite actor loss or gradient skips the whole iteration's
     updates (`metrics["skipped_updates"]`, 1.0 in an iteration that skipped); with
-    `mask_nonfinite_envs` a diverged env drops out of the actor's mean, the critic's data
-    and the statistics instead (`metrics["masked_envs"]`). Clipping, Adam constants,
-    `stochastic`, `float64`, `remat`, `mask_nonfinite_envs`, the checks before compiling
-    and the gradient metrics (`grad_norm`, `grad_norm_step_max`, `grad_norm_step_median`)
-    are as in `APG`.
+    `update.mask_nonfinite_envs` a diverged env drops out of the actor's mean, the
+    critic's data and the statistics instead (`metrics["masked_envs"]`). `max_grad_norm`,
+    `stochastic`, `options` (`WindowOptions`: float64, remat, the valve's decay, contact
+    smoothing), `update` (`UpdateOptions`: Adam's constants, the elementwise clip, masking),
+    the checks before compiling and the gradient metrics (`grad_norm`,
+    `grad_norm_step_max`, `grad_norm_step_median`) are as in `APG`.
 
     As published (Xu et al.), SHAC's actor is stochastic: `stochastic=True` with a
     `GaussianPolicy` acts with reparameterised samples `tanh(mean + std * eps)`, so the
@@ -80,17 +82,8 @@ class SHAC(AbstractWindowStrategy[SHACState], AbstractSHACCritic):
     `value_activation="elu"`), and both learning rates decay linearly
     (`lr_decay=True`). A deterministic actor (`stochastic=False`) stays available.
 
-    - `valve_max_norm`, `valve_decay`: the gradient valve on the env state before each step
-      of the window (identity forward): backward, the cotangent of one env's window loss
-      through that state is clipped to norm `valve_max_norm` (None: no clip) and multiplied
-      by `valve_decay` per step (D.Va's decay; 1.0: none). Off by default, so the default
-      gradient is the exact one of Xu et al.: the valve trades bias for bounded norms, which
-      pays through stiff contact, not on smooth dynamics, and the per-step norms it
-      measures are logged either way (`grad_norm_step_max`, `grad_norm_step_median`), so a
-      bound can be chosen from them.
-    - `contact_smoothing`: a width in metres: Brax spring's contacts are smoothed in the
-      backward pass only (straight-through, `sigmoid(-dist / width)`); forward physics is
-      unchanged. Spring envs only; None (the default) is Brax's gradient.
+    - `valve_max_norm` (with `options.valve_decay`): the gradient valve, as in `APG`. Off
+      by default, so the default gradient is the exact one of Xu et al.
     - `value_hidden`, `value_activation`: the critic's hidden widths and activation (a
       name in `diffsim.policies.ACTIVATIONS`).
     - `lr_decay`, `lr_decay_steps`: decay both learning rates linearly to 0 over
@@ -119,6 +112,9 @@ class SHAC(AbstractWindowStrategy[SHACState], AbstractSHACCritic):
     horizon: int = 32
     actor_learning_rate: float | Callable[[Array], Array] = 2e-3
     critic_learning_rate: float | Callable[[Array], Array] = 1e-3
+    stochastic: bool = False
+    valve_max_norm: float | None = None
+    options: WindowOptions = WindowOptions()
     discount: float = 0.95
     gae_lambda: float = 0.95
     target_alpha: float = 0.2
@@ -128,19 +124,9 @@ class SHAC(AbstractWindowStrategy[SHACState], AbstractSHACCritic):
     value_hidden: tuple[int, ...] = (64, 64)
     value_activation: str = "tanh"
     max_grad_norm: float = 1.0
-    max_grad_value: float | None = None
-    adam_b1: float = 0.7
-    adam_b2: float = 0.95
-    adam_eps: float = 1e-8
-    stochastic: bool = False
-    float64: bool = False
-    remat: bool = False
-    mask_nonfinite_envs: bool = False
-    valve_max_norm: float | None = None
-    valve_decay: float = 1.0
-    contact_smoothing: float | None = eqx.field(default=None, static=True)  # a switch
     lr_decay: bool = False
     lr_decay_steps: int | None = None
+    update: UpdateOptions = UpdateOptions()
 
     def __check_init__(self):
         helpers.learning_rate("actor_learning_rate", self.actor_learning_rate)

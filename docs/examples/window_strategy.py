@@ -25,23 +25,17 @@ class DiscountedAPG(diffsim.AbstractWindowStrategy[DiscountedAPGState]):
     sweepable: ClassVar[tuple[str, ...]] = ("learning_rate", "discount", "max_grad_norm")
     learning_rate: float = 3e-3
     discount: float = 0.99
-    # The window's and the optimiser's settings, which the base declares as AbstractVars.
+    # The window's and the optimiser's settings, which the base declares as AbstractVars;
+    # float64, remat, Adam's constants, ... are in `options` and `update`.
     num_envs: int = 16
     horizon: int = 16
     stochastic: bool = False
-    float64: bool = False
-    remat: bool = False
     valve_max_norm: float | None = None
-    valve_decay: float = 1.0
-    contact_smoothing: float | None = eqx.field(default=None, static=True)
+    options: diffsim.WindowOptions = diffsim.WindowOptions()
     max_grad_norm: float = 1.0
-    max_grad_value: float | None = None
-    adam_b1: float = 0.7
-    adam_b2: float = 0.95
-    adam_eps: float = 1e-8
-    mask_nonfinite_envs: bool = False
     lr_decay: bool = False
     lr_decay_steps: int | None = None
+    update: diffsim.UpdateOptions = diffsim.UpdateOptions()
 
     def __check_init__(self):
         helpers.positive("learning_rate", self.learning_rate)
@@ -70,13 +64,12 @@ class DiscountedAPG(diffsim.AbstractWindowStrategy[DiscountedAPGState]):
         return -jnp.mean(weights[:, None] * window.traj.reward, axis=0), window
 
     def step(self, env, state: DiscountedAPGState, *, key):
+        def losses(policy, env_state, key):  # each env's loss, as `_actor_update` wants it
+            return self.env_losses(env, policy, env_state, key=key)
+
+        optimizer = self._optimizer(self.learning_rate)
         update = self._actor_update(  # the window's gradient and one guarded Adam step
-            lambda policy, env_state, key: self.env_losses(env, policy, env_state, key=key),
-            state.policy,
-            state.opt_state,
-            state.env_state,
-            self._optimizer(self.learning_rate),
-            key=key,
+            losses, state.policy, state.opt_state, state.env_state, optimizer, key=key
         )
         grad, traj = update.grad, update.traj
         fresh = diffsim.update_normalizers(update.policy, traj.obs)

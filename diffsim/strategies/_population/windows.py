@@ -14,6 +14,7 @@ from ..._types import Env, Metrics
 from .._window.critic import AbstractSHACCritic, Critic
 from .._window.env import carried_dtype
 from .._window.gradient import WindowGradient
+from .._window.options import WindowOptions
 from .._window.window import AbstractWindowed, Window, apg_loss, clipped_adam
 
 
@@ -45,24 +46,23 @@ class APGWindow(AbstractGuideWindow):
     `L_b = -1/H sum_t r_t^b`, its mean reward over the window (see `diffsim.APG`).
 
     **Fields:** `num_envs`, `horizon`: the window; `stochastic`: act with reparameterised
-    samples `policy(obs, key=k)` (False needs a deterministic policy); `float64`, `remat`,
-    `valve_max_norm`, `valve_decay`, `contact_smoothing`: as in `APG` (off by default).
+    samples `policy(obs, key=k)` (False needs a deterministic policy); `valve_max_norm`
+    and `options` (`diffsim.WindowOptions`: float64, remat, the valve's decay, contact
+    smoothing): as in `APG` (off by default).
 
     **Example:**
 
     ```python
     diffsim.GuidedES(gradient=APGWindow(num_envs=16, horizon=20))
+    diffsim.GuidedES(gradient=APGWindow(options=diffsim.WindowOptions(remat=True)))
     ```
     """
 
     num_envs: int = eqx.field(default=16, static=True)
     horizon: int = eqx.field(default=32, static=True)
     stochastic: bool = eqx.field(default=False, static=True)
-    float64: bool = eqx.field(default=False, static=True)
-    remat: bool = eqx.field(default=False, static=True)
     valve_max_norm: float | None = None
-    valve_decay: float = 1.0
-    contact_smoothing: float | None = eqx.field(default=None, static=True)  # a switch
+    options: WindowOptions = WindowOptions()
 
     def init(self, env: Env, *, key: PRNGKeyArray) -> None:
         del env, key
@@ -84,8 +84,8 @@ class SHACWindow(AbstractGuideWindow, AbstractSHACCritic):
     TD(lambda) targets and `V'` follows by Polyak averaging, exactly as `SHAC` trains it
     (`metrics["value_loss"]`), with SHAC's clipped Adam (clip 1.0, Adam (0.7, 0.95)).
 
-    **Fields:** `num_envs`, `horizon`, `stochastic`, `float64`, `remat`, `valve_max_norm`,
-    `valve_decay`, `contact_smoothing` as in `APGWindow`;
+    **Fields:** `num_envs`, `horizon`, `stochastic`, `valve_max_norm`, `options` as in
+    `APGWindow`;
     `discount`, `gae_lambda`, `target_alpha`, `critic_epochs`, `critic_minibatches`
     (dividing `num_envs * horizon`), `critic_learning_rate`, `reward_scale`,
     `value_hidden`, `value_activation`: as in `SHAC`.
@@ -99,12 +99,6 @@ class SHACWindow(AbstractGuideWindow, AbstractSHACCritic):
 
     num_envs: int = eqx.field(default=16, static=True)
     horizon: int = eqx.field(default=32, static=True)
-    stochastic: bool = eqx.field(default=False, static=True)
-    float64: bool = eqx.field(default=False, static=True)
-    remat: bool = eqx.field(default=False, static=True)
-    valve_max_norm: float | None = None
-    valve_decay: float = 1.0
-    contact_smoothing: float | None = eqx.field(default=None, static=True)  # a switch
     discount: float = 0.95
     gae_lambda: float = 0.95
     target_alpha: float = 0.2
@@ -114,6 +108,9 @@ class SHACWindow(AbstractGuideWindow, AbstractSHACCritic):
     reward_scale: float = 1.0
     value_hidden: tuple[int, ...] = eqx.field(default=(64, 64), static=True)
     value_activation: str = eqx.field(default="tanh", static=True)
+    stochastic: bool = eqx.field(default=False, static=True)
+    valve_max_norm: float | None = None
+    options: WindowOptions = WindowOptions()
 
     def _critic_optimizer(self) -> optax.GradientTransformation:
         return clipped_adam(self.critic_learning_rate)

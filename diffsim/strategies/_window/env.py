@@ -232,9 +232,9 @@ def check_env(env: Env, *, owner: str, horizon: int, remat: bool, float64: bool)
         )
     if remat and horizon == 1:
         raise ValueError(
-            f"remat=True with horizon=1: a one-step window keeps the same memory with or"
-            f" without rematerialisation and only pays a second forward pass; pass"
-            f" {owner}(remat=False), or a longer horizon"
+            f"options.remat=True with horizon=1: a one-step window keeps the same memory with"
+            f" or without rematerialisation and only pays a second forward pass; pass"
+            f" {owner}(options=WindowOptions(remat=False)), or a longer horizon"
         )
     check_x64(float64)
     if float64:
@@ -243,5 +243,5 @@ def check_env(env: Env, *, owner: str, horizon: int, remat: bool, float64: bool)
             raise ValueError(
                 f"float64=True cannot apply to env {name!r}: with its state and Brax system"
                 f" in float64, {problem}; make the env's own constants and dtypes follow its"
-                f" inputs, or pass float64=False"
+                f" inputs, or pass WindowOptions(float64=False)"
             )

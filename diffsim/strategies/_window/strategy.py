@@ -1,6 +1,7 @@
 """`AbstractWindowStrategy`: what `APG`, `SHAC`, `AHAC` and `SAPO` share, a policy trained
 on the gradient of a differentiable window with clipped Adam."""
 
+import dataclasses
 from typing import Any
 
 import equinox as eqx
@@ -18,20 +19,14 @@ from ..base import AbstractStrategy, StrategyState
 from ..helpers import guarded_update
 from .env import carried_dtype
 from .gradient import LossFn, WindowGradient, window_gradient
+from .options import UpdateOptions
 from .valve import step_norm_stats
-from .window import AbstractWindowed, check_bools, clipped_adam
+from .window import AbstractWindowed, clipped_adam
 
-WINDOW_SWEEPABLE = (
-    "max_grad_norm",
-    "max_grad_value",
-    "adam_b1",
-    "adam_b2",
-    "adam_eps",
-    "valve_max_norm",
-    "valve_decay",
-)
+WINDOW_SWEEPABLE = ("max_grad_norm", "valve_max_norm")
 """The float fields every window strategy declares and `train_sweep` may vary: the
-gradient clips, Adam's constants and the valve; a final class's `sweepable` adds its own."""
+gradient's clip and the valve's; a final class's `sweepable` adds its own. (The fields of
+`options` and `update` are constants of the compiled program: loop over them.)"""
 
 
 class ActorUpdate(eqx.Module):
@@ -50,7 +45,10 @@ class AbstractWindowStrategy(AbstractStrategy[StrategyState], AbstractWindowed):
     """A strategy whose `step` differentiates a window (`WindowSpec`: `horizon` steps in
     `num_envs` envs) and updates the policy with Adam after a gradient clip.
 
-    Its fields are declared by the final class (`APG`, `SHAC`); from them this base builds
+    Its fields are declared by the final class (`APG`, `SHAC`): `num_envs`, `horizon`,
+    `stochastic`, `valve_max_norm`, `max_grad_norm`, `lr_decay`, `lr_decay_steps` (whose
+    defaults differ between strategies) and `options: WindowOptions`, `update:
+    UpdateOptions` (the same defaults everywhere); from them this base builds
     the window (`self.window`, whose `check(env, policy)` a final class's `check` calls),
     counts the steps (`steps_per_iteration = min_steps_per_iteration = num_envs * horizon`,
     `batch_size = num_envs`), leaves `for_env` to the identity, builds the optimiser
@@ -62,22 +60,12 @@ class AbstractWindowStrategy(AbstractStrategy[StrategyState], AbstractWindowed):
     """
 
     max_grad_norm: AbstractVar[float]
-    max_grad_value: AbstractVar[float | None]
-    adam_b1: AbstractVar[float]
-    adam_b2: AbstractVar[float]
-    adam_eps: AbstractVar[float]
-    mask_nonfinite_envs: AbstractVar[bool]
     lr_decay: AbstractVar[bool]
     lr_decay_steps: AbstractVar[int | None]
+    update: AbstractVar[UpdateOptions]
 
     def __check_init__(self):
-        check_bools(mask_nonfinite_envs=self.mask_nonfinite_envs)
         helpers.positive("max_grad_norm", self.max_grad_norm)
-        if self.max_grad_value is not None:
-            helpers.positive("max_grad_value", self.max_grad_value)
-        helpers.in_range("adam_b1", self.adam_b1, 0.0, 1.0)
-        helpers.in_range("adam_b2", self.adam_b2, 0.0, 1.0)
-        helpers.positive("adam_eps", self.adam_eps)
 
     @property
     def steps_per_iteration(self) -> int:
@@ -110,13 +98,13 @@ class AbstractWindowStrategy(AbstractStrategy[StrategyState], AbstractWindowed):
     def _optimizer(self, learning_rate, updates_per_iteration: int = 1, max_grad_norm=None):
         """Clipped Adam with this strategy's constants (`max_grad_norm` unless another clip
         is given, then without the elementwise clip), its rate `_decayed`."""
+        update = self.update
+        if max_grad_norm is not None:
+            update = dataclasses.replace(update, max_grad_value=None)
         return clipped_adam(
             self._decayed(learning_rate, updates_per_iteration),
             max_grad_norm=self.max_grad_norm if max_grad_norm is None else max_grad_norm,
-            max_grad_value=self.max_grad_value if max_grad_norm is None else None,
-            b1=self.adam_b1,
-            b2=self.adam_b2,
-            eps=self.adam_eps,
+            update=update,
         )
 
     def _gradient_metrics(self, grad: WindowGradient) -> dict[str, Float[Array, ""]]:
@@ -144,7 +132,7 @@ class AbstractWindowStrategy(AbstractStrategy[StrategyState], AbstractWindowed):
             static,
             env_state,
             key=key,
-            per_env=self.mask_nonfinite_envs,
+            per_env=self.update.mask_nonfinite_envs,
             horizon=self.horizon,
         )
 

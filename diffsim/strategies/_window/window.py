@@ -39,30 +39,20 @@ from .env import (
     to_float64,
 )
 from .losses import apg_loss as apg_loss, shac_loss as shac_loss
+from .options import UpdateOptions, WindowOptions, check_bools
 from .valve import PROBE, Valved, pop_probe
 
 
-def check_bools(**flags) -> None:
-    """Raise `ValueError` naming the first of `flags` that is not a bool."""
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise ValueError(f"{name} must be a bool, got {value!r}")
-
-
 def clipped_adam(
-    learning_rate,
-    *,
-    max_grad_norm: Scalar = 1.0,
-    max_grad_value: Scalar | None = None,
-    b1: Scalar = 0.7,
-    b2: Scalar = 0.95,
-    eps: Scalar = 1e-8,
+    learning_rate, *, max_grad_norm: Scalar = 1.0, update: UpdateOptions | None = None
 ) -> optax.GradientTransformation:
-    """Adam after an optional elementwise clip and a global-norm clip. The defaults are
-    Brax APG's and SHAC's (clip 1.0, Adam (0.7, 0.95))."""
-    clips = [] if max_grad_value is None else [optax.clip(max_grad_value)]
+    """Adam with `update`'s constants after its optional elementwise clip and a
+    global-norm clip. The defaults are Brax APG's and SHAC's (clip 1.0, Adam (0.7, 0.95))."""
+    update = UpdateOptions() if update is None else update
+    clips = [] if update.max_grad_value is None else [optax.clip(update.max_grad_value)]
     clips.append(optax.clip_by_global_norm(max_grad_norm))
-    return optax.chain(*clips, optax.adam(learning_rate, b1=b1, b2=b2, eps=eps))
+    adam = optax.adam(learning_rate, b1=update.adam_b1, b2=update.adam_b2, eps=update.adam_eps)
+    return optax.chain(*clips, adam)
 
 
 class Window(eqx.Module):
@@ -75,21 +65,20 @@ class Window(eqx.Module):
 
 class WindowSpec(eqx.Module):
     """A differentiable window: `horizon` steps of `diffsim.rollout` in `num_envs` envs,
-    acting with reparameterised samples `policy(obs, key=k)` if `stochastic`, in float64 if
-    `float64`, each env step rematerialised in the backward pass if `remat`. `owner` names
-    the class whose settings these are, in error messages.
+    acting with reparameterised samples `policy(obs, key=k)` if `stochastic`, computed as
+    `options` says (`WindowOptions`: float64, rematerialised). `owner` names the class
+    whose settings these are, in error messages.
 
     The gradient valve (`_valve.valve`, identity forward) sits on the env state before
     every step: backward, the cotangent of one env's loss through that state is clipped to
-    norm `valve_max_norm` (None: no clip) and multiplied by `valve_decay` (1.0: none).
-    `contact_smoothing` (a width in metres, None: off) smooths Brax spring's contacts in
-    the backward pass only. Forward values are unchanged by all three.
+    norm `valve_max_norm` (None: no clip) and multiplied by `options.valve_decay` (1.0:
+    none). `options.contact_smoothing` (a width in metres, None: off) smooths Brax spring's
+    contacts in the backward pass only. Forward values are unchanged by all three.
 
     **Example:**
 
     ```python
-    spec = WindowSpec(num_envs=16, horizon=32, stochastic=False, float64=False,
-                      remat=False, owner="APG")
+    spec = WindowSpec(num_envs=16, horizon=32, stochastic=False, owner="APG")
     env_state = spec.initial_env_state(env, policy, key=k1)
     window = spec(env, policy, env_state, key=k2)   # window.traj.reward: [32, 16]
     ```
@@ -98,42 +87,47 @@ class WindowSpec(eqx.Module):
     num_envs: int = eqx.field(static=True)
     horizon: int = eqx.field(static=True)
     stochastic: bool = eqx.field(static=True)
-    float64: bool = eqx.field(static=True)
-    remat: bool = eqx.field(static=True)
     owner: str = eqx.field(static=True)
     valve_max_norm: Scalar | None = None
-    valve_decay: Scalar = 1.0
-    contact_smoothing: Scalar | None = None
+    options: WindowOptions = WindowOptions()
 
     def __check_init__(self):
         helpers.positive_int("num_envs", self.num_envs)
         helpers.positive_int("horizon", self.horizon)
-        check_bools(stochastic=self.stochastic, float64=self.float64, remat=self.remat)
+        check_bools(stochastic=self.stochastic)
         # (a swept value arrives traced: its concrete values were checked by train_sweep)
         if self.valve_max_norm is not None and not isinstance(self.valve_max_norm, jax.Array):
             helpers.positive("valve_max_norm", self.valve_max_norm)
-        if not isinstance(self.valve_decay, jax.Array):
-            helpers.in_range("valve_decay", self.valve_decay, 0.0, 1.0, low_open=True)
-        if self.contact_smoothing is not None:
-            helpers.positive("contact_smoothing", self.contact_smoothing)
+
+    @property
+    def float64(self) -> bool:
+        """Whether the window runs in float64 (`options.float64`)."""
+        return self.options.float64
 
     @property
     def valve_on(self) -> bool:
         """Whether the valve changes the cotangent (a clip or a decay)."""
+        decay = self.options.valve_decay
         return self.valve_max_norm is not None or not (
-            isinstance(self.valve_decay, (int, float)) and self.valve_decay == 1.0
+            isinstance(decay, (int, float)) and decay == 1.0
         )
 
     def check(self, env: Env, policy: eqx.Module) -> None:
         """Reject, before compiling, a window that cannot run on `env` (`check_env`), and a
         `stochastic` window whose policy cannot sample with a key."""
+        options = self.options
         check_env(
-            env, owner=self.owner, horizon=self.horizon, remat=self.remat, float64=self.float64
+            env,
+            owner=self.owner,
+            horizon=self.horizon,
+            remat=options.remat,
+            float64=options.float64,
         )
         backend = env_backend(env)
-        if self.contact_smoothing is not None and backend != "spring":
+        if options.contact_smoothing is not None and backend != "spring":
             raise ValueError(
-                f"{self.owner}(contact_smoothing={self.contact_smoothing!r}) smooths the"
+                f"{self.owner}(options=WindowOptions(contact_smoothing="
+                f"{options.contact_smoothing!r})) smooths the"
                 f" contacts of Brax's spring backend only; env"
                 f" {getattr(env, 'name', '')!r} uses {backend!r}: pass contact_smoothing=None"
             )
@@ -158,7 +152,8 @@ class WindowSpec(eqx.Module):
         env_state, probe = pop_probe(env_state)
         start = jax.lax.stop_gradient(env_state)  # truncated BPTT: nothing flows to the past
         start = shard_batch(start)
-        valved = probe is not None or self.valve_on or self.contact_smoothing is not None
+        smooth = self.options.contact_smoothing
+        valved = probe is not None or self.valve_on or smooth is not None
         if valved:
             if probe is None:
                 probe = jnp.zeros((start.done.shape[0], self.horizon), start.done.dtype)
@@ -166,7 +161,7 @@ class WindowSpec(eqx.Module):
         if self.float64:
             env = cast(Env, float64_env(env))
             policy, start = to_float64((policy, start))
-        if self.remat:
+        if self.options.remat:
             env = cast(Env, Rematerialized(env))  # steps like the env it wraps
         if valved:
             env = self._valved(env, units=start.done.shape[0])
@@ -184,9 +179,9 @@ class WindowSpec(eqx.Module):
             Valved(
                 env,
                 max_norm=self.valve_max_norm,
-                decay=self.valve_decay,
+                decay=self.options.valve_decay,
                 units=units,
-                contact_smoothing=self.contact_smoothing,
+                contact_smoothing=self.options.contact_smoothing,
             ),
         )
 
@@ -201,17 +196,15 @@ class WindowSpec(eqx.Module):
 
 class AbstractWindowed(eqx.Module):
     """Anything that rolls out a differentiable window (`APG`, `SHAC`, GuidedES's gradient
-    sources): the window's settings as fields of the final class, and the `WindowSpec`
-    built from them (validated on construction)."""
+    sources): the window's settings as fields of the final class (those with the same
+    defaults everywhere in one `options: WindowOptions`), and the `WindowSpec` built from
+    them (validated on construction)."""
 
     num_envs: AbstractVar[int]
     horizon: AbstractVar[int]
     stochastic: AbstractVar[bool]
-    float64: AbstractVar[bool]
-    remat: AbstractVar[bool]
     valve_max_norm: AbstractVar[float | None]
-    valve_decay: AbstractVar[float]
-    contact_smoothing: AbstractVar[float | None]
+    options: AbstractVar[WindowOptions]
 
     def __check_init__(self):
         self.window  # noqa: B018  (validates the window's settings)
@@ -223,12 +216,9 @@ class AbstractWindowed(eqx.Module):
             num_envs=self.num_envs,
             horizon=self.horizon,
             stochastic=self.stochastic,
-            float64=self.float64,
-            remat=self.remat,
             owner=type(self).__name__,
             valve_max_norm=self.valve_max_norm,
-            valve_decay=self.valve_decay,
-            contact_smoothing=self.contact_smoothing,
+            options=self.options,
         )
 
 
