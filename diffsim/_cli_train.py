@@ -26,12 +26,16 @@ def _add_hyperparameters(
     parser: argparse.ArgumentParser, cls: type, prefix: str = "", *, optional: bool = False
 ) -> list[str]:
     """One option per frozen field with a plain default (numbers, flags, int tuples,
-    strings); a field whose default is a module (GuidedES's `gradient` and `mode`) becomes
-    a component (`_add_components`). With `optional`, options default to None (unset)."""
+    strings); a settings module's fields (`options`, `update`) count as the class's own
+    (`--remat`); a field whose default is another module (GuidedES's `gradient` and `mode`)
+    becomes a component (`_add_components`). With `optional`, options default to None."""
     added = []
     for field in dataclasses.fields(cls):
         default = field.default
         flag = "--" + (prefix + field.name).replace("_", "-")
+        if field.name in _settings().held(cls):
+            added += _add_hyperparameters(parser, type(default), prefix, optional=optional)
+            continue
         if isinstance(default, eqx.Module) and not prefix:
             _add_component(parser, cls, field.name, default)
             added.append(field.name)
@@ -61,6 +65,13 @@ def _add_hyperparameters(
             continue
         added.append(field.name)
     return added
+
+
+def _settings():
+    """`strategies._window.options`, imported when first needed (it imports Brax)."""
+    from .strategies._window import options
+
+    return options
 
 
 def _final_subclasses(base: type) -> list[type]:
@@ -98,19 +109,18 @@ def _component(args, name: str):
     kinds = getattr(args, f"{name}.kinds")
     kind = kinds[getattr(args, f"{name}.kind")]
     given = {
-        f.name: getattr(args, f"{name}_{f.name}")
+        n: getattr(args, f"{name}_{n}")
         for k in kinds.values()
-        for f in dataclasses.fields(k)
-        if getattr(args, f"{name}_{f.name}", None) is not None
+        for n in _settings().option_names(k)
+        if getattr(args, f"{name}_{n}", None) is not None
     }
-    fields = {f.name for f in dataclasses.fields(kind)}
-    wrong = sorted(set(given) - fields)
+    wrong = sorted(set(given) - _settings().option_names(kind))
     if wrong:
         flags = ", ".join("--" + f"{name}_{w}".replace("_", "-") for w in wrong)
         raise ValueError(
             f"{flags} do not apply to {kind.__name__} (--{name} {strategy_registry().command_name(kind)})"
         )
-    return kind(**given)
+    return kind(**_settings().grouped(kind, given))
 
 
 def strategy_from(args):
@@ -120,7 +130,7 @@ def strategy_from(args):
         values[name] = (
             _component(args, name) if hasattr(args, f"{name}.kinds") else getattr(args, name)
         )
-    return args.cls(**values)
+    return args.cls(**_settings().grouped(args.cls, values))
 
 
 def strategy_registry():

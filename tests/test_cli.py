@@ -373,6 +373,22 @@ def test_guided_es_components_from_options():
         _cli_train.strategy_from(wrong)
 
 
+def test_window_settings_modules_are_flat_options():
+    """The fields of `WindowOptions` and `UpdateOptions` are options of the strategy (and of
+    GuidedES's gradient source) under their own names, as `hyperparameters` records them."""
+    parser = cli._parser()
+    args = parser.parse_args(["train", "apg", "--remat", "--adam-b1", "0.9", "--num-envs", "8"])
+    assert _cli_train.strategy_from(args) == diffsim.APG(
+        num_envs=8,
+        options=diffsim.WindowOptions(remat=True),
+        update=diffsim.UpdateOptions(adam_b1=0.9),
+    )
+    assert _cli_train.strategy_from(parser.parse_args(["train", "ahac"])) == diffsim.AHAC()
+    args = parser.parse_args(["train", "guided-es", "--gradient-remat", "--gradient-horizon", "8"])
+    remat = diffsim.WindowOptions(remat=True)
+    assert _cli_train.strategy_from(args).gradient == diffsim.APGWindow(horizon=8, options=remat)
+
+
 def test_env_args_are_json_where_they_parse_and_a_bad_env_is_one_line(capsys):
     assert _cli_train.env_arg("gain=2.0") == ("gain", 2.0)
     assert _cli_train.env_arg("sizes=[1, 2]") == ("sizes", [1, 2])
