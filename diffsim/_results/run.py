@@ -220,24 +220,30 @@ def hyperparameters(strategy) -> dict:
 
 def _flat_fields(module) -> list[tuple[str, Any, Any]]:
     """`(name, value, default)` of each field of the dataclass `module`, those of a
-    settings module (`_window.options.OPTIONS`) in its place."""
-    from ..strategies._window.options import OPTIONS  # (strategies load Brax: not before)
-
+    settings module (`_window.options.held`) in its place."""
+    settings = _held(type(module))
     flat = []
     for field in dataclasses.fields(module):
         value = getattr(module, field.name)
-        if isinstance(value, OPTIONS):
+        if field.name in settings:
             flat += _flat_fields(value)
         else:
             flat.append((field.name, value, field.default))
     return flat
 
 
+def _held(cls: type) -> dict[str, type]:
+    """`_window.options.held(cls)`: the settings modules `cls` holds, by field name."""
+    from ..strategies._window.options import held  # (strategies load Brax: not before)
+
+    return held(cls)
+
+
 def _holds_options(value) -> bool:
-    """Whether `value` is a dataclass instance with a settings module as a field."""
-    if not dataclasses.is_dataclass(value) or isinstance(value, type):
-        return False
-    return len(_flat_fields(value)) > len(dataclasses.fields(value))
+    """Whether `value` is a dataclass instance that holds a settings module."""
+    return (
+        dataclasses.is_dataclass(value) and not isinstance(value, type) and bool(_held(type(value)))
+    )
 
 
 def _flat_repr(module) -> str:
