@@ -27,6 +27,7 @@ from jax import monitoring  # noqa: E402
 
 import diffsim  # noqa: E402
 from diffsim.envs import Reach  # noqa: E402
+from diffsim.strategies.base import StrategyState  # noqa: E402
 
 
 class NaNReach(Reach):
@@ -34,6 +35,20 @@ class NaNReach(Reach):
 
     def reward(self, s, action, next_s):
         return jnp.where(next_s["pos"][0] > 0.5, jnp.nan, super().reward(s, action, next_s))
+
+
+class AbstractTestStrategy(diffsim.AbstractStrategy[StrategyState]):
+    """The base of the suite's test doubles: any env and policy will do (`check`), and
+    neither the env nor the budget changes the settings (`for_env`, `for_budget`)."""
+
+    def check(self, env, policy):
+        pass
+
+    def for_env(self, env):
+        return self
+
+    def for_budget(self, total_steps):
+        return self
 
 
 TRACE = "/jax/core/compile/jaxpr_trace_duration"  # one per function traced for jit

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import gaussian
+from conftest import AbstractTestStrategy, gaussian
 from jaxtyping import Array, Int
 
 import diffsim
@@ -23,21 +23,12 @@ class CounterState(eqx.Module):
     count: Int[Array, ""]
 
 
-class Counter(diffsim.AbstractStrategy[CounterState]):
+class Counter(AbstractTestStrategy[CounterState]):
     """Counts its iterations and leaves the policy alone; reports `env_steps = report`."""
 
     sweepable: ClassVar[tuple[str, ...]] = ()
     report: int = 10
     least: int = 10
-
-    def check(self, env, policy):
-        pass
-
-    def for_env(self, env):
-        return self
-
-    def for_budget(self, total_steps):
-        return self
 
     def init(self, env, policy, *, key):
         return CounterState(policy, jnp.zeros((), jnp.int32))

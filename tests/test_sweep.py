@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
-from conftest import deterministic, gaussian
+from conftest import AbstractTestStrategy, deterministic, gaussian
 
 import diffsim
 
@@ -220,7 +220,7 @@ class _BranchyState(eqx.Module):
     policy: eqx.Module
 
 
-class _Branchy(diffsim.AbstractStrategy[_BranchyState]):
+class _Branchy(AbstractTestStrategy[_BranchyState]):
     """Declares `scale` sweepable but branches on it in Python: a mistake `sweepable` cannot
     see, caught while tracing."""
 
@@ -228,15 +228,6 @@ class _Branchy(diffsim.AbstractStrategy[_BranchyState]):
     scale: float = 1.0
 
     steps_per_iteration = min_steps_per_iteration = batch_size = property(lambda self: 8)
-
-    def check(self, env, policy):
-        pass
-
-    def for_env(self, env):
-        return self
-
-    def for_budget(self, total_steps):
-        return self
 
     def init(self, env, policy, *, key):
         return _BranchyState(policy)
