@@ -11,10 +11,6 @@ from ._results.provenance import (
     require_clean as require_clean,
     versions as versions,
 )
-from ._results.run import (
-    Run as Run,
-    hyperparameters as hyperparameters,
-    load_run as load_run,
-    run_config as run_config,
-)
+from ._results.record import hyperparameters as hyperparameters, run_config as run_config
+from ._results.run import Run as Run, load_run as load_run
 from ._results.select import select_run as select_run
