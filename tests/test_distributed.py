@@ -31,7 +31,7 @@ def _free_port() -> int:
 
 def _start(out: Path, num_processes: int, process_id: int, port: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's diffsim
-    env.pop("XLA_FLAGS", None)  # one CPU device per process
+    # The suite's XLA_FLAGS (compiler options; no device count): one CPU device each.
     args = [str(out), f"localhost:{port}", str(num_processes), str(process_id)]
     return subprocess.Popen(
         [sys.executable, str(SNIPPET), *args],
