@@ -172,6 +172,9 @@ def train_sweep(
     num_evals: int = 20,
     num_eval_episodes: int = 16,
     progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 1,
+    resume_from: str | os.PathLike | None = None,
     devices: Sequence[jax.Device] | None = None,  # pyright: ignore[reportInvalidTypeForm]
     seed_index: int = 0,
 ) -> Run:
@@ -193,8 +196,9 @@ def train_sweep(
     all before anything compiles. A float field that the strategy's code branches on in
     Python (ES's `weight_decay`) fails when traced, also with a `ValueError`, before XLA
     compiles. The values replace the fields after `train`'s `for_env` and `for_budget` (so
-    PPO's learning-rate decay starts from each config's rate). Checkpoints are not
-    supported for sweeps. `seed_index`: seed `s` evaluates on the episodes of seed index
+    PPO's learning-rate decay starts from each config's rate). `checkpoint_dir`,
+    `checkpoint_every` and `resume_from` are `train`'s: a sweep killed part-way resumes to
+    the uninterrupted result (a study's tuning rounds use this). `seed_index`: seed `s` evaluates on the episodes of seed index
     `seed_index + s` (a study's tuning uses indices past the reported seeds', so that
     tuning and reported evaluations never share an episode).
 

@@ -196,6 +196,47 @@ def test_study_cells_take_their_own_seeds_and_evaluations_and_resume(tmp_path, c
     assert list(diffsim.study.load_study(tmp_path / "s")) == [("reach", "few"), ("reach", "fine")]
 
 
+def test_a_cell_killed_while_training_resumes_its_finished_search(tmp_path):
+    """A process killed while it re-trains a tuned cell leaves the search's rounds
+    checkpointed beside the cell (`.LABEL.partial/`); the next run resumes them without
+    training them again and saves what an uninterrupted run saves."""
+    env, steps = diffsim.make_env("reach"), 3 * TINY.steps_per_iteration
+    search = {"learning_rate": [1e-3, 3e-3], "clip_epsilon": [0.2]}  # two fields: one round
+    cell = diffsim.study.Cell(env, "PPO", TINY, gaussian, steps, search=search)
+    study = dict(num_seeds=4, tuning_seeds=2, num_evals=3, num_eval_episodes=2, progress=False)
+    whole = diffsim.study.run_study("s", [cell], out=tmp_path / "whole", **study)
+    save, saved = _checkpoint.save, []
+
+    def recorded(root, index, *args):  # stops after the re-training's first segment
+        saved.append((root.name, index))
+        save(root, index, *args)
+        if root.name == "retrain" and index == 1 and stop:
+            raise KeyboardInterrupt
+
+    out, stop = tmp_path / "killed", True
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(_checkpoint, "save", recorded)
+        diffsim.study.run_study("s", [cell], out=out, **study)
+    partial = out / "s" / "reach" / ".PPO.partial"
+    assert ("round-0", 2) in saved and saved[-1] == ("retrain", 1)
+    assert list(partial.glob("round-0/ckpt-000002")) and not (out / "s/reach/PPO").exists()
+
+    saved.clear()
+    stop = False
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_checkpoint, "save", recorded)
+        resumed = diffsim.study.run_study("s", [cell], out=out, **study)
+    assert saved == [("retrain", 2)]  # no round trained again; the re-training went on
+    assert not partial.exists()  # the saved cell took its place
+    np.testing.assert_array_equal(
+        resumed["reach", "PPO"].curve.eval_return, whole["reach", "PPO"].curve.eval_return
+    )
+    tuned = [
+        json.loads((o / "s/reach/PPO/tuning.json").read_text()) for o in (out, tmp_path / "whole")
+    ]
+    assert tuned[0]["scores"] == tuned[1]["scores"] and tuned[0]["configs"] == tuned[1]["configs"]
+
+
 def _full_disk(folder):
     """A folder whose writability probe hits a full device: the kernel's /dev/full returns
     ENOSPC for every write, as a full disk does."""

@@ -4,6 +4,7 @@ it, under the cell's lock, in this process or on an executor's workers."""
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Callable, Sequence
@@ -171,8 +172,24 @@ def run_task(job: CellTask) -> str:
             return f"finished earlier, loaded from {found}"
         if job.restamp is not None:
             return restamp_cell(job, path)
-        replace_dir(path, lambda tmp: train_cell(job, env, tmp))
+        partial = unfinished(job)
+        replace_dir(path, lambda tmp: train_cell(job, env, tmp, partial))
+        shutil.rmtree(partial, ignore_errors=True)
         return f"trained, saved to {path}"
+
+
+def unfinished(job: CellTask) -> Path:
+    """The folder beside the cell where its runs checkpoint while it trains
+    (`.LABEL.partial/`: the tuning rounds, the re-training): what a process killed in the
+    middle of the cell leaves for the next one to resume. Emptied first when it holds
+    another key's runs; deleted once the cell is saved."""
+    partial = job.path.with_name(f".{job.path.name}.partial")
+    stamp = partial / "settings.json"
+    if partial.exists() and (not stamp.exists() or json.loads(stamp.read_text()) != job.settings):
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    _atomic_write(stamp, json.dumps(job.settings, indent=1).encode())
+    return partial
 
 
 def restamp_cell(job: CellTask, path: Path) -> str:
@@ -190,8 +207,10 @@ def restamp_cell(job: CellTask, path: Path) -> str:
     return f"re-stamped: {sorted(k for k in job.settings if old.get(k) != job.settings[k])}"
 
 
-def train_cell(job: CellTask, env: Env, folder: Path) -> None:
-    """Train the cell (tuning first if it has a search) and save it into `folder`."""
+def train_cell(job: CellTask, env: Env, folder: Path, partial: Path | None = None) -> None:
+    """Train the cell (tuning first if it has a search) and save it into `folder`; with
+    `partial`, each of its runs checkpoints there and resumes from there
+    (`tuning.resumable`)."""
     keys = jr.split(jr.key(job.seed), job.num_seeds)  # the same first keys for every cell
     factory = lambda k: job.make_policy(env, k)
     train: dict[str, Any] = dict(
@@ -204,14 +223,20 @@ def train_cell(job: CellTask, env: Env, folder: Path) -> None:
     with meter() as load:
         if job.search:
             tuning_keys = tuning.tuning_keys(job.seed, job.tuning_seeds, keys)
-            record = tuning.tune(job.strategy, env, factory, job.search, keys=tuning_keys, **train)
-            run = tuning.retrain(job.strategy, env, factory, record["chosen"], keys=keys, **train)
+            record = tuning.tune(
+                job.strategy, env, factory, job.search, keys=tuning_keys, partial=partial, **train
+            )
+            chosen = record["chosen"]
+            run = tuning.retrain(
+                job.strategy, env, factory, chosen, keys=keys, partial=partial, **train
+            )
             record["report_keys"] = key_data(keys).tolist()
             (folder / "tuning.json").write_text(json.dumps(record, indent=1))
             per_seed = ("final_returns", "curves", "env_steps", "tuning_keys", "report_keys")
             study["tuning"] = {k: v for k, v in record.items() if k not in per_seed}
         else:
-            run = train_seeds(job.strategy, env, factory, keys=keys, **train)
+            resume = tuning.resumable(partial, "seeds")
+            run = train_seeds(job.strategy, env, factory, keys=keys, **train, **resume)
     study["load"] = load
     study["settings"] = job.settings
     study["provenance"] = provenance()

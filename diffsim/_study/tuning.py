@@ -9,6 +9,7 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import equinox as eqx
@@ -16,7 +17,7 @@ import jax
 import jax.random as jr
 import numpy as np
 
-from .._train.checkpoint import key_data
+from .._train.checkpoint import key_data, latest
 from .._train.sweep import check_sweepable
 from ..results import Run
 from ..stats import aggregate, aggregate_name
@@ -102,7 +103,14 @@ def tuning_keys(seed: int, num: int, reported: jax.Array) -> jax.Array:
 
 
 def tune(
-    strategy, env, factory: Callable, search: Search, *, keys: jax.Array, **train
+    strategy,
+    env,
+    factory: Callable,
+    search: Search,
+    *,
+    keys: jax.Array,
+    partial: Path | None = None,
+    **train,
 ) -> dict[str, Any]:
     """Train every configuration of `search` on the tuning `keys` (one `train_sweep`) and
     pick the one with the best final `aggregate` over seeds (NaN counts as the worst).
@@ -113,10 +121,15 @@ def tune(
     same compiled program (the values are traced). The record lists every configuration
     tried, so the table shows the effort spent.
 
+    **Resuming.** With `partial`, round `i` checkpoints at every evaluation into
+    `partial/round-i` and resumes from there: a process killed in the middle of a search
+    loses at most one evaluation interval, and the search it finishes is the uninterrupted
+    one (`resumable`).
+
     **Returns:** the record saved as the cell's `tuning.json`: the search and its
     widenings, configs, per-config scores and final returns per seed, each config's curve
     of the aggregate, the chosen config, the tuning keys and seconds."""
-    rounds = [_round(strategy, env, factory, search, keys, train)]
+    rounds = [_round(strategy, env, factory, search, keys, {**train, **resumable(partial, 0)})]
     searches: list[Search] = [dict(search)]
     while len(rounds) <= MAX_WIDENINGS:
         tried = [c for r in rounds for c in r["configs"]]
@@ -125,7 +138,8 @@ def tune(
         if wider is None:
             break
         searches.append(wider)
-        rounds.append(_round(strategy, env, factory, wider, keys, train))
+        resume = resumable(partial, len(rounds))
+        rounds.append(_round(strategy, env, factory, wider, keys, {**train, **resume}))
     tried = [c for r in rounds for c in r["configs"]]
     scores = np.concatenate([r["scores"] for r in rounds])
     finals = np.concatenate([r["finals"] for r in rounds])
@@ -198,13 +212,24 @@ def _round(strategy, env, factory, search: Search, keys, train: dict) -> dict[st
     }
 
 
-def retrain(strategy, env, factory: Callable, chosen: dict, *, keys: jax.Array, **train) -> Run:
-    """`chosen` trained on the fresh `keys`, as a `train_seeds` run (leading seed axis).
+def retrain(
+    strategy,
+    env,
+    factory: Callable,
+    chosen: dict,
+    *,
+    keys: jax.Array,
+    partial: Path | None = None,
+    **train,
+) -> Run:
+    """`chosen` trained on the fresh `keys`, as a `train_seeds` run (leading seed axis);
+    with `partial`, checkpointed into and resumed from `partial/retrain` (`resumable`).
 
     It runs as a one-config `train_sweep`: the same program as the tuning sweep whenever
     `len(keys)` equals the tuning sweep's configs x seeds, so XLA's persistent
     compilation cache serves it without a second compile."""
     one = {name: [value] for name, value in chosen.items()}
+    train = {**train, **resumable(partial, "retrain")}
     run = train_sweep(strategy, env, factory, sweep=one, keys=keys, **train)
     first = lambda x: x[0] if eqx.is_array(x) else x
     config = {k: v for k, v in run.config.items() if k not in ("sweep", "num_configs")}
@@ -215,6 +240,18 @@ def retrain(strategy, env, factory: Callable, chosen: dict, *, keys: jax.Array, 
         metrics=jax.tree.map(first, run.metrics),
         config=config,
     )
+
+
+def resumable(partial: Path | None, run: int | str) -> dict[str, Any]:
+    """`train_sweep`'s checkpoint arguments for run `run` of a cell (a tuning round's
+    index, or a name) whose unfinished runs are kept under `partial`: it checkpoints into
+    `partial/round-i` (or `partial/name`) and resumes from there when an earlier process
+    left a checkpoint. Nothing without `partial`, or across the processes of
+    `jax.distributed` (where `train` does not checkpoint)."""
+    if partial is None or jax.process_count() > 1:
+        return {}
+    folder = partial / (f"round-{run}" if isinstance(run, int) else run)
+    return {"checkpoint_dir": folder, "resume_from": folder if latest(folder) else None}
 
 
 def _number(x) -> float | None:
