@@ -198,9 +198,10 @@ def train_sweep(
     compiles. The values replace the fields after `train`'s `for_env` and `for_budget` (so
     PPO's learning-rate decay starts from each config's rate). `checkpoint_dir`,
     `checkpoint_every` and `resume_from` are `train`'s: a sweep killed part-way resumes to
-    the uninterrupted result (a study's tuning rounds use this). `seed_index`: seed `s` evaluates on the episodes of seed index
-    `seed_index + s` (a study's tuning uses indices past the reported seeds', so that
-    tuning and reported evaluations never share an episode).
+    the uninterrupted result (a study's tuning rounds use this). `seed_index`: seed `s`
+    evaluates on the episodes of seed index `seed_index + s` (a study's tuning uses indices
+    past the reported seeds', so that tuning and reported evaluations never share an
+    episode).
 
     **Returns:** a `Run` whose `policy`, `curve` and `metrics` leaves have leading axes
     `(C, S)`: `C = prod(len(v) for v in sweep.values())` configs and `S = len(keys)` seeds,

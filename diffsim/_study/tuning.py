@@ -129,7 +129,7 @@ def tune(
     **Returns:** the record saved as the cell's `tuning.json`: the search and its
     widenings, configs, per-config scores and final returns per seed, each config's curve
     of the aggregate, the chosen config, the tuning keys and seconds."""
-    rounds = [_round(strategy, env, factory, search, keys, {**train, **resumable(partial, 0)})]
+    rounds = [_round(strategy, env, factory, search, keys, train, partial)]
     searches: list[Search] = [dict(search)]
     while len(rounds) <= MAX_WIDENINGS:
         tried = [c for r in rounds for c in r["configs"]]
@@ -138,8 +138,7 @@ def tune(
         if wider is None:
             break
         searches.append(wider)
-        resume = resumable(partial, len(rounds))
-        rounds.append(_round(strategy, env, factory, wider, keys, {**train, **resume}))
+        rounds.append(_round(strategy, env, factory, wider, keys, train, partial, len(rounds)))
     tried = [c for r in rounds for c in r["configs"]]
     scores = np.concatenate([r["scores"] for r in rounds])
     finals = np.concatenate([r["finals"] for r in rounds])
@@ -193,8 +192,12 @@ def _worst_nan(scores: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(scores), -np.inf, scores)
 
 
-def _round(strategy, env, factory, search: Search, keys, train: dict) -> dict[str, Any]:
-    """One search round: its configs, scores and per-seed finals, curves and seconds."""
+def _round(
+    strategy, env, factory, search: Search, keys, train: dict, partial: Path | None, index=0
+) -> dict[str, Any]:
+    """Search round `index`: its configs, scores and per-seed finals, curves and seconds
+    (checkpointed as `round-{index}` under `partial`, `resumable`)."""
+    train = {**train, **resumable(partial, f"round-{index}")}
     sweep = train_sweep(
         strategy, env, factory, sweep=search, keys=keys, seed_index=TUNING_EPISODES, **train
     )
@@ -242,15 +245,14 @@ def retrain(
     )
 
 
-def resumable(partial: Path | None, run: int | str) -> dict[str, Any]:
-    """`train_sweep`'s checkpoint arguments for run `run` of a cell (a tuning round's
-    index, or a name) whose unfinished runs are kept under `partial`: it checkpoints into
-    `partial/round-i` (or `partial/name`) and resumes from there when an earlier process
-    left a checkpoint. Nothing without `partial`, or across the processes of
-    `jax.distributed` (where `train` does not checkpoint)."""
+def resumable(partial: Path | None, name: str) -> dict[str, Any]:
+    """`train_sweep`'s checkpoint arguments for the run `name` of a cell whose unfinished
+    runs are kept under `partial`: it checkpoints into `partial/name` and resumes from
+    there when an earlier process left a checkpoint. Nothing without `partial`, or across
+    the processes of `jax.distributed` (where `train` does not checkpoint)."""
     if partial is None or jax.process_count() > 1:
         return {}
-    folder = partial / (f"round-{run}" if isinstance(run, int) else run)
+    folder = partial / name
     return {"checkpoint_dir": folder, "resume_from": folder if latest(folder) else None}
 
 
