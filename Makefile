@@ -25,12 +25,13 @@ study-table: $(STAMP)
 
 # Lint, type check, then the whole test suite, `slow` tests included (CI runs everything):
 # one worker per core of a 2-core machine, each test file on one worker (the files share
-# compiled programs through module-scoped fixtures). For a quicker loop while developing,
+# compiled programs through module-scoped fixtures), the longest files first (conftest's
+# LONGEST_FIRST). For a quicker loop while developing,
 # leave out the tests marked `slow` (Brax training, MJX compiles, long runs):
 #   .venv/bin/python -m pytest -q -n 2 --dist loadfile -m "not slow"
 WORKERS ?= 2
 test: lint typecheck
-	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

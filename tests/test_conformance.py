@@ -28,9 +28,11 @@ from conftest import (
     FOUR_DEVICES,
     TRACE,
     NaNReach,
+    assert_same_arithmetic,
     compiles,
     deterministic,
     gaussian,
+    outcome,
 )
 
 import diffsim
@@ -140,38 +142,6 @@ def assert_same_run(a: diffsim.Run, b: diffsim.Run, **tolerance) -> None:
         np.testing.assert_allclose(x, y, **tolerance)
 
 
-def outcome(run: diffsim.Run) -> dict[str, typing.Any]:
-    """What `assert_same_arithmetic` compares, as arrays (a child process saves it)."""
-    metrics = {f"metric:{k}": np.asarray(v) for k, v in run.metrics.items()}
-    curve = {"env_steps": run.curve.env_steps, "eval_return": run.curve.eval_return}
-    return {**{k: np.asarray(v) for k, v in curve.items()}, **metrics}
-
-
-EXACT_ITERATIONS = 2  # iterations compared to float tolerance, before rounding drift grows
-
-
-def assert_same_arithmetic(a: dict, b: dict) -> None:
-    """`a` and `b` (`outcome`s of one run) are the same arithmetic up to the order of float
-    sums, which XLA may change under `vmap` or across devices, and which depends on the
-    CPU. Where that order cannot matter the check is exact: the env-step counts, the
-    untrained policy's evaluation and the first iterations' metrics agree to float
-    tolerance (a wrong batch, key or gradient changes them at once). Over hundreds of
-    updates the rounding grows chaotically (PPO on `reach`: up to 0.8% of a return, and
-    another CPU rounds otherwise), so the end of the run is checked statistically: both
-    end within 5% of the learning progress of each other."""
-    np.testing.assert_array_equal(a["env_steps"], b["env_steps"])
-    np.testing.assert_allclose(a["eval_return"][0], b["eval_return"][0], rtol=1e-5, atol=1e-6)
-    metrics = [k for k in b if k.startswith("metric:")]
-    assert sorted(metrics) == sorted(k for k in a if k.startswith("metric:"))
-    for k in metrics:
-        first = slice(0, EXACT_ITERATIONS)
-        np.testing.assert_allclose(a[k][first], b[k][first], rtol=1e-4, atol=1e-6, err_msg=k)
-    start, final_a, final_b = (
-        x.mean() for x in (b["eval_return"][0], a["eval_return"][-1], b["eval_return"][-1])
-    )
-    assert abs(final_a - final_b) <= 0.05 * abs(final_b - start), (start, final_a, final_b)
-
-
 # --- the 4-device child: trains every strategy as `runs` trains `one`, on 4 devices ------
 
 CHILD = textwrap.dedent(
@@ -180,7 +150,8 @@ CHILD = textwrap.dedent(
     import jax, numpy as np
     sys.path.insert(0, sys.argv[1])
     import diffsim
-    from test_conformance import NAMES, outcome, toy, train_one
+    from conftest import outcome
+    from test_conformance import NAMES, toy, train_one
 
     assert jax.device_count() == 4, jax.devices()
     env = diffsim.make_env("reach")
