@@ -129,6 +129,12 @@ def protocol_arguments(parser: argparse.ArgumentParser, *, seeds: int, configs: 
         help="train nothing: write the current key into each finished cell (only after a"
         " change known to leave its numbers as they were; see docs/guides/studies.md)",
     )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="train nothing: say which cells hold a run of the current key, which would"
+        " train again and why, and which have none",
+    )
     allow_dirty_argument(parser)
 
 
@@ -179,8 +185,8 @@ def start(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[di
     the command line that the tables will name."""
     if args.seeds < 5:
         print(f"note: {args.seeds} seeds per cell: tables show means, not IQMs (< 5 seeds)")
-    try:
-        provenance = require_clean(allow_dirty=args.allow_dirty)
+    try:  # (--check writes nothing, so any tree will do)
+        provenance = require_clean(allow_dirty=args.allow_dirty or getattr(args, "check", False))
     except DirtyTreeError as error:
         parser.error(str(error))
     script = Path(sys.argv[0])
@@ -199,17 +205,21 @@ def save_figures(runs, study: str, folder: str) -> None:
 def train(study: str, cells: list[Cell], args: argparse.Namespace, *, num_evals: int, reuse=()):
     """`run_study` of `cells` under the protocol's options in `args` (`protocol_arguments`),
     16 evaluation episodes at `num_evals` points, loading finished cells from `reuse` too."""
-    return run_study(
+    runs = run_study(
         study,
         cells,
         num_seeds=args.seeds,
         tuning_seeds=args.tuning_seeds,
         out=args.out,
         restamp=args.restamp,
+        check=args.check,
         num_evals=num_evals,
         num_eval_episodes=16,
         reuse=reuse,
     )
+    if args.check:
+        sys.exit(0)  # the cells' states are printed; no tables
+    return runs
 
 
 def grid_runs(study: str, args: argparse.Namespace, contenders, cells, *, num_evals: int):

@@ -53,7 +53,13 @@ def main():
     provenance, command = start(parser, args)
 
     envs = {name: diffsim.make_env(name) for name in FAST}
-    protocol = dict(num_seeds=args.seeds, tuning_seeds=args.tuning_seeds, out=args.out)
+    protocol = dict(
+        num_seeds=args.seeds,
+        tuning_seeds=args.tuning_seeds,
+        out=args.out,
+        restamp=args.restamp,
+        check=args.check,
+    )
     ppo = diffsim.PPO()
     ppo_runs = run_study(  # exactly the `make study` cells: reused from its results if there
         "sample_efficiency_ppo",
@@ -77,6 +83,8 @@ def main():
         num_eval_episodes=16,
         **protocol,
     )
+    if args.check:
+        return  # the cells' states are printed; no tables
     runs = {**ppo_runs, **fast}
     runs = {k: runs[k] for k in sorted(runs, key=lambda k: list(FAST).index(k[0]))}
     table = summary(runs, references=("PPO",))

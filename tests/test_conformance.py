@@ -69,7 +69,7 @@ TOY = {
     "ppo": Toy(
         diffsim.PPO(num_envs=16, unroll_length=32, num_epochs=4, num_minibatches=8),
         gaussian,
-        100_000,
+        50_000,  # learns "reach" by 58-84% of the untrained return (6 seeds)
         invalid=("num_epochs", 0),
         sweep_values={"value_clip": 1.0},
     ),

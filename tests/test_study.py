@@ -433,6 +433,35 @@ def test_restamping_writes_the_new_key_and_trains_nothing(tmp_path, monkeypatch,
     assert not (tmp_path / "r2" / "pendulum" / "PPO" / "config.json").exists()
 
 
+def test_checking_names_what_differs_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    env = diffsim.make_env("reach")
+    cell = study.Cell(env, "PPO", TINY, gaussian, STEPS)
+    study.run_study("c", [cell], out=tmp_path, num_seeds=2, **QUIET)
+    files = lambda: sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    before = files()
+    capsys.readouterr()
+    faster = study.Cell(env, "PPO", dataclasses.replace(TINY, learning_rate=1e-3), gaussian, STEPS)
+    unseen = study.Cell(env, "APG", diffsim.APG(num_envs=4, horizon=16), deterministic, STEPS)
+    runs = study.run_study(
+        "c",
+        [cell, unseen],
+        out=tmp_path,
+        num_seeds=2,
+        check=True,
+        **QUIET,
+    )
+    out = capsys.readouterr().out
+    assert runs == {} and files() == before  # nothing trained, loaded or written
+    assert "[c] reach/PPO: current" in out
+    assert "[c] reach/APG: not trained" in out
+    monkeypatch.setattr(_cells, "PROTOCOL_VERSION", 99)
+    study.run_study("c", [faster], out=tmp_path, num_seeds=2, check=True, **QUIET)
+    out = capsys.readouterr().out
+    assert "stale: differs in ['program', 'protocol', 'hyperparameters.learning_rate']" in out
+    with pytest.raises(ValueError, match="restamp=True and check=True"):
+        study.run_study("c", [cell], out=tmp_path, restamp=True, check=True, **QUIET)
+
+
 def _broken_policy(env, key):
     raise RuntimeError("this policy factory is broken")
 

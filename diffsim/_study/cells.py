@@ -104,6 +104,7 @@ class CellTask:
     progress: bool
     settings: dict[str, Any]
     restamp: dict[str, Any] | None = None  # the provenance of a re-stamp, else None
+    check: bool = False  # only say whether the saved cell has this key (`run_study`)
 
     @property
     def path(self) -> Path:

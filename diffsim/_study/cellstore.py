@@ -156,3 +156,22 @@ def replace_dir(final: Path, fill: Callable[[Path], object]) -> None:
 def copy_dir(source: Path, final: Path) -> None:
     """`source` copied to `final` atomically (see `replace_dir`)."""
     replace_dir(final, lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True))
+
+
+def differences(saved: dict | None, settings: dict) -> list[str]:
+    """The names of the settings in which a saved cell's key differs from `settings`, a
+    hyperparameter as `hyperparameters.<name>`."""
+    saved = saved or {}
+    names = sorted(set(saved) | set(settings))
+    out = [k for k in names if k != "hyperparameters" and saved.get(k) != settings.get(k)]
+    old, new = saved.get("hyperparameters") or {}, settings.get("hyperparameters") or {}
+    fields = sorted(set(old) | set(new))
+    return out + [f"hyperparameters.{k}" for k in fields if old.get(k, ...) != new.get(k, ...)]
+
+
+def saved_key(path: Path) -> dict | None:
+    """The key (`study.settings`) a cell folder's run was saved with, None without one."""
+    config = path / "config.json"
+    return (
+        json.loads(config.read_text()).get("study", {}).get("settings") if config.exists() else None
+    )

@@ -21,7 +21,7 @@ from ..train import train_seeds
 from . import tuning
 from .cellmeter import meter
 from .cells import Cell, CellTask, EnvSpec, Submitter, fingerprinted, portable, tasks
-from .cellstore import CellLock, copy_dir, replace_dir
+from .cellstore import CellLock, copy_dir, differences, replace_dir, saved_key
 
 
 def run_study(
@@ -39,6 +39,7 @@ def run_study(
     allow_unequal_search: bool = False,
     executor: "Submitter | None" = None,
     restamp: bool = False,
+    check: bool = False,
 ) -> dict[tuple[str, str], Run]:
     """Train every cell with `train_seeds` over `num_seeds` seeds and `num_evals`
     evaluation points (or the cell's own `num_seeds`, `num_evals`); resume finished cells.
@@ -71,6 +72,11 @@ def run_study(
     nothing: it writes each finished cell's new key into its `config.json`, keeping the old
     one and the re-stamp's provenance under `study.restamped`. Never re-stamp a cell whose
     maths changed: retrain it.
+
+    **Checking.** `check=True` trains nothing either: it prints, per cell, whether its
+    saved run has the current key (`current`), would be trained again and why (`stale:
+    differs in [...]`, naming the settings and hyperparameters that differ) or has no run
+    yet (`not trained`).
 
     **Executor.** With `executor` (anything with `submit(fn, arg)` returning a future with
     `result()`: a `concurrent.futures.ProcessPoolExecutor`, a Dask `Client`, a submitit
@@ -105,15 +111,19 @@ def run_study(
         dict(progress=progress, reuse=tuple(map(str, reuse)), tuning_seeds=tuning_seeds),
         allow_unequal_search,
     )
+    if restamp and check:
+        raise ValueError("restamp=True and check=True: pick one (check only reads the cells)")
     if restamp:
         stamp = {"provenance": provenance()}
         jobs = [dataclasses.replace(job, restamp=stamp) for job in jobs]
-    check_writable(root)  # fail before any training
-    # The grid's order, for load_study; a process training part of the grid adds its cells.
-    listed = root / "cells.json"
-    known = json.loads(listed.read_text()) if listed.exists() else []
-    labels = [c.name for c in cells]
-    _atomic_write(listed, json.dumps(known + [c for c in labels if c not in known]).encode())
+    jobs = [dataclasses.replace(job, check=check) for job in jobs]
+    if not check:
+        check_writable(root)  # fail before any training
+        # The grid's order, for load_study; a process training part of the grid adds its own.
+        listed = root / "cells.json"
+        known = json.loads(listed.read_text()) if listed.exists() else []
+        labels = [c.name for c in cells]
+        _atomic_write(listed, json.dumps(known + [c for c in labels if c not in known]).encode())
     if executor is not None:
         jobs = [portable(job) for job in jobs]  # checked before anything is submitted
         futures = [executor.submit(run_task, job) for job in jobs]
@@ -127,7 +137,7 @@ def run_study(
             failed.append((cell.name, error))
             continue
         print(f"[{name}] {cell.name}: {status}")
-        if (root / cell.name / "config.json").exists():  # (re-stamping trains nothing)
+        if not check and (root / cell.name / "config.json").exists():  # (re-stamped or none)
             runs[cell.env.name, cell.label] = load_run(root / cell.name)
     if failed:
         listing = "; ".join(f"{c}: {type(e).__name__}: {e}" for c, e in failed)
@@ -162,8 +172,10 @@ def run_task(job: CellTask) -> str:
     """One cell's task (in this process or an executor's worker): load it if finished,
     else train it, holding the cell's lock; returns what happened."""
     path = job.path
+    env = job.env.build() if isinstance(job.env, EnvSpec) else job.env
+    if job.check:  # reads only: no lock
+        return checked(fingerprinted(job, env))
     with CellLock(path.with_name(f"{path.name}.lock")):
-        env = job.env.build() if isinstance(job.env, EnvSpec) else job.env
         job = fingerprinted(job, env)
         found = finished(job, [Path(job.root), *map(Path, job.reuse)])
         if found is not None and job.restamp is None:
@@ -204,7 +216,18 @@ def restamp_cell(job: CellTask, path: Path) -> str:
     config["study"].setdefault("restamped", []).append({"from": old, **(job.restamp or {})})
     config["study"]["settings"] = job.settings
     _atomic_write(config_path, json.dumps(config, indent=2).encode())
-    return f"re-stamped: {sorted(k for k in job.settings if old.get(k) != job.settings[k])}"
+    return f"re-stamped: {differences(old, job.settings)}"
+
+
+def checked(job: CellTask) -> str:
+    """Whether `job`'s cell holds a run of its key (see `run_study`'s `check`)."""
+    roots = [Path(job.root), *map(Path, job.reuse)]
+    if any(saved_key(root / job.settings["env"] / job.label) == job.settings for root in roots):
+        return "current"
+    saved = saved_key(job.path)
+    return (
+        "not trained" if saved is None else f"stale: differs in {differences(saved, job.settings)}"
+    )
 
 
 def train_cell(job: CellTask, env: Env, folder: Path, partial: Path | None = None) -> None:
@@ -252,11 +275,11 @@ def finished(job: CellTask, roots: list[Path]) -> Path | None:
         path = root / job.settings["env"] / job.label
         if not (path / "config.json").exists():
             continue
-        saved = json.loads((path / "config.json").read_text()).get("study", {}).get("settings")
+        saved = saved_key(path)
         if saved == job.settings:
             return path
         if root == roots[0]:
-            different = sorted(k for k in job.settings if (saved or {}).get(k) != job.settings[k])
+            different = differences(saved, job.settings)
     if different is not None:  # said only once no other root has it either
         print(f"[{job.study}] {job.path}: saved run differs in {different}; retraining")
     return None
