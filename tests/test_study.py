@@ -4,6 +4,7 @@ and "did not learn"; cells keyed by their computation (the fingerprint) and re-s
 and atomic cell folders."""
 
 import dataclasses
+import hashlib
 import json
 import multiprocessing
 import os
@@ -15,6 +16,7 @@ import threading
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
@@ -23,7 +25,12 @@ from conftest import deterministic, gaussian
 
 import diffsim
 from diffsim import LearningCurve, Run, study
-from diffsim._study import cells as _cells, ratios as _ratios, tuning as _tuning
+from diffsim._study import (
+    cells as _cells,
+    fingerprint as _fingerprint,
+    ratios as _ratios,
+    tuning as _tuning,
+)
 from diffsim._study.cellstore import CellLock, replace_dir
 from diffsim.stats import aggregate, iqm
 from diffsim.study import program_fingerprint
@@ -327,6 +334,35 @@ class _FarReach(diffsim.envs.Reach):
 
     def reward(self, s, action, next_s):
         return 2.0 * super().reward(s, action, next_s)
+
+
+def _twice(x):
+    return jnp.sin(x) * 2.0
+
+
+def _twice_too(x):  # the same maths and name, another function object
+    return jnp.sin(x) * 2.0
+
+
+_twice_too.__name__ = _twice_too.__qualname__ = "_twice"
+
+
+def test_the_fingerprint_does_not_depend_on_what_the_process_traced_before():
+    """JAX hands out one jaxpr object for two calls that hit its tracing cache, and two
+    equal objects where it missed (after other traces): the printer shows the first as a
+    shared definition and the second inline. The fingerprint reads the maths, not that."""
+    shared = jax.make_jaxpr(lambda x: jax.jit(_twice)(jax.jit(_twice)(x)))(1.0)
+    apart = jax.make_jaxpr(lambda x: jax.jit(_twice)(jax.jit(_twice_too)(x)))(1.0)
+    assert str(shared) != str(apart)  # the printer does tell them apart
+
+    def digest(closed):
+        d = hashlib.sha256()
+        _fingerprint.jaxpr_digest(closed, d)
+        return d.hexdigest()
+
+    assert digest(shared) == digest(apart)
+    other = jax.make_jaxpr(lambda x: jax.jit(_twice)(jax.jit(jnp.cos)(x)))(1.0)
+    assert digest(other) != digest(shared)
 
 
 def test_the_fingerprint_follows_the_maths():

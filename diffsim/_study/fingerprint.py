@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from jax.extend.core import ClosedJaxpr
+from jax.extend.core import ClosedJaxpr, DropVar, Jaxpr, Var
 
 from .._train import program as _program
 from .._train.loop import Options, _prepare
@@ -37,9 +37,9 @@ _NOT_MATHS = (re.compile(r"\bname=[^\s\]]+"), re.compile(r"0x[0-9a-f]+"))
 
 
 def jaxpr_digest(closed: ClosedJaxpr, digest) -> None:
-    """Feed `closed`'s text (source information and function names left out) and its
-    constants' dtypes, shapes and bytes into `digest`."""
-    text = closed.jaxpr.pretty_print(source_info=False, name_stack=False)
+    """Feed `closed`'s text (source information and function names left out, no sub-jaxpr
+    shared) and its constants' dtypes, shapes and bytes into `digest`."""
+    text = _unshared(closed.jaxpr).pretty_print(source_info=False, name_stack=False)
     for pattern in _NOT_MATHS:
         text = pattern.sub("", text)
     digest.update(text.encode())
@@ -47,6 +47,43 @@ def jaxpr_digest(closed: ClosedJaxpr, digest) -> None:
         array = np.asarray(jax.random.key_data(const) if _is_key(const) else const)
         digest.update(f"{array.dtype}{array.shape}".encode())
         digest.update(np.ascontiguousarray(array).tobytes())
+
+
+def _unshared(jaxpr: Jaxpr) -> Jaxpr:
+    """`jaxpr` rebuilt so that no two places share a sub-jaxpr or a variable object. JAX's
+    printer pulls a sub-jaxpr that two equations hold as one object up to a numbered
+    definition and names variables by object, and which equal sub-jaxprs are one object
+    depends on what the process traced before (JAX's tracing caches): the same program
+    printed otherwise after another cell's. Rebuilt, the text depends on the maths alone."""
+    fresh: dict[Var, Var] = {}
+
+    def bind(v):
+        if isinstance(v, DropVar):
+            return v
+        fresh[v] = Var(v.aval, v.initial_qdd, v.final_qdd)
+        return fresh[v]
+
+    def use(v):
+        return fresh.get(v, v) if isinstance(v, Var) else v  # (a Literal stays)
+
+    def copy(param):
+        if isinstance(param, ClosedJaxpr):
+            return param.map_jaxpr(_unshared)
+        if isinstance(param, Jaxpr):
+            return _unshared(param)
+        if isinstance(param, tuple | list) and any(
+            isinstance(p, Jaxpr | ClosedJaxpr) for p in param
+        ):
+            return type(param)(copy(p) for p in param)
+        return param
+
+    constvars, invars = [bind(v) for v in jaxpr.constvars], [bind(v) for v in jaxpr.invars]
+    eqns = []
+    for e in jaxpr.eqns:
+        ins, params = [use(v) for v in e.invars], {k: copy(v) for k, v in e.params.items()}
+        eqns.append(e.replace(invars=ins, outvars=[bind(v) for v in e.outvars], params=params))
+    outvars = [use(v) for v in jaxpr.outvars]
+    return jaxpr.replace(constvars=constvars, invars=invars, eqns=eqns, outvars=outvars)
 
 
 def _is_key(x) -> bool:
