@@ -177,13 +177,13 @@ def run_task(job: CellTask) -> str:
         return checked(fingerprinted(job, env))
     with CellLock(path.with_name(f"{path.name}.lock")):
         job = fingerprinted(job, env)
+        if job.restamp is not None:
+            return restamp_cell(job, path)
         found = finished(job, [Path(job.root), *map(Path, job.reuse)])
-        if found is not None and job.restamp is None:
+        if found is not None:
             if found != path:
                 copy_dir(found, path)
             return f"finished earlier, loaded from {found}"
-        if job.restamp is not None:
-            return restamp_cell(job, path)
         partial = unfinished(job)
         replace_dir(path, lambda tmp: train_cell(job, env, tmp, partial))
         shutil.rmtree(partial, ignore_errors=True)
