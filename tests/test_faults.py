@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -198,8 +199,9 @@ def test_study_cells_take_their_own_seeds_and_evaluations_and_resume(tmp_path, c
 
 def test_a_cell_killed_while_training_resumes_its_finished_search(tmp_path):
     """A process killed while it re-trains a tuned cell leaves the search's rounds
-    checkpointed beside the cell (`.LABEL.partial/`); the next run resumes them without
-    training them again and saves what an uninterrupted run saves."""
+    checkpointed beside the cell (`.LABEL.partial/`), and each finished round's record;
+    the next run reads the record (its checkpoints gone, as in a fresh clone), trains no
+    round again and saves what an uninterrupted run saves."""
     env, steps = diffsim.make_env("reach"), 3 * TINY.steps_per_iteration
     search = {"learning_rate": [1e-3, 3e-3], "clip_epsilon": [0.2]}  # two fields: one round
     cell = diffsim.study.Cell(env, "PPO", TINY, gaussian, steps, search=search)
@@ -221,6 +223,12 @@ def test_a_cell_killed_while_training_resumes_its_finished_search(tmp_path):
     assert ("round-0", 2) in saved and saved[-1] == ("retrain", 1)
     assert list(partial.glob("round-0/ckpt-000002")) and not (out / "s/reach/PPO").exists()
 
+    # A finished round's record is enough without its checkpoints (what a commit keeps).
+    assert json.loads((partial / "round-0.json").read_text())["configs"] == [
+        {"learning_rate": 1e-3, "clip_epsilon": 0.2},
+        {"learning_rate": 3e-3, "clip_epsilon": 0.2},
+    ]
+    shutil.rmtree(partial / "round-0")
     saved.clear()
     stop = False
     with pytest.MonkeyPatch.context() as patch:

@@ -7,6 +7,7 @@ Selection never sees the reported seeds: the tuning keys come from their own str
 
 import dataclasses
 import itertools
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ import jax
 import jax.random as jr
 import numpy as np
 
+from .._results.files import atomic_write
 from .._train.checkpoint import key_data, latest
 from .._train.sweep import check_sweepable
 from ..results import Run
@@ -196,14 +198,23 @@ def _round(
     strategy, env, factory, search: Search, keys, train: dict, partial: Path | None, index=0
 ) -> dict[str, Any]:
     """Search round `index`: its configs, scores and per-seed finals, curves and seconds
-    (checkpointed as `round-{index}` under `partial`, `resumable`)."""
-    train = {**train, **resumable(partial, f"round-{index}")}
+    (checkpointed as `round-{index}` under `partial`, `resumable`). A finished round's
+    record is kept there too (`round-{index}.json`, a few kB, small enough to commit
+    where the checkpoints are not), and a round whose record exists is read, not trained:
+    a search spans sessions that each finish some of its rounds."""
+    resume = resumable(partial, f"round-{index}")
+    train = {**train, **resume}
+    kept = partial / f"round-{index}.json" if partial is not None and resume else None
+    if kept is not None and kept.exists():
+        saved = json.loads(kept.read_text())
+        nan = lambda x: np.array(x, dtype=float)  # (JSON's None is a NaN score)
+        return {**saved, "scores": nan(saved["scores"]), "finals": nan(saved["finals"])}
     sweep = train_sweep(
         strategy, env, factory, sweep=search, keys=keys, seed_index=TUNING_EPISODES, **train
     )
     finals = np.asarray(sweep.curve.eval_return)[:, :, -1].mean(-1)  # (configs, seeds)
     returns = np.asarray(sweep.curve.eval_return).mean(-1)  # (configs, seeds, evals)
-    return {
+    record = {
         "configs": sweep.config["sweep"],
         "scores": np.array([float(aggregate(f)) for f in finals]),
         "finals": finals,
@@ -213,6 +224,10 @@ def _round(
             k: sweep.config[f"{k}_seconds"] for k in ("compile", "train", "eval", "checkpoint")
         },
     }
+    if kept is not None:
+        plain = {**record, "scores": _numbers(record["scores"]), "finals": _numbers(finals)}
+        atomic_write(kept, json.dumps(plain).encode())
+    return record
 
 
 def retrain(
@@ -254,6 +269,11 @@ def resumable(partial: Path | None, name: str) -> dict[str, Any]:
         return {}
     folder = partial / name
     return {"checkpoint_dir": folder, "resume_from": folder if latest(folder) else None}
+
+
+def _numbers(a) -> list:
+    """An array as nested lists of `_number`s."""
+    return [_numbers(x) for x in a] if np.ndim(a) > 1 else [_number(x) for x in a]
 
 
 def _number(x) -> float | None:
