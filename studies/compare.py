@@ -202,20 +202,17 @@ def save_figures(runs, study: str, folder: str) -> None:
     print(f"wrote {folder}/{study}_*.png")
 
 
+def protocol(args: argparse.Namespace) -> dict:
+    """`run_study`'s arguments from the protocol's options in `args` (`protocol_arguments`)."""
+    names = ("tuning_seeds", "out", "restamp", "check")
+    return {"num_seeds": args.seeds, **{name: getattr(args, name) for name in names}}
+
+
 def train(study: str, cells: list[Cell], args: argparse.Namespace, *, num_evals: int, reuse=()):
     """`run_study` of `cells` under the protocol's options in `args` (`protocol_arguments`),
     16 evaluation episodes at `num_evals` points, loading finished cells from `reuse` too."""
     runs = run_study(
-        study,
-        cells,
-        num_seeds=args.seeds,
-        tuning_seeds=args.tuning_seeds,
-        out=args.out,
-        restamp=args.restamp,
-        check=args.check,
-        num_evals=num_evals,
-        num_eval_episodes=16,
-        reuse=reuse,
+        study, cells, num_evals=num_evals, num_eval_episodes=16, reuse=reuse, **protocol(args)
     )
     if args.check:
         sys.exit(0)  # the cells' states are printed; no tables

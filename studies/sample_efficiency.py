@@ -16,6 +16,7 @@ figures/sample_efficiency.png.
 import argparse
 from pathlib import Path
 
+import compare
 from compare import BUDGETS, deterministic, gaussian, protocol_arguments, rate_search, start
 
 import diffsim
@@ -53,13 +54,7 @@ def main():
     provenance, command = start(parser, args)
 
     envs = {name: diffsim.make_env(name) for name in FAST}
-    protocol = dict(
-        num_seeds=args.seeds,
-        tuning_seeds=args.tuning_seeds,
-        out=args.out,
-        restamp=args.restamp,
-        check=args.check,
-    )
+    protocol = compare.protocol(args)
     ppo = diffsim.PPO()
     ppo_runs = run_study(  # exactly the `make study` cells: reused from its results if there
         "sample_efficiency_ppo",
