@@ -179,11 +179,14 @@ def run_task(job: CellTask) -> str:
         job = fingerprinted(job, env)
         if job.restamp is not None:
             return restamp_cell(job, path)
-        found = finished(job, [Path(job.root), *map(Path, job.reuse)])
+        found = finished(job)
         if found is not None:
             if found != path:
                 copy_dir(found, path)
             return f"finished earlier, loaded from {found}"
+        if (saved := saved_key(path)) is not None:
+            different = differences(saved, job.settings)
+            print(f"[{job.study}] {path}: saved run differs in {different}; retraining")
         partial = unfinished(job)
         replace_dir(path, lambda tmp: train_cell(job, env, tmp, partial))
         shutil.rmtree(partial, ignore_errors=True)
@@ -221,8 +224,7 @@ def restamp_cell(job: CellTask, path: Path) -> str:
 
 def checked(job: CellTask) -> str:
     """Whether `job`'s cell holds a run of its key (see `run_study`'s `check`)."""
-    roots = [Path(job.root), *map(Path, job.reuse)]
-    if any(saved_key(root / job.settings["env"] / job.label) == job.settings for root in roots):
+    if finished(job) is not None:
         return "current"
     saved = saved_key(job.path)
     return (
@@ -268,18 +270,9 @@ def train_cell(job: CellTask, env: Env, folder: Path, partial: Path | None = Non
     run.save(folder)
 
 
-def finished(job: CellTask, roots: list[Path]) -> Path | None:
-    """The first of `roots` whose folder of this cell holds a finished run of its settings."""
-    different = None
-    for root in roots:
-        path = root / job.settings["env"] / job.label
-        if not (path / "config.json").exists():
-            continue
-        saved = saved_key(path)
-        if saved == job.settings:
-            return path
-        if root == roots[0]:
-            different = differences(saved, job.settings)
-    if different is not None:  # said only once no other root has it either
-        print(f"[{job.study}] {job.path}: saved run differs in {different}; retraining")
-    return None
+def finished(job: CellTask) -> Path | None:
+    """The first folder of this cell, in the study's root and then in `job.reuse`'s, that
+    holds a finished run of its key."""
+    roots = [Path(job.root), *map(Path, job.reuse)]
+    folders = (root / job.settings["env"] / job.label for root in roots)
+    return next((folder for folder in folders if saved_key(folder) == job.settings), None)
