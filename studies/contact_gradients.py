@@ -8,7 +8,7 @@ For each env, an untrained deterministic policy (seed 0) takes `--windows` conse
 updates (16 envs x 32 steps, learning rate 1e-3, each window starting where the last one
 ended) under each remedy of the shared first-order window:
 
-- `plain`: no valve, no smoothing (APG's defaults);
+- `plain`: no valve (`valve_max_norm=None`), no smoothing;
 - `clip 1`: the per-step valve clips the cotangent through the env state to norm 1;
 - `decay 0.9`: the valve multiplies it by 0.9 per step backward (D.Va's decay);
 - `smooth 0.01`: Brax spring's contacts smoothed over 1 cm in the backward pass only
@@ -16,6 +16,17 @@ ended) under each remedy of the shared first-order window:
 - `horizon 8`: the plain window, 8 steps long (16 x 8).
 
 `CartpoleBalance` is measured plain only (`PLAIN_ONLY`): whether its gradient is finite.
+
+    python studies/contact_gradients.py --train [--envs halfcheetah] [--seeds 2] [--out results]
+
+`--train` measures the remedies over whole runs instead: SHAC as the contact study runs it
+(64 envs x 32 steps, a stochastic actor, its published actor rate, remat), 300k env steps
+(`TRAIN_STEPS`, the contact study's budget) on `--seeds` seeds under each of `TRAINED`
+(no valve, the default valve, a tight clip, the decay, smoothing); per remedy its final
+and untrained mean returns per seed, its largest and median pre-clip gradient norm, its
+largest per-step cotangent and its skipped updates, in
+results/contact/remedies_training.txt. An exploration without a search: one rate, few
+seeds, about 10 minutes per remedy on one CPU core.
 
 Per env and remedy: the largest pre-clip gradient norm over the windows, the largest and
 median per-step cotangent norm (the valve's probe measures it before any clip), and how
@@ -36,7 +47,10 @@ import numpy as np
 
 import diffsim
 from diffsim.results import DirtyTreeError, require_clean
-from diffsim.study import provenance_header
+from diffsim.study import gradient_health, provenance_header
+
+sys.path.insert(0, str(Path(__file__).parent))
+import contact  # noqa: E402  (SHAC's actor and evaluations as the contact study has them)
 
 SPRING = ("halfcheetah", "ant", "hopper")
 # Envs measured without remedies only: there the question is whether the gradient is
@@ -50,17 +64,32 @@ REMEDIES = {
     "horizon 8": {"horizon": 8},
 }
 
+TRAINED = {
+    "none": {},
+    "clip 100": {"valve_max_norm": 100.0},  # every first-order strategy's default
+    "clip 1": {"valve_max_norm": 1.0},
+    "decay 0.9": {"valve_decay": 0.9},
+    "smooth 0.01": {"contact_smoothing": 0.01},
+}
+TRAIN_STEPS = 300_000
 
-def measure(env, remedy: dict, windows: int) -> dict:
-    """`windows` consecutive APG updates under `remedy` (APG's fields, and
-    `WindowOptions`' where it names them); their gradient norms."""
+
+def settings(env, remedy: dict) -> dict:
+    """A window strategy's fields for `remedy` on `env`: no valve (unless the remedy sets
+    one), the remedy's `WindowOptions` fields in `options` (with `remat` on spring bodies),
+    its other fields as they are."""
     names = {f.name for f in dataclasses.fields(diffsim.WindowOptions)}
     options = {k: v for k, v in remedy.items() if k in names}
     if env.name in SPRING:
         options["remat"] = True
-    settings = {k: v for k, v in remedy.items() if k not in names}
-    options = diffsim.WindowOptions(**options)
-    apg = diffsim.APG(num_envs=16, horizon=32, learning_rate=1e-3, options=options, **settings)
+    fields = {"valve_max_norm": None, **{k: v for k, v in remedy.items() if k not in names}}
+    return {**fields, "options": diffsim.WindowOptions(**options)}
+
+
+def measure(env, remedy: dict, windows: int) -> dict:
+    """`windows` consecutive APG updates under `remedy` (`settings`); their gradient
+    norms."""
+    apg = diffsim.APG(num_envs=16, horizon=32, learning_rate=1e-3, **settings(env, remedy))
     strategy = apg.for_env(env).for_budget(10**6)
     policy = diffsim.DeterministicPolicy(env.observation_size, env.action_size, key=jr.key(0))
     state = strategy.init(env, policy, key=jr.key(1))
@@ -80,11 +109,62 @@ def measure(env, remedy: dict, windows: int) -> dict:
     }
 
 
+def train(env, remedy: dict, seeds: int) -> dict:
+    """SHAC under `remedy` (`settings`) for `TRAIN_STEPS` on `seeds` seeds; how it ended
+    and how its gradients went (`gradient_health`)."""
+    shac = diffsim.SHAC(num_envs=64, horizon=32, stochastic=True, **settings(env, remedy))
+    run = diffsim.train_seeds(
+        shac,
+        env,
+        lambda k: contact.stochastic(env, k),
+        keys=jr.split(jr.key(0), seeds),
+        total_steps=TRAIN_STEPS,
+        num_evals=contact.EVALS,
+        progress=False,
+    )
+    jax.clear_caches()
+    returns = np.asarray(run.curve.eval_return).mean(-1)  # (seeds, evals)
+    return {
+        "untrained": returns[:, 0],
+        "final": returns[:, -1],
+        "seconds": run.config["train_seconds"],
+        **gradient_health(run),
+    }
+
+
+def train_rows(args, provenance, command) -> None:
+    """`--train`: one row per env and remedy of `TRAINED`, written as it lands."""
+    lines = [
+        f"{'env':<13}{'remedy':<13}{'untrained':>11}{'final per seed':>22}{'max grad norm':>15}"
+        f"{'median':>9}{'max step norm':>15}{'skipped':>9}{'train s':>9}"
+    ]
+    path = Path(args.out) / "contact" / "remedies_training.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for name in args.envs:
+        env = diffsim.make_env(name)
+        for label, remedy in TRAINED.items():
+            if "contact_smoothing" in remedy and name not in SPRING:
+                continue
+            m = train(env, remedy, args.seeds)
+            finals = " ".join(f"{x:.1f}" for x in m["final"])
+            lines.append(
+                f"{name:<13}{label:<13}{m['untrained'].mean():>11.1f}{finals:>22}"
+                f"{m['grad_norm_max']:>15.3g}{m['grad_norm_median']:>9.3g}"
+                f"{m.get('step_norm_max', np.nan):>15.3g}{m['skipped']:>9.1%}{m['seconds']:>9.0f}"
+            )
+            print(lines[-1], flush=True)
+            path.write_text(
+                provenance_header(provenance, command) + "\n\n" + "\n".join(lines) + "\n"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     envs = ["halfcheetah", "ant", "WalkerWalk", "CartpoleBalance", "reach"]
-    parser.add_argument("--envs", nargs="+", default=envs)
+    parser.add_argument("--envs", nargs="+", default=None, help=f"default: {envs}")
     parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--train", action="store_true", help="whole SHAC runs per remedy")
+    parser.add_argument("--seeds", type=int, default=2, help="with --train")
     parser.add_argument("--out", default="results")
     parser.add_argument("--allow-dirty", action="store_true")
     args = parser.parse_args()
@@ -93,6 +173,10 @@ def main() -> None:
     except DirtyTreeError as error:
         parser.error(str(error))
     command = " ".join(["python", "studies/contact_gradients.py", *sys.argv[1:]])
+    if args.train:
+        args.envs = args.envs or ["halfcheetah"]
+        return train_rows(args, provenance, command)
+    args.envs = args.envs or envs
     lines = [
         f"{'env':<17}{'remedy':<13}{'max grad norm':>15}{'max step norm':>15}"
         f"{'median step norm':>18}{'non-finite':>12}{'seconds':>9}"

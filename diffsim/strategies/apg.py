@@ -73,10 +73,11 @@ class APG(AbstractWindowStrategy[APGState]):
     - `valve_max_norm`: the gradient valve on the env state before each step of the
       window (identity forward): backward, the cotangent of one env's window loss through
       that state is clipped to norm `valve_max_norm` (None: no clip) and multiplied by
-      `options.valve_decay` per step (D.Va's decay; 1.0: none). Off by default, so the
-      default gradient is the exact one of Brax APG: the valve trades bias for bounded
-      norms, which pays through stiff contact, not on smooth dynamics, and the per-step
-      norms it measures are logged either way (`grad_norm_step_max`,
+      `options.valve_decay` per step (D.Va's decay; 1.0: none). 100 by default, as in
+      every first-order strategy: a bound that stiff contact exceeds by orders of
+      magnitude and smooth dynamics rarely reach (where it does not act, the gradient is
+      the exact one of Brax APG; `valve_max_norm=None` makes it so everywhere). The
+      per-step norms it measures are logged either way (`grad_norm_step_max`,
       `grad_norm_step_median`), so a bound can be chosen from them.
     - `lr_decay`, `lr_decay_steps`: decay the learning rate linearly to 0 over
       `lr_decay_steps` env steps (one update per `num_envs * horizon`), which `train` sets
@@ -101,7 +102,7 @@ class APG(AbstractWindowStrategy[APGState]):
     horizon: int = 32
     learning_rate: float | Callable[[Array], Array] = 3e-3
     stochastic: bool = False
-    valve_max_norm: float | None = None
+    valve_max_norm: float | None = 100.0
     options: WindowOptions = WindowOptions()
     max_grad_norm: float = 1.0
     lr_decay: bool = False

@@ -82,8 +82,8 @@ class SHAC(AbstractWindowStrategy[SHACState], AbstractSHACCritic):
     `value_activation="elu"`), and both learning rates decay linearly
     (`lr_decay=True`). A deterministic actor (`stochastic=False`) stays available.
 
-    - `valve_max_norm` (with `options.valve_decay`): the gradient valve, as in `APG`. Off
-      by default, so the default gradient is the exact one of Xu et al.
+    - `valve_max_norm` (with `options.valve_decay`): the gradient valve, as in `APG`
+      (100 by default; None gives the exact gradient of Xu et al. everywhere).
     - `value_hidden`, `value_activation`: the critic's hidden widths and activation (a
       name in `diffsim.policies.ACTIVATIONS`).
     - `lr_decay`, `lr_decay_steps`: decay both learning rates linearly to 0 over
@@ -113,7 +113,7 @@ class SHAC(AbstractWindowStrategy[SHACState], AbstractSHACCritic):
     actor_learning_rate: float | Callable[[Array], Array] = 2e-3
     critic_learning_rate: float | Callable[[Array], Array] = 1e-3
     stochastic: bool = False
-    valve_max_norm: float | None = None
+    valve_max_norm: float | None = 100.0
     options: WindowOptions = WindowOptions()
     discount: float = 0.95
     gae_lambda: float = 0.95

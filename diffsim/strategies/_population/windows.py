@@ -48,7 +48,7 @@ class APGWindow(AbstractGuideWindow):
     **Fields:** `num_envs`, `horizon`: the window; `stochastic`: act with reparameterised
     samples `policy(obs, key=k)` (False needs a deterministic policy); `valve_max_norm`
     and `options` (`diffsim.WindowOptions`: float64, remat, the valve's decay, contact
-    smoothing): as in `APG` (off by default).
+    smoothing): as in `APG` (the valve at 100, the options off, by default).
 
     **Example:**
 
@@ -61,7 +61,7 @@ class APGWindow(AbstractGuideWindow):
     num_envs: int = eqx.field(default=16, static=True)
     horizon: int = eqx.field(default=32, static=True)
     stochastic: bool = eqx.field(default=False, static=True)
-    valve_max_norm: float | None = None
+    valve_max_norm: float | None = 100.0
     options: WindowOptions = WindowOptions()
 
     def init(self, env: Env, *, key: PRNGKeyArray) -> None:
@@ -109,7 +109,7 @@ class SHACWindow(AbstractGuideWindow, AbstractSHACCritic):
     value_hidden: tuple[int, ...] = eqx.field(default=(64, 64), static=True)
     value_activation: str = eqx.field(default="tanh", static=True)
     stochastic: bool = eqx.field(default=False, static=True)
-    valve_max_norm: float | None = None
+    valve_max_norm: float | None = 100.0
     options: WindowOptions = WindowOptions()
 
     def _critic_optimizer(self) -> optax.GradientTransformation:
