@@ -22,7 +22,7 @@ ended) under each remedy of the shared first-order window:
 `--train` measures the remedies over whole runs instead: SHAC as the contact study runs it
 (64 envs x 32 steps, a stochastic actor, its published actor rate, remat), 300k env steps
 (`TRAIN_STEPS`, the contact study's budget) on `--seeds` seeds under each of `TRAINED`
-(no valve, the default valve, a tight clip, the decay, smoothing); per remedy its final
+(no valve, the default valve, a tight clip, the decay, smoothing, an 8-step window); per remedy its final
 and untrained mean returns per seed, its largest and median pre-clip gradient norm, its
 largest per-step cotangent and its skipped updates, in
 results/contact/remedies_training.txt. An exploration without a search: one rate, few
@@ -70,6 +70,7 @@ TRAINED = {
     "clip 1": {"valve_max_norm": 1.0},
     "decay 0.9": {"valve_decay": 0.9},
     "smooth 0.01": {"contact_smoothing": 0.01},
+    "horizon 8": {"horizon": 8},  # 4x the updates, and the critic's fits, per env step
 }
 TRAIN_STEPS = 300_000
 
@@ -112,7 +113,9 @@ def measure(env, remedy: dict, windows: int) -> dict:
 def train(env, remedy: dict, seeds: int) -> dict:
     """SHAC under `remedy` (`settings`) for `TRAIN_STEPS` on `seeds` seeds; how it ended
     and how its gradients went (`gradient_health`)."""
-    shac = diffsim.SHAC(num_envs=64, horizon=32, stochastic=True, **settings(env, remedy))
+    shac = diffsim.SHAC(
+        **{"num_envs": 64, "horizon": 32, "stochastic": True, **settings(env, remedy)}
+    )
     run = diffsim.train_seeds(
         shac,
         env,
