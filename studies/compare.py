@@ -133,7 +133,8 @@ def protocol_arguments(parser: argparse.ArgumentParser, *, seeds: int, configs: 
         "--check",
         action="store_true",
         help="train nothing: say which cells hold a run of the current key, which would"
-        " train again and why, and which have none",
+        " train again and why, and which have none (with --report-only: the tables, and"
+        " their header names the stale cells)",
     )
     allow_dirty_argument(parser)
 
@@ -185,8 +186,9 @@ def start(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[di
     the command line that the tables will name."""
     if args.seeds < 5:
         print(f"note: {args.seeds} seeds per cell: tables show means, not IQMs (< 5 seeds)")
-    try:  # (--check writes nothing, so any tree will do)
-        provenance = require_clean(allow_dirty=args.allow_dirty or getattr(args, "check", False))
+    writes = not getattr(args, "check", False) or getattr(args, "report_only", False)
+    try:  # (--check alone writes nothing, so any tree will do)
+        provenance = require_clean(allow_dirty=args.allow_dirty or not writes)
     except DirtyTreeError as error:
         parser.error(str(error))
     script = Path(sys.argv[0])
@@ -214,7 +216,7 @@ def train(study: str, cells: list[Cell], args: argparse.Namespace, *, num_evals:
     runs = run_study(
         study, cells, num_evals=num_evals, num_eval_episodes=16, reuse=reuse, **protocol(args)
     )
-    if args.check:
+    if args.check and not getattr(args, "report_only", False):
         sys.exit(0)  # the cells' states are printed; no tables
     return runs
 
@@ -231,10 +233,24 @@ def grid_runs(study: str, args: argparse.Namespace, contenders, cells, *, num_ev
     return {k: found[k] for k in grid if k in found and k[1] in args.strategies}
 
 
-def write_table(runs, root: Path, provenance: dict, command: str, references=("PPO",)) -> dict:
+def stale_cells(study: str, grid: list[Cell], args, *, num_evals: int) -> list[str] | None:
+    """The cells of `grid` saved under another key than the current code's: none after
+    training (it re-trains them); with --report-only, their names where --check is given
+    too (the programs are traced, nothing is trained) and None (not checked) where not."""
+    if not args.report_only:
+        return []
+    if not args.check:
+        return None
+    states = run_study(study, grid, num_evals=num_evals, num_eval_episodes=16, **protocol(args))
+    return [f"{env}/{label}" for (env, label), state in states.items() if state.startswith("stale")]
+
+
+def write_table(
+    runs, root: Path, provenance: dict, command: str, references=("PPO",), stale=()
+) -> dict:
     """The study's summary table, written with its provenance to `root`/table.{txt,json}
-    and printed."""
-    table = summary(runs, references=references)
+    and printed; `stale` (`stale_cells`) goes into its header."""
+    table = {**summary(runs, references=references), "stale": None if stale is None else [*stale]}
     path = write_summary(root, table, provenance=provenance, command=command)
     print("\n" + path.read_text())
     return table
@@ -268,13 +284,14 @@ def main():
     provenance, command = start(parser, args)
 
     study = "compare_full" if args.full else "compare"
+    grid = cells(FULL_BUDGETS if args.full else BUDGETS, args.configs)
     if args.report_only:
         runs = load_study(Path(args.out) / study)
     else:
-        grid = cells(FULL_BUDGETS if args.full else BUDGETS, args.configs)
         reuse = [Path(args.out) / "compare"] if args.full else []  # its reach, pendulum
         runs = train(study, grid, args, num_evals=11, reuse=reuse)
-    table = write_table(runs, Path(args.out) / study, provenance, command)
+    stale = stale_cells(study, grid, args, num_evals=11)
+    table = write_table(runs, Path(args.out) / study, provenance, command, stale=stale)
     save_figures(runs, study, args.figures)
     if args.reproduce:
         committed = json.loads((Path(args.reproduce) / study / "table.json").read_text())

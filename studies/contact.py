@@ -99,7 +99,9 @@ def main():
     provenance, command = compare.start(parser, args)
     root = Path(args.out) / "contact"
     runs = compare.grid_runs("contact", args, contenders, cells, num_evals=EVALS)
-    compare.write_table(runs, root, provenance, command)
+    grid = cells(args.envs, args.strategies, args.configs)
+    stale = compare.stale_cells("contact", grid, args, num_evals=EVALS)
+    compare.write_table(runs, root, provenance, command, stale=stale)
     text = gradients(runs)
     compare.write_text(root / "gradients.txt", text, provenance, command)
     print(text)

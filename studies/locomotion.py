@@ -234,8 +234,10 @@ def main():
     tic = time.perf_counter()
     root = Path(args.out) / "locomotion"
     runs = compare.grid_runs("locomotion", args, contenders, cells, num_evals=EVALS)
+    grid = cells(args.envs, args.strategies, args.configs)
+    stale = compare.stale_cells("locomotion", grid, args, num_evals=EVALS)
     study_s = time.perf_counter() - tic
-    compare.write_table(runs, root, provenance, command)
+    compare.write_table(runs, root, provenance, command, stale=stale)
 
     def write(stem: str, text: str, rows: list[dict]) -> None:
         """results/locomotion/<stem>.txt under the provenance header, and its JSON."""

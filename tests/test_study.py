@@ -487,13 +487,21 @@ def test_checking_names_what_differs_and_writes_nothing(tmp_path, monkeypatch, c
         **QUIET,
     )
     out = capsys.readouterr().out
-    assert runs == {} and files() == before  # nothing trained, loaded or written
+    assert files() == before  # nothing trained, loaded or written
+    assert runs == {("reach", "PPO"): "current", ("reach", "APG"): "not trained"}
     assert "[c] reach/PPO: current" in out
     assert "[c] reach/APG: not trained" in out
     monkeypatch.setattr(_cells, "PROTOCOL_VERSION", 99)
-    study.run_study("c", [faster], out=tmp_path, num_seeds=2, check=True, **QUIET)
+    states = study.run_study("c", [faster], out=tmp_path, num_seeds=2, check=True, **QUIET)
     out = capsys.readouterr().out
-    assert "stale: differs in ['program', 'protocol', 'hyperparameters.learning_rate']" in out
+    stale = "stale: differs in ['program', 'protocol', 'hyperparameters.learning_rate']"
+    assert stale in out and states == {("reach", "PPO"): stale}
+    # A table says whether its cells were checked, and names the stale ones.
+    table = study.summary(study.load_study(tmp_path / "c"))
+    header = lambda stale: study.format_summary({**table, "stale": stale}, command="c").splitlines()
+    assert "# cell keys: not checked against the current code" in header(None)
+    assert "# cell keys: stale (saved under another key): reach/PPO" in header(["reach/PPO"])
+    assert "# cell keys: current" in header([])
     with pytest.raises(ValueError, match="restamp=True and check=True"):
         study.run_study("c", [cell], out=tmp_path, restamp=True, check=True, **QUIET)
 

@@ -16,7 +16,7 @@ import jax.random as jr
 from .._results.files import atomic_write as _atomic_write
 from .._train.checkpoint import key_data
 from ..envs import AutoResetEnv as Env
-from ..results import Run, load_run, provenance
+from ..results import load_run, provenance
 from ..train import train_seeds
 from . import tuning
 from .cellmeter import meter
@@ -40,7 +40,7 @@ def run_study(
     executor: "Submitter | None" = None,
     restamp: bool = False,
     check: bool = False,
-) -> dict[tuple[str, str], Run]:
+) -> dict[tuple[str, str], Any]:
     """Train every cell with `train_seeds` over `num_seeds` seeds and `num_evals`
     evaluation points (or the cell's own `num_seeds`, `num_evals`); resume finished cells.
 
@@ -76,7 +76,7 @@ def run_study(
     **Checking.** `check=True` trains nothing either: it prints, per cell, whether its
     saved run has the current key (`current`), would be trained again and why (`stale:
     differs in [...]`, naming the settings and hyperparameters that differ) or has no run
-    yet (`not trained`).
+    yet (`not trained`), and returns these states by cell.
 
     **Executor.** With `executor` (anything with `submit(fn, arg)` returning a future with
     `result()`: a `concurrent.futures.ProcessPoolExecutor`, a Dask `Client`, a submitit
@@ -89,7 +89,8 @@ def run_study(
     **Failures.** A cell that raises does not stop the others; once all are done,
     `RuntimeError` names the failed cells (finished cells are on disk).
 
-    **Returns:** `{(env name, label): Run}` in the order of `cells`.
+    **Returns:** `{(env name, label): Run}` in the order of `cells` (with `check=True`,
+    `{(env name, label): state}`).
 
     **Example:**
 
@@ -137,7 +138,9 @@ def run_study(
             failed.append((cell.name, error))
             continue
         print(f"[{name}] {cell.name}: {status}")
-        if not check and (root / cell.name / "config.json").exists():  # (re-stamped or none)
+        if check:
+            runs[cell.env.name, cell.label] = status
+        elif (root / cell.name / "config.json").exists():  # (re-stamped or none)
             runs[cell.env.name, cell.label] = load_run(root / cell.name)
     if failed:
         listing = "; ".join(f"{c}: {type(e).__name__}: {e}" for c, e in failed)

@@ -15,7 +15,8 @@ def format_summary(
     table: dict, *, provenance: dict | None = None, command: str | None = None
 ) -> str:
     """`summary`'s numbers as text: a provenance header (`# ` lines: the command, commit,
-    date, versions, machine, protocol), then three tables: final scores, steps and seconds
+    date, versions, machine, protocol; with `table["stale"]`, whether the cells hold the
+    current code's key: None not checked, else the stale cells' names), then three tables: final scores, steps and seconds
     to each reference's final score, and tuning and cost.
 
     **Example:**
@@ -62,6 +63,15 @@ def _header(table: dict, provenance: dict | None, command: str | None) -> str:
         lines.append(
             "# cells trained at: " + ", ".join(f"{k} ({n} cells)" for k, n in trained_at.items())
         )
+    if "stale" in table:  # whether the cells hold the current code's key (a study's --check)
+        stale = table["stale"]
+        if stale is None:
+            lines.append("# cell keys: not checked against the current code")
+        else:
+            lines.append(
+                "# cell keys: "
+                + (f"stale (saved under another key): {', '.join(stale)}" if stale else "current")
+            )
     seeds = sorted({c["seeds"] for c in cells})
     tuned = {(c["tuning"]["configs"], c["tuning"]["tuning_seeds"]) for c in cells if c["tuning"]}
     search = "; ".join(f"{n} configurations x {t} tuning seeds" for n, t in sorted(tuned)) or "none"
