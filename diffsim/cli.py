@@ -49,8 +49,7 @@ def _parser(
     known = strategies() if load_strategies else {}
     for name, cls in {**known, **(user or {})}.items():
         add_train_parser(kinds, name, cls)
-    _add_study_plot_parsers(commands)
-    _add_render_parser(commands)
+    _add_results_parsers(commands)
     commands.add_parser(
         "envs",
         help="list environments with observation and action sizes",
@@ -59,7 +58,8 @@ def _parser(
     return parser
 
 
-def _add_study_plot_parsers(commands) -> None:
+def _add_results_parsers(commands) -> None:
+    """`study`, `plot` and `render`: the commands that make results and show them."""
     study = commands.add_parser(
         "study",
         help="run a study script (a path, or a name such as compare)",
@@ -87,8 +87,6 @@ def _add_study_plot_parsers(commands) -> None:
     plot.add_argument("-o", "--output", required=True, help="figure file (.png, .pdf, ...)")
     plot.add_argument("--x", choices=["env_steps", "wall_time", "final"], default="env_steps")
 
-
-def _add_render_parser(commands) -> None:
     render = commands.add_parser(
         "render",
         help="watch a saved run's policy: one episode as .gif, .mp4, .png strip or .html",

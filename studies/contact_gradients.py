@@ -135,30 +135,73 @@ def train(env, remedy: dict, seeds: int) -> dict:
     }
 
 
+def cases(names, remedies: dict, plain_only=()):
+    """`(env name, env, label, remedy)` for each env of `names` (built when its first case is
+    due) and each of `remedies` that applies to it: smoothing on spring bodies only, and
+    nothing but the plain window on the envs of `plain_only`."""
+    for name in names:
+        env = diffsim.make_env(name)
+        for label, remedy in remedies.items():
+            if ("contact_smoothing" in remedy and name not in SPRING) or (
+                name in plain_only and remedy
+            ):
+                continue
+            yield name, env, label, remedy
+
+
+def write_rows(out: str, name: str, head: str, rows, provenance, command) -> Path:
+    """`head`, then each line of `rows`, printed and written with the provenance to
+    `out/contact/name` as it lands (a crash later loses no finished row); that path."""
+    path = Path(out) / "contact" / name
+    lines = [head]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for line in rows:
+        lines.append(line)
+        print(line, flush=True)
+        path.write_text(provenance_header(provenance, command) + "\n\n" + "\n".join(lines) + "\n")
+    return path
+
+
 def train_rows(args, provenance, command) -> None:
     """`--train`: one row per env and remedy of `TRAINED`, written as it lands."""
-    lines = [
+    head = (
         f"{'env':<13}{'remedy':<13}{'untrained':>11}{'final per seed':>22}{'max grad norm':>15}"
         f"{'median':>9}{'max step norm':>15}{'skipped':>9}{'train s':>9}"
-    ]
-    path = Path(args.out) / "contact" / "remedies_training.txt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for name in args.envs:
-        env = diffsim.make_env(name)
-        for label, remedy in TRAINED.items():
-            if "contact_smoothing" in remedy and name not in SPRING:
-                continue
+    )
+
+    def rows():
+        for name, env, label, remedy in cases(args.envs, TRAINED):
             m = train(env, remedy, args.seeds)
             finals = " ".join(f"{x:.1f}" for x in m["final"])
-            lines.append(
+            yield (
                 f"{name:<13}{label:<13}{m['untrained'].mean():>11.1f}{finals:>22}"
                 f"{m['grad_norm_max']:>15.3g}{m['grad_norm_median']:>9.3g}"
                 f"{m.get('step_norm_max', np.nan):>15.3g}{m['skipped']:>9.1%}{m['seconds']:>9.0f}"
             )
-            print(lines[-1], flush=True)
-            path.write_text(
-                provenance_header(provenance, command) + "\n\n" + "\n".join(lines) + "\n"
+
+    write_rows(args.out, "remedies_training.txt", head, rows(), provenance, command)
+
+
+def measure_rows(args, provenance, command) -> None:
+    """One row per env and remedy of `REMEDIES` (`measure`), written as it lands; then the
+    whole table."""
+    head = (
+        f"{'env':<17}{'remedy':<13}{'max grad norm':>15}{'max step norm':>15}"
+        f"{'median step norm':>18}{'non-finite':>12}{'seconds':>9}"
+    )
+
+    def rows():
+        for name, env, label, remedy in cases(args.envs, REMEDIES, PLAIN_ONLY):
+            tic = time.perf_counter()
+            m = measure(env, remedy, args.windows)
+            yield (
+                f"{name:<17}{label:<13}{m['max_norm']:>15.3g}{m['step_max']:>15.3g}"
+                f"{m['step_median']:>18.3g}{m['nonfinite']:>12}"
+                f"{time.perf_counter() - tic:>9.0f}"
             )
+
+    path = write_rows(args.out, "gradients_by_remedy.txt", head, rows(), provenance, command)
+    print(path.read_text())
 
 
 def main() -> None:
@@ -180,31 +223,7 @@ def main() -> None:
         args.envs = args.envs or ["halfcheetah"]
         return train_rows(args, provenance, command)
     args.envs = args.envs or envs
-    lines = [
-        f"{'env':<17}{'remedy':<13}{'max grad norm':>15}{'max step norm':>15}"
-        f"{'median step norm':>18}{'non-finite':>12}{'seconds':>9}"
-    ]
-    path = Path(args.out) / "contact" / "gradients_by_remedy.txt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for name in args.envs:
-        env = diffsim.make_env(name)
-        for label, remedy in REMEDIES.items():
-            if ("contact_smoothing" in remedy and name not in SPRING) or (
-                name in PLAIN_ONLY and remedy
-            ):
-                continue
-            tic = time.perf_counter()
-            m = measure(env, remedy, args.windows)
-            lines.append(
-                f"{name:<17}{label:<13}{m['max_norm']:>15.3g}{m['step_max']:>15.3g}"
-                f"{m['step_median']:>18.3g}{m['nonfinite']:>12}"
-                f"{time.perf_counter() - tic:>9.0f}"
-            )
-            print(lines[-1], flush=True)
-            # each row as it lands: a crash later loses nothing finished
-            text = provenance_header(provenance, command) + "\n\n" + "\n".join(lines) + "\n"
-            path.write_text(text)
-    print(path.read_text())
+    measure_rows(args, provenance, command)
 
 
 if __name__ == "__main__":

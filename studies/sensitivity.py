@@ -60,7 +60,7 @@ SWEEPS = {
 TIMED = ("pendulum", "PPO", "learning_rate")  # the grid also run one config at a time
 
 
-def main():
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--out", default="results")
@@ -72,6 +72,11 @@ def main():
         action="store_true",
         help="report the sweeps already saved, train nothing (the rest are listed as not run)",
     )
+    return parser
+
+
+def main():
+    parser = _parser()
     args = parser.parse_args()
     provenance, command = start(parser, args)
 

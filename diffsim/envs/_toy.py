@@ -35,9 +35,7 @@ class Reach(AbstractEnv):
     ```
     """
 
-    default_episode_length = 100
-    obs_size = 6
-    act_size = 2
+    obs_size, act_size, default_episode_length = 6, 2, 100
     dt, max_accel, damping = 0.05, 4.0, 1.0
 
     def init(self, key: jax.Array) -> PhysState:
@@ -74,9 +72,7 @@ class Pendulum(AbstractEnv):
     ```
     """
 
-    default_episode_length = 200
-    obs_size = 3
-    act_size = 1
+    obs_size, act_size, default_episode_length = 3, 1, 200
     dt, gravity, length, mass, max_torque = 0.05, 10.0, 1.0, 1.0, 2.0
 
     def init(self, key: jax.Array) -> PhysState:
@@ -119,9 +115,7 @@ class Ball(AbstractEnv):
     ```
     """
 
-    default_episode_length = 60
-    obs_size = 8
-    act_size = 2
+    obs_size, act_size, default_episode_length = 8, 2, 60
     dt, gravity, max_accel, throw_steps = 0.05, 9.8, 30.0, 10
 
     def init(self, key: jax.Array) -> PhysState:

@@ -225,7 +225,7 @@ class AHAC(AbstractWindowStrategy[AHACState], AbstractEnsembleCritic):
             key=rollout_key,
         )
         grad, policy, policy_opt, traj = actor.grad, actor.policy, actor.opt_state, actor.traj
-        fit = self._update_ensemble(state.critic, traj, grad.kept, grad.ok, key=critic_key)
+        fit = self._update_critic(state.critic, traj, grad.kept, grad.ok, key=critic_key)
         policy = update_normalizers_from(policy, traj, grad.kept, fit.ok)
         # The horizon's dual step, and the statistics of the per-env losses.
         signal = jnp.swapaxes(grad.window.env_state.info[SIGNAL], 0, 1).astype(jnp.float32)

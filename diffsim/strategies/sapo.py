@@ -241,7 +241,7 @@ class SAPO(AbstractWindowStrategy[SAPOState], AbstractEnsembleCritic):
         entropy = jnp.where(grad.kept[None] & jnp.isfinite(entropy), entropy, 0.0)
         bonus = self._bonus(entropy, alpha, env.action_size)
         soft = eqx.tree_at(lambda t: t.reward, traj, traj.reward + bonus)
-        fit = self._update_ensemble(state.critic, soft, grad.kept, grad.ok, key=critic_key)
+        fit = self._update_critic(state.critic, soft, grad.kept, grad.ok, key=critic_key)
         policy = update_normalizers_from(policy, traj, grad.kept, fit.ok)
         # The temperature: alpha grows while the entropy is below the target.
         target = -self.target_entropy_scale * env.action_size

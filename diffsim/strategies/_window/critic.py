@@ -1,18 +1,16 @@
-"""SHAC's critic: one update, shared by `SHAC` and GuidedES's `SHACWindow` through
-`AbstractSHACCritic`.
+"""The critics' update (`AbstractCriticFit._update_critic`, with the observation
+statistics): SHAC's, shared by `SHAC` and GuidedES's `SHACWindow` (`AbstractSHACCritic`),
+and the ensembles of `AHAC` and `SAPO` (`ensemble.py`).
 
-The critic `V` fits TD(lambda) targets computed on a window with the target critic `V'`
-(`critic_batch`) for `epochs x minibatches` Adam steps on `0.5 (V - G)^2` (`fit_critic`),
-then `V' <- target_alpha V' + (1 - target_alpha) V` (`polyak`).
-`AbstractSHACCritic._update_critic` is the whole update, with the observation statistics.
-`critic_batch` and `fit_critic` also serve the ensembles of `AHAC` and `SAPO`
-(`_ensemble_critic.py`): a critic whose output has a trailing axis of `K` critics fits
-every one of them to the same targets.
+The critic `V` fits TD(lambda) targets computed on a window (`critic_batch`; SHAC's with
+the target critic `V'`) for `epochs x minibatches` Adam steps on `0.5 (V - G)^2`
+(`fit_critic`; an output with a trailing axis of `K` critics fits each to the same
+targets), then SHAC's `V' <- target_alpha V' + (1 - target_alpha) V` (`polyak`).
 """
 
 import abc
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, TypeVar
 
 import equinox as eqx
 import jax
@@ -32,7 +30,18 @@ from .window import Window, WindowSpec, shac_window_losses, update_normalizers_f
 CriticT = TypeVar("CriticT", bound=eqx.Module)
 
 
-class Critic(eqx.Module):
+class AbstractCritic(eqx.Module):
+    """A critic as a strategy's state holds it: the trained `value` and its optimiser
+    state `opt_state` (a final class may hold more, e.g. SHAC's target critic)."""
+
+    value: AbstractVar[Any]
+    opt_state: AbstractVar[optax.OptState]
+
+
+StateT = TypeVar("StateT", bound=AbstractCritic)
+
+
+class Critic(AbstractCritic):
     """SHAC's critic: `value` (trained), its Polyak-averaged `target` (the bootstrap) and
     the optimiser state of `value`."""
 
@@ -120,16 +129,53 @@ def fit_critic(
     return value, opt_state, jnp.mean(losses)
 
 
-class AbstractCriticFit(eqx.Module):
-    """The fit of a window's critic data that SHAC's critic and the ensembles of `AHAC` and
-    `SAPO` share: `critic_epochs x critic_minibatches` steps of `_critic_optimizer`."""
+class CriticUpdate(eqx.Module, Generic[StateT]):
+    """The result of a critic update: the new `critic`, the mean `loss` of its fit, and `ok`
+    (False where the window or its targets were not finite: nothing changed)."""
 
+    critic: StateT
+    loss: Float[Array, ""]
+    ok: Bool[Array, ""]
+
+
+class AbstractCriticFit(eqx.Module, Generic[StateT]):
+    """What SHAC's critic and the ensembles share, from the settings the final class
+    declares: `discount`, `gae_lambda`, `critic_epochs`, `critic_minibatches` (dividing
+    `num_envs * horizon`), `critic_learning_rate`, the critic's optimiser
+    (`_critic_optimizer`), its data (`_critic_batch`) and what follows a fit (`_fitted`)."""
+
+    num_envs: AbstractVar[int]
+    horizon: AbstractVar[int]
+    discount: AbstractVar[float]
+    gae_lambda: AbstractVar[float]
     critic_epochs: AbstractVar[int]
     critic_minibatches: AbstractVar[int]
+    critic_learning_rate: AbstractVar[float | Callable[[Array], Array]]
+
+    def __check_init__(self):
+        helpers.learning_rate("critic_learning_rate", self.critic_learning_rate)
+        helpers.in_range("discount", self.discount, 0.0, 1.0, low_open=True)
+        helpers.in_range("gae_lambda", self.gae_lambda, 0.0, 1.0)
+        helpers.positive_int("critic_epochs", self.critic_epochs)
+        helpers.positive_int("critic_minibatches", self.critic_minibatches)
+        if (self.num_envs * self.horizon) % self.critic_minibatches:
+            raise ValueError(
+                f"critic_minibatches={self.critic_minibatches} must divide num_envs * horizon"
+                f" = {self.num_envs * self.horizon}"
+            )
 
     @abc.abstractmethod
     def _critic_optimizer(self) -> optax.GradientTransformation:
         """The critic's optimiser."""
+
+    @abc.abstractmethod
+    def _critic_batch(self, critic: StateT, traj: Trajectory, kept) -> CriticBatch:
+        """What `critic.value` fits on a window: TD(lambda) targets (`critic_batch`)."""
+
+    @abc.abstractmethod
+    def _fitted(self, critic: StateT, value, opt_state, traj: Trajectory, kept, ok) -> StateT:
+        """The new critic from the fitted `value` and its `opt_state` (both unchanged unless
+        `ok`), the observation statistics taking in the window's observations where `ok`."""
 
     def _new_opt_state(self, value: eqx.Module) -> optax.OptState:
         """`_critic_optimizer`'s state for the trainable leaves of `value`."""
@@ -153,6 +199,22 @@ class AbstractCriticFit(eqx.Module):
         )
         return value, opt_state, loss, ok
 
+    def _update_critic(
+        self,
+        critic: StateT,
+        traj: Trajectory,
+        kept: Bool[Array, " B"],
+        ok: Bool[Array, ""],
+        *,
+        key: PRNGKeyArray,
+    ) -> CriticUpdate[StateT]:
+        """One critic update on a window's data `traj` (not differentiated; in the carried
+        dtype; its `reward` what the critic should value), its envs `kept`, unless not `ok`:
+        the fit of `critic.value` to `_critic_batch`, then `_fitted`."""
+        batch = self._critic_batch(critic, traj, kept)
+        value, opt_state, loss, ok = self._fit(critic.value, critic.opt_state, batch, ok, key=key)
+        return CriticUpdate(self._fitted(critic, value, opt_state, traj, kept, ok), loss, ok)
+
 
 def polyak(target: ValueFunction, value: ValueFunction, alpha) -> ValueFunction:
     """`alpha * target + (1 - alpha) * value` on the trainable leaves; the rest from `value`."""
@@ -165,46 +227,20 @@ def polyak(target: ValueFunction, value: ValueFunction, alpha) -> ValueFunction:
     return eqx.combine(mixed, eqx.filter(value, spec, inverse=True))
 
 
-class CriticUpdate(eqx.Module):
-    """The result of a critic update: the new `critic`, the mean `loss` of its fit, and `ok`
-    (False where the window or its targets were not finite: nothing changed)."""
-
-    critic: Critic
-    loss: Float[Array, ""]
-    ok: Bool[Array, ""]
-
-
-class AbstractSHACCritic(AbstractCriticFit):
+class AbstractSHACCritic(AbstractCriticFit[Critic]):
     """SHAC's actor loss and critic, from the settings the final class (`SHAC`,
-    `SHACWindow`) declares as fields: `discount`, `gae_lambda`, `target_alpha`,
-    `critic_epochs`, `critic_minibatches` (dividing `num_envs * horizon`),
-    `critic_learning_rate`, `reward_scale`, `value_hidden`, `value_activation`, and the
-    critic's optimiser (`_critic_optimizer`)."""
+    `SHACWindow`) declares as fields: those of `AbstractCriticFit`, `target_alpha`,
+    `reward_scale`, `value_hidden` and `value_activation`."""
 
-    num_envs: AbstractVar[int]
-    horizon: AbstractVar[int]
-    discount: AbstractVar[float]
-    gae_lambda: AbstractVar[float]
     target_alpha: AbstractVar[float]
-    critic_epochs: AbstractVar[int]
-    critic_minibatches: AbstractVar[int]
-    critic_learning_rate: AbstractVar[float | Callable[[Array], Array]]
     reward_scale: AbstractVar[float]
     value_hidden: AbstractVar[tuple[int, ...]]
     value_activation: AbstractVar[str]
 
     def __check_init__(self):
-        helpers.learning_rate("critic_learning_rate", self.critic_learning_rate)
-        if self.value_activation not in ACTIVATIONS:
-            raise ValueError(
-                f"value_activation must be one of {sorted(ACTIVATIONS)}, got"
-                f" {self.value_activation!r}"
-            )
-        helpers.in_range("discount", self.discount, 0.0, 1.0, low_open=True)
-        helpers.in_range("gae_lambda", self.gae_lambda, 0.0, 1.0)
+        check_activation(self.value_activation, ACTIVATIONS)
         helpers.in_range("target_alpha", self.target_alpha, 0.0, 1.0)
         helpers.positive("reward_scale", self.reward_scale)
-        check_critic_fit(self.critic_epochs, self.critic_minibatches, self.num_envs * self.horizon)
 
     def _new_critic(self, env: Env, *, key: PRNGKeyArray) -> Critic:
         """A fresh `ValueFunction` as both critics, and its optimiser state."""
@@ -238,20 +274,9 @@ class AbstractSHACCritic(AbstractCriticFit):
             reward_scale=self.reward_scale,
         )
 
-    def _update_critic(
-        self,
-        critic: Critic,
-        traj: Trajectory,
-        kept: Bool[Array, " B"],
-        ok: Bool[Array, ""],
-        *,
-        key: PRNGKeyArray,
-    ) -> CriticUpdate:
-        """One critic update on a window's data `traj` (not differentiated; in the carried
-        dtype), its envs `kept`, unless not `ok`: TD(lambda) targets of `critic.target`,
-        the fit of `critic.value`, Polyak averaging, then both critics' observation
-        statistics take in the window's observations (the target shares the value's)."""
-        batch = critic_batch(
+    def _critic_batch(self, critic: Critic, traj: Trajectory, kept) -> CriticBatch:
+        """TD(lambda) targets of `critic.target` (`V'`), the rewards scaled by `reward_scale`."""
+        return critic_batch(
             critic.target,
             traj,
             kept,
@@ -259,19 +284,17 @@ class AbstractSHACCritic(AbstractCriticFit):
             gae_lambda=self.gae_lambda,
             reward_scale=self.reward_scale,
         )
-        value, opt_state, loss, ok = self._fit(critic.value, critic.opt_state, batch, ok, key=key)
+
+    def _fitted(self, critic: Critic, value, opt_state, traj: Trajectory, kept, ok) -> Critic:
+        """Polyak averaging, then both critics' observation statistics (the target shares the
+        value's) take in the window's observations."""
         target = select(ok, polyak(critic.target, value, self.target_alpha), critic.target)
         value = update_normalizers_from(value, traj, kept, ok)
         target = eqx.tree_at(lambda v: v.norm, target, value.norm)
-        return CriticUpdate(Critic(value=value, target=target, opt_state=opt_state), loss, ok)
+        return Critic(value=value, target=target, opt_state=opt_state)
 
 
-def check_critic_fit(epochs, minibatches, window_steps: int) -> None:
-    """Refuse, naming the value, a critic fit of `epochs` over `minibatches` minibatches
-    that is not positive or does not divide a window's `window_steps` samples."""
-    helpers.positive_int("critic_epochs", epochs)
-    helpers.positive_int("critic_minibatches", minibatches)
-    if window_steps % minibatches:
-        raise ValueError(
-            f"critic_minibatches={minibatches} must divide num_envs * horizon = {window_steps}"
-        )
+def check_activation(name: str, valid: Mapping) -> None:
+    """Refuse, naming it, a `value_activation` that is not a name in `valid`."""
+    if name not in valid:
+        raise ValueError(f"value_activation must be one of {sorted(valid)}, got {name!r}")

@@ -3,7 +3,7 @@ the activation) and `SAPO` (2, SiLU, LayerNorm before it).
 
 `ValueEnsemble` holds `K` critics `V_k(obs)` over one shared observation normaliser (their
 parameters stacked on a leading axis, evaluated with `eqx.filter_vmap`). One update
-(`AbstractEnsembleCritic._update_ensemble`) computes TD(lambda) targets on a window with the
+(`AbstractCriticFit._update_critic`) computes TD(lambda) targets on a window with the
 current critics' minimum (`critic_batch`, no target critic), fits every critic to them for
 `epochs x minibatches` optimiser steps (`fit_critic`, the loss the mean over critics), then
 lets the normaliser take in the window's observations.
@@ -18,12 +18,12 @@ import jax.numpy as jnp
 import jax.random as jr
 import optax
 from equinox import AbstractVar
-from jaxtyping import Array, Bool, Float, PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray
 
 from ..._types import Env, Trajectory
 from ...policies import ACTIVATIONS, RunningNorm
 from .. import helpers
-from .critic import AbstractCriticFit, check_critic_fit, critic_batch
+from .critic import AbstractCritic, AbstractCriticFit, CriticBatch, check_activation, critic_batch
 from .window import update_normalizers_from
 
 
@@ -113,54 +113,29 @@ class ValueEnsemble(eqx.Module):
         return jnp.mean(self(obs))
 
 
-class EnsembleCritic(eqx.Module):
+class EnsembleCritic(AbstractCritic):
     """The critics (`value`) and their optimiser state."""
 
     value: ValueEnsemble
     opt_state: optax.OptState
 
 
-class EnsembleUpdate(eqx.Module):
-    """The new `critic`, the mean `loss` of its fit, and `ok` (False where the window or its
-    targets were not finite: nothing changed)."""
+class AbstractEnsembleCritic(AbstractCriticFit[EnsembleCritic]):
+    """An ensemble critic from the settings the final class (`AHAC`, `SAPO`) declares: those
+    of `AbstractCriticFit`, `num_critics`, `value_hidden`, `value_activation` (a name in
+    `CRITIC_ACTIVATIONS`), `value_layer_norm` and the place of the LayerNorm
+    (`_norm_after_activation`). Its targets bootstrap from the critics' minimum."""
 
-    critic: EnsembleCritic
-    loss: Float[Array, ""]
-    ok: Bool[Array, ""]
-
-
-class AbstractEnsembleCritic(AbstractCriticFit):
-    """An ensemble critic from the settings the final class (`AHAC`, `SAPO`) declares:
-    `num_critics`, `value_hidden`, `value_activation` (a name in `CRITIC_ACTIVATIONS`),
-    `value_layer_norm`, `discount`, `gae_lambda`, `critic_epochs`, `critic_minibatches`
-    (dividing `num_envs * horizon`), `critic_learning_rate`, the place of the LayerNorm
-    (`_norm_after_activation`) and the critic's optimiser (`_critic_optimizer`)."""
-
-    num_envs: AbstractVar[int]
-    horizon: AbstractVar[int]
     num_critics: AbstractVar[int]
     value_hidden: AbstractVar[tuple[int, ...]]
     value_activation: AbstractVar[str]
     value_layer_norm: AbstractVar[bool]
-    discount: AbstractVar[float]
-    gae_lambda: AbstractVar[float]
-    critic_epochs: AbstractVar[int]
-    critic_minibatches: AbstractVar[int]
-    critic_learning_rate: AbstractVar[float | Callable[[Array], Array]]
 
     def __check_init__(self):
         helpers.positive_int("num_critics", self.num_critics)
-        if self.value_activation not in CRITIC_ACTIVATIONS:
-            raise ValueError(
-                f"value_activation must be one of {sorted(CRITIC_ACTIVATIONS)}, got"
-                f" {self.value_activation!r}"
-            )
+        check_activation(self.value_activation, CRITIC_ACTIVATIONS)
         if not isinstance(self.value_layer_norm, bool):
             raise ValueError(f"value_layer_norm must be a bool, got {self.value_layer_norm!r}")
-        helpers.learning_rate("critic_learning_rate", self.critic_learning_rate)
-        helpers.in_range("discount", self.discount, 0.0, 1.0, low_open=True)
-        helpers.in_range("gae_lambda", self.gae_lambda, 0.0, 1.0)
-        check_critic_fit(self.critic_epochs, self.critic_minibatches, self.num_envs * self.horizon)
 
     @property
     @abc.abstractmethod
@@ -172,29 +147,24 @@ class AbstractEnsembleCritic(AbstractCriticFit):
         value = ValueEnsemble(
             env.observation_size,
             num=self.num_critics,
+            key=key,
             hidden=self.value_hidden,
             activation=self.value_activation,
             layer_norm=self.value_layer_norm,
             norm_after_activation=self._norm_after_activation,
-            key=key,
         )
         return EnsembleCritic(value=value, opt_state=self._new_opt_state(value))
 
-    def _update_ensemble(
-        self,
-        critic: EnsembleCritic,
-        traj: Trajectory,
-        kept: Bool[Array, " B"],
-        ok: Bool[Array, ""],
-        *,
-        key: PRNGKeyArray,
-    ) -> EnsembleUpdate:
-        """One update on a window's data `traj` (not differentiated; its `reward` what the
-        critics should value), its envs `kept`, unless not `ok`: TD(lambda) targets of the
-        critics' minimum, every critic's fit, then the normaliser's update."""
-        batch = critic_batch(
+    def _critic_batch(self, critic: EnsembleCritic, traj: Trajectory, kept) -> CriticBatch:
+        """TD(lambda) targets of the critics' minimum (no target critic)."""
+        return critic_batch(
             critic.value.min, traj, kept, discount=self.discount, gae_lambda=self.gae_lambda
         )
-        value, opt_state, loss, ok = self._fit(critic.value, critic.opt_state, batch, ok, key=key)
+
+    def _fitted(
+        self, critic: EnsembleCritic, value, opt_state, traj: Trajectory, kept, ok
+    ) -> EnsembleCritic:
+        """The shared normaliser takes in the window's observations."""
+        del critic
         value = update_normalizers_from(value, traj, kept, ok)
-        return EnsembleUpdate(EnsembleCritic(value=value, opt_state=opt_state), loss, ok)
+        return EnsembleCritic(value=value, opt_state=opt_state)
