@@ -5,6 +5,7 @@
                                  [--strategies PPO APG SHAC ES GuidedES]
                                  [--seeds 5] [--configs 3] [--tuning-seeds 2]
                                  [--out results] [--figures figures] [--allow-dirty]
+    python studies/dm_control.py --report-only [--check]   # tables of the finished cells
     python studies/dm_control.py --throughput   # MJX against Brax spring, forward steps/s
 
 MuJoCo Playground's DM Control Suite envs (`diffsim.make_env("WalkerWalk")`: MJX's JAX
@@ -117,9 +118,7 @@ def skipped_updates(root: Path) -> str:
 
 
 def main() -> None:
-    parser = compare.grid_parser(
-        __doc__, BUDGETS, contenders, seeds=5, configs=3, report_only=False
-    )
+    parser = compare.grid_parser(__doc__, BUDGETS, contenders, seeds=5, configs=3)
     parser.add_argument("--throughput", action="store_true", help="only the MJX/Brax timing")
     args = parser.parse_args()
     provenance, command = compare.start(parser, args)
@@ -130,9 +129,10 @@ def main() -> None:
         (root / "throughput.txt").write_text(text + "\n")
         print(text)
         return
+    runs = compare.grid_runs("dm_control", args, contenders, cells, num_evals=11)
     grid = cells(args.envs, args.strategies, args.configs)
-    runs = compare.train("dm_control", grid, args, num_evals=11)
-    compare.write_table(runs, root, provenance, command)
+    stale = compare.stale_cells("dm_control", grid, args, num_evals=11)
+    compare.write_table(runs, root, provenance, command, stale=stale)
     skipped = skipped_updates(root)
     compare.write_text(root / "skipped.txt", skipped, provenance, command)
     print(skipped)
