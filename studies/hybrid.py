@@ -2,6 +2,7 @@
 
     python studies/hybrid.py [--seeds 10] [--configs 5] [--tuning-seeds 2] [--out results]
                              [--figures figures] [--allow-dirty]
+    python studies/hybrid.py --report-only [--check]   # tables of the finished cells
 
 The contenders of the main study (`studies/compare.py`: the same settings, the same
 learning-rate search and protocol, so its finished cells in <out>/compare are reused) plus
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 
 import diffsim
+from diffsim.study import load_study
 
 sys.path.insert(0, str(Path(__file__).parent))
 import compare  # noqa: E402  (the main study's contenders, search and options)
@@ -37,12 +39,18 @@ def contenders(env):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     compare.protocol_arguments(parser, seeds=10, configs=5)
+    compare.report_only_argument(parser)
     args = parser.parse_args()
     provenance, command = compare.start(parser, args)
 
     grid = compare.cells(BUDGETS, args.configs, contenders)
-    runs = compare.train("hybrid", grid, args, num_evals=11, reuse=[Path(args.out) / "compare"])
-    compare.write_table(runs, Path(args.out) / "hybrid", provenance, command, ("PPO", "ES"))
+    root = Path(args.out) / "hybrid"
+    if args.report_only:
+        runs = load_study(root)
+    else:
+        runs = compare.train("hybrid", grid, args, num_evals=11, reuse=[Path(args.out) / "compare"])
+    stale = compare.stale_cells("hybrid", grid, args, num_evals=11)
+    compare.write_table(runs, root, provenance, command, ("PPO", "ES"), stale=stale)
     compare.save_figures(runs, "hybrid", args.figures)
 
 
