@@ -165,15 +165,15 @@ class MyStrat(diffsim.AbstractStrategy[MyState]):
     sweepable: ClassVar[tuple[str, ...]] = ("learning_rate",)
 
     @property
-    def batch_size(self):
+    def batch_size(self) -> int:
         return self.num_envs
 
     @property
-    def steps_per_iteration(self):
+    def steps_per_iteration(self) -> int:
         return self.batch_size * self.horizon
 
     @property
-    def min_steps_per_iteration(self):
+    def min_steps_per_iteration(self) -> int:
         return self.steps_per_iteration
 
     def check(self, env, policy):
