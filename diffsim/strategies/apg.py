@@ -139,16 +139,6 @@ class APG(AbstractWindowStrategy[APGState]):
         window = self.window(env, policy, env_state, key=key)
         return apg_loss(window.traj), window
 
-    def loss(
-        self, env: Env, policy: eqx.Module, env_state: State, *, key: PRNGKeyArray
-    ) -> tuple[Float[Array, ""], Window]:
-        """The window loss `-mean(reward)` over `H x B` steps, and the window itself.
-
-        Differentiable in `policy`; exactly zero gradient to `env_state` (the truncation).
-        """
-        losses, window = self.env_losses(env, policy, env_state, key=key)
-        return jnp.mean(losses), window
-
     def step(self, env: Env, state: APGState, *, key: PRNGKeyArray) -> tuple[APGState, Metrics]:
         actor = self._actor_update(
             lambda policy, env_state, key: self.env_losses(env, policy, env_state, key=key),

@@ -173,23 +173,6 @@ class SHAC(AbstractWindowStrategy[SHACState], AbstractSHACCritic):
         as `V'`, and the window."""
         return self._actor_losses(self.window, env, policy, critic, env_state, key=key)
 
-    def loss(
-        self,
-        env: Env,
-        policy: eqx.Module,
-        critic: ValueFunction,
-        env_state: State,
-        *,
-        key: PRNGKeyArray,
-    ) -> tuple[Float[Array, ""], Window]:
-        """The actor's window loss (the equation above) with `critic` as `V'`, and the window.
-
-        Differentiable in `policy` (through the simulator and `critic`'s input); exactly
-        zero gradient to `env_state` and to `critic`'s parameters.
-        """
-        losses, window = self.env_losses(env, policy, critic, env_state, key=key)
-        return jnp.mean(losses), window
-
     def step(self, env: Env, state: SHACState, *, key: PRNGKeyArray) -> tuple[SHACState, Metrics]:
         rollout_key, critic_key = jr.split(key)
         # Actor: gradient of the window loss, bootstrapped with the target critic.

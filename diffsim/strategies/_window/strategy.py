@@ -1,6 +1,7 @@
 """`AbstractWindowStrategy`: what `APG`, `SHAC`, `AHAC` and `SAPO` share, a policy trained
 on the gradient of a differentiable window with clipped Adam."""
 
+import abc
 import dataclasses
 from typing import Any
 
@@ -21,7 +22,7 @@ from .env import carried_dtype
 from .gradient import LossFn, WindowGradient, window_gradient
 from .options import UpdateOptions
 from .valve import step_norm_stats
-from .window import AbstractWindowed, clipped_adam
+from .window import AbstractWindowed, Window, clipped_adam
 
 WINDOW_SWEEPABLE = ("max_grad_norm", "valve_max_norm")
 """The float fields every window strategy declares and `train_sweep` may vary: the
@@ -55,8 +56,8 @@ class AbstractWindowStrategy(AbstractStrategy[StrategyState], AbstractWindowed):
     (`_optimizer`, decayed over the budget with `lr_decay`) and takes the window's
     gradient (`_gradient`, per env with `mask_nonfinite_envs`), one guarded update
     (`_actor_update`) and its statistics (`_gradient_metrics`). A final class adds its
-    fields, `sweepable`, `check`, `for_budget`, `init`, `step` and `policy`
-    (`docs/guides/extending.md`).
+    fields, `sweepable`, `check`, `for_budget`, `init`, `step`, `policy` and `env_losses`
+    (`docs/guides/extending.md`); `loss`, their mean, is shared.
     """
 
     max_grad_norm: AbstractVar[float]
@@ -83,6 +84,28 @@ class AbstractWindowStrategy(AbstractStrategy[StrategyState], AbstractWindowed):
         """`self`: a window's settings do not depend on the env (its checks are `check`'s)."""
         del env
         return self
+
+    @abc.abstractmethod
+    def env_losses(
+        self, env: Env, policy: eqx.Module, *args: Any, key: PRNGKeyArray
+    ) -> tuple[Float[Array, " B"], Window]:
+        """Each env's window loss and the window: `policy` plays `horizon` steps from an
+        env state among `args` (the final class's signature says which, with its critics or
+        temperature)."""
+
+    def loss(
+        self, env: Env, policy: eqx.Module, *args: Any, key: PRNGKeyArray
+    ) -> tuple[Float[Array, ""], Window]:
+        """The window loss: the mean over envs of `env_losses(env, policy, *args, key=key)`,
+        and the window.
+
+        Differentiable in `policy` (through the simulator and a critic's input); exactly
+        zero gradient to the env state (the truncation) and to a critic's parameters.
+
+        **Example:** `value, window = shac.loss(env, policy, critic, env_state, key=key)`.
+        """
+        losses, window = self.env_losses(env, policy, *args, key=key)
+        return jnp.mean(losses), window
 
     def _decayed(self, learning_rate, updates_per_iteration: int = 1):
         """`learning_rate` decayed with `lr_decay` over `lr_decay_steps` env steps
