@@ -1,8 +1,10 @@
-"""JAX settings diffsim uses: the persistent compilation cache (turned on at import, the
-one process-wide setting `import diffsim` makes) and the XLA compiler options diffsim's own
-programs are compiled with (per program, never through `XLA_FLAGS`)."""
+"""The process settings diffsim uses: the persistent compilation cache (turned on at import,
+the one JAX setting `import diffsim` makes), the XLA compiler options diffsim's own programs
+are compiled with (per program, never through `XLA_FLAGS`), and MuJoCo's headless OpenGL
+backend (`default_gl`)."""
 
 import contextlib
+import ctypes.util
 import functools
 import importlib
 import io
@@ -15,7 +17,26 @@ from typing import Any
 
 import jax
 
-from . import _gl  # noqa: F401  (sets MUJOCO_GL=egl when headless, before brax imports mujoco)
+
+def default_gl() -> str | None:
+    """The `MUJOCO_GL` value diffsim would choose here (`"egl"` or None).
+
+    MuJoCo chooses its GL backend once, when `mujoco` is first imported (Brax imports it),
+    from `$MUJOCO_GL`. Its default, GLFW, needs a display. On a Linux machine without one
+    and with an EGL library installed, diffsim sets `MUJOCO_GL=egl` (GPU or Mesa EGL, no
+    display needed) when this module is imported, before Brax imports MuJoCo, so
+    `diffsim.render` works headless. A value set by the user is kept, and nothing is
+    changed when `mujoco` was imported before diffsim.
+    """
+    if sys.platform != "linux" or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
+        return None
+    if os.environ.get("PYOPENGL_PLATFORM", "egl").lower() != "egl":
+        return None
+    return "egl" if ctypes.util.find_library("EGL") else None
+
+
+if "mujoco" not in sys.modules and "MUJOCO_GL" not in os.environ and default_gl():
+    os.environ["MUJOCO_GL"] = "egl"
 
 # LLVM's optimisation level for XLA's CPU code in the programs `train` compiles. Level 1
 # compiles faster than XLA's default at about the same training speed (level 0 compiles

@@ -1,9 +1,9 @@
 """`render`: write one deterministic episode of a policy as a video, a strip of stills or HTML.
 
 Brax envs are drawn by MuJoCo's offscreen renderer with a camera that tracks the root body
-(headless Linux: EGL, see `diffsim._gl`); `.html` is Brax's interactive viewer. The toy
+(headless Linux: EGL, see `diffsim._config.default_gl`); `.html` is Brax's interactive viewer. The toy
 envs are drawn with matplotlib; any other env (your own, gymnax's) as a figure of its
-observations, actions and reward over time (`_episode_plot.py`), or by a frame function
+observations, actions and reward over time (`_render/episode_plot.py`), or by a frame function
 of your own (`render(..., frame=f)`). Videos are encoded by imageio (GIF through Pillow, MP4
 through imageio-ffmpeg's bundled ffmpeg, from diffsim's `video` extra).
 """
@@ -21,8 +21,8 @@ import jax.random as jr
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._episode_plot import FrameScene, PlotScene
-from ._scenes import MujocoScene, scene_for
+from ._render.episode_plot import FrameScene, PlotScene
+from ._render.scenes import MujocoScene, scene_for
 from ._train.contract import check_acts
 from .rollout import reset, rollout
 

@@ -180,12 +180,12 @@ def pusher(cart):
 def test_an_env_without_a_picture_is_drawn_as_its_signals(cart, pusher, key, tmp_path):
     """A PNG of observations, actions and reward: one line per entry (2 + 1 + 1), plus one
     cursor per panel that only a video shows."""
-    from diffsim import _episode_plot
+    from diffsim._render import episode_plot
 
     path = diffsim.render(cart, pusher, tmp_path / "cart.png", key=key)
     assert iio.imread(path).shape == (384, 512, 3)
     episode = _render_module._episode(cart, pusher, key, 5)
-    fig, _ = _episode_plot.episode_figure(episode, cart.name)
+    fig, _ = episode_plot.episode_figure(episode, cart.name)
     assert [len(ax.lines) - 1 for ax in fig.axes] == [2, 1, 1]
     action = fig.axes[1].lines[0].get_ydata()
     np.testing.assert_allclose(action, 0.5)  # the plotted values are the episode's

@@ -1,6 +1,6 @@
 """`render`'s scenes: how one kind of env turns an episode (`render._Episode`) into frames
 and HTML. Brax and Playground envs through MuJoCo's offscreen renderer, the toy envs through
-matplotlib, every other env as a figure of its signals (`_episode_plot.py`)."""
+matplotlib, every other env as a figure of its signals (`episode_plot`)."""
 
 import os
 from collections.abc import Callable
@@ -9,8 +9,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from ._episode_plot import PlotScene
-from .envs._toy import Ball, Pendulum, Reach
+from ..envs._toy import Ball, Pendulum, Reach
+from .episode_plot import PlotScene
 
 SIZE = (320, 240)  # width, height of MuJoCo frames; multiples of 16, as H.264 wants
 _TOY_INCHES, _TOY_DPI = 4.0, 80  # 320 x 320 toy frames
