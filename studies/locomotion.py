@@ -4,7 +4,7 @@
                                  [--strategies PPO ES APG SHAC GuidedES]
                                  [--seeds 5] [--configs 3] [--tuning-seeds 2]
                                  [--out results] [--figures figures] [--allow-dirty]
-    python studies/locomotion.py --report-only   # tables and figures of the finished cells
+    python studies/locomotion.py --report-only [--check]   # tables of the finished cells
 
 Brax `halfcheetah`, `ant` and `hopper` (contact; `reacher`, without contacts, with `--envs
 reacher`: the hybrid study has it under the same protocol), spring backend, Brax's reward
