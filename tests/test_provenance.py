@@ -222,3 +222,19 @@ def test_stats_does_not_import_scipy_until_a_bootstrap_needs_it():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert diffsim.stats.MIN_IQM_SEEDS == 5
+
+
+def _front_door(text: str) -> tuple[str, str]:
+    """The strategies table and the "What has been measured" section of a front page."""
+    table = "\n".join(line for line in text.splitlines() if line.startswith("| `diffsim."))
+    measured = text.split("## What has been measured\n", 1)[1].split("\n## ", 1)[0]
+    return table, measured.strip()
+
+
+def test_the_docs_home_repeats_readmes_strategies_and_measurements():
+    """docs/index.md repeats README's strategies table and "What has been measured" (links
+    rebased from docs/), so the site's front page cannot fall behind README's."""
+    readme = (ROOT / "README.md").read_text().replace("](docs/", "](")
+    table, measured = _front_door(readme)
+    assert table.count("\n") >= 6 and "results/" in measured
+    assert _front_door((ROOT / "docs" / "index.md").read_text()) == (table, measured)
