@@ -1,13 +1,15 @@
 """First-order methods through contact: PPO, SHAC, AHAC and SAPO at equal env-step budgets.
 
-    python studies/contact.py [--envs halfcheetah ant WalkerWalk]
+    python studies/contact.py [--envs halfcheetah ant WalkerWalk ant_trot]
                               [--strategies PPO SHAC AHAC SAPO] [--strategies APG ES GuidedES]
                               [--seeds 5] [--configs 3] [--tuning-seeds 2]
                               [--out results] [--figures figures] [--allow-dirty]
     python studies/contact.py --report-only   # tables and figures of the finished cells
 
-Brax `halfcheetah` and `ant` (spring backend, Brax's rewards, 1000-step episodes) and MuJoCo
-Playground's `WalkerWalk` (MJX, contacts). Every contender on an env gets the same budget
+Brax `halfcheetah` and `ant` (spring backend, Brax's rewards, 1000-step episodes), MuJoCo
+Playground's `WalkerWalk` (MJX, contacts) and `ant_trot` (`studies/ant_trot.py`: the ant
+rewarded for tracking a reference trot of its joints, a dense, differentiable reward
+through the same contacts, the setting of MJX's APG tutorial). Every contender on an env gets the same budget
 (`BUDGET`, 300k env steps: first-order methods claim sample efficiency, so a small equal
 budget is their natural test), the same tuning effort (`--configs` learning rates from 1/8
 to 8 times its own on `--tuning-seeds` seeds, widened past an edge), `--seeds` fresh seeds,
@@ -35,14 +37,17 @@ import diffsim
 from diffsim.study import Cell, gradient_health
 
 sys.path.insert(0, str(Path(__file__).parent))
+import ant_trot  # noqa: E402  (registers the env "ant_trot")
 import compare  # noqa: E402  (the protocol's options, search, policies and figures)
 import locomotion  # noqa: E402  (PPO's settings per body, gaits)
 
-ENVS = ("halfcheetah", "ant", "WalkerWalk")
+ENVS = ("halfcheetah", "ant", "WalkerWalk", ant_trot.NAME)
 BUDGET = 300_000  # env steps per seed, the same for every contender on every env
 EVALS = 16  # every 20k env steps
 DEFAULT = ("PPO", "SHAC", "AHAC", "SAPO")
 PPO_WALKER = diffsim.PPO(num_envs=64, unroll_length=32, discount=0.99)  # studies/dm_control.py
+# PPO's settings per env: the locomotion study's on the Brax bodies (ant's on ant_trot).
+PPO = {**locomotion.PPO, ant_trot.NAME: locomotion.ANT_PPO, "WalkerWalk": PPO_WALKER}
 
 
 def stochastic(env, key):
@@ -57,10 +62,9 @@ def contenders(name: str):
     window rematerialises each physics substep in the backward pass (`options.remat`)."""
     brax = name != "WalkerWalk"
     remat = {"options": diffsim.WindowOptions(remat=True)} if brax else {}
-    ppo = locomotion.PPO[name] if brax else PPO_WALKER
     window = dict(num_envs=16, horizon=32, **remat)
     return [
-        ("PPO", ppo, compare.gaussian),
+        ("PPO", PPO[name], compare.gaussian),
         ("SHAC", diffsim.SHAC(num_envs=64, horizon=32, stochastic=True, **remat), stochastic),
         ("AHAC", diffsim.AHAC(**remat), stochastic),
         ("SAPO", diffsim.SAPO(**remat), stochastic),
