@@ -17,7 +17,7 @@ ankle bends by `ankle_amplitude` about 0.87 rad (inside its 30-70 degree range),
 `frequency` cycles per second. It is an imitation task, not a locomotion reward: the table
 it enters (`studies/contact.py --envs ant_trot`) says so.
 
-A study script registers the env by importing this module; a saved run of it rebuilds its
+A study script registers the env (and its gait layout, the ant's) by importing this module; a saved run of it rebuilds its
 env (`Run.make_env()`) in a process that has imported it too.
 """
 
@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from brax.envs.ant import Ant
 from brax.envs.base import State
 from jaxtyping import Array, Float
+
+from diffsim.diagnostics import GAIT_LAYOUT
 
 NAME = "ant_trot"
 ANKLE_CENTRE = 0.87  # rad: the middle of the ankles' |30-70| degree range
@@ -91,3 +93,4 @@ class AntTrot(Ant):
 
 
 brax.envs.register_environment(NAME, AntTrot)
+GAIT_LAYOUT[NAME] = GAIT_LAYOUT["ant"]  # its observation starts with the ant's: same gait

@@ -62,3 +62,12 @@ def test_ant_trot_rewards_tracking_and_its_window_has_a_finite_gradient(key):
     np.testing.assert_allclose(float(value), -reward.mean(), rtol=1e-5)
     norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]
     assert all(np.isfinite(norms)) and max(norms) > 0
+
+
+@pytest.mark.slow
+def test_gait_stats_reads_ant_trot_as_the_ant(key):
+    env = diffsim.make_env("ant_trot", episode_length=5)
+    policy = diffsim.DeterministicPolicy(29, 8, key=jr.key(1))
+    gait = diffsim.diagnostics.gait_stats(env, policy, key=key, num_envs=2)
+    assert float(gait["episode_length"]) == 5 and 0.2 < float(gait["torso_height"]) < 1.0
+    assert 0 < float(gait["return"]) <= 5 and float(gait["upright_fraction"]) == 1.0
