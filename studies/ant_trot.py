@@ -28,6 +28,7 @@ from brax.envs.base import State
 from jaxtyping import Array, Float
 
 from diffsim.diagnostics import GAIT_LAYOUT
+from diffsim.strategies.helpers import positive
 
 NAME = "ant_trot"
 ANKLE_CENTRE = 0.87  # rad: the middle of the ankles' |30-70| degree range
@@ -55,9 +56,8 @@ class AntTrot(Ant):
         width: float = 0.5,
         **kwargs,
     ):
-        for name, value in (("frequency", frequency), ("width", width)):
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value!r}")
+        positive("frequency", frequency)
+        positive("width", width)
         super().__init__(**kwargs)
         self.frequency, self.width = frequency, width
         self.hip_amplitude, self.ankle_amplitude = hip_amplitude, ankle_amplitude

@@ -9,8 +9,8 @@
 Brax `halfcheetah` and `ant` (spring backend, Brax's rewards, 1000-step episodes), MuJoCo
 Playground's `WalkerWalk` (MJX, contacts) and `ant_trot` (`studies/ant_trot.py`: the ant
 rewarded for tracking a reference trot of its joints, a dense, differentiable reward
-through the same contacts, the setting of MJX's APG tutorial). Every contender on an env gets the same budget
-(`BUDGET`, 300k env steps: first-order methods claim sample efficiency, so a small equal
+through the same contacts, the setting of MJX's APG tutorial). Every contender on an env
+gets the same budget (`BUDGET`, 300k env steps: first-order methods claim sample efficiency, so a small equal
 budget is their natural test), the same tuning effort (`--configs` learning rates from 1/8
 to 8 times its own on `--tuning-seeds` seeds, widened past an edge), `--seeds` fresh seeds,
 16 evaluation episodes at `EVALS` points and an untrained row. The first-order contenders

@@ -32,7 +32,7 @@ def test_the_reference_is_a_trot_inside_the_joint_ranges():
 
 
 def test_bad_settings_are_refused_before_anything_builds():
-    with pytest.raises(ValueError, match="width must be > 0, got 0.0"):
+    with pytest.raises(ValueError, match="width must be a number > 0, got 0.0"):
         diffsim.make_env("ant_trot", width=0.0)
 
 
