@@ -20,7 +20,7 @@ from ._study.fingerprint import (
     program_fingerprint as program_fingerprint,
 )
 from ._study.load import load_runs as load_runs, load_study as load_study
-from ._study.ratios import sooner as sooner
+from ._study.ratios import verdict as verdict
 from ._study.report import (
     gradient_health as gradient_health,
     summary as summary,

@@ -237,7 +237,26 @@ def test_the_ratio_interval_resamples_seeds_on_both_sides():
     value, low, high = other["steps_ratio"]
     assert value == 0.5 and low < 0.5 < high  # and the contender's
     assert 0 < other["never"] < 0.5 and 0 < one["never"] < 0.5
-    assert study.sooner([3.0, 1.5, 4.0]) == "yes" and study.sooner([3.0, 0.9, 4.0]) != "yes"
+    assert study.verdict([3.0, 1.5, 4.0]) == "yes" and study.verdict([3.0, 0.9, 4.0]) != "yes"
+
+
+def test_a_ratio_is_sooner_only_where_the_evaluation_grid_resolves_it():
+    # both first hold the target at their second evaluation, on grids 32 steps apart
+    held_from = lambda i: np.tile((np.arange(5) >= i).astype(float), (5, 1))  # noqa: E731
+    ref = _ratios.Side(held_from(1), np.arange(5) * 20_000.0, np.arange(5.0), 0)
+    other = ref._replace(steps=np.arange(5) * 19_968.0)
+    ratios = _ratios.crossing_ratios(ref, other, 0.5)
+    value, low, _ = ratios["steps_ratio"]
+    assert value == low == 20_000 / 19_968  # the seed interval excludes 1 ...
+    assert ratios["steps_resolved"] == [0.0, np.inf]  # ... the grid does not: (0, 20k]
+    assert study.verdict(ratios["steps_ratio"], ratios["steps_resolved"]) == "grid"
+    later = other._replace(scores=held_from(3))
+    ratios = _ratios.crossing_ratios(later, ref, 0.5)  # (39,936, 59,904] against (0, 20k]
+    assert ratios["steps_resolved"] == [39_936 / 20_000, np.inf]
+    assert study.verdict(ratios["steps_ratio"], ratios["steps_resolved"]) == "yes"
+    ratios = _ratios.crossing_ratios(ref, later, 0.5)
+    assert ratios["steps_resolved"] == [0.0, 20_000 / 39_936]
+    assert study.verdict(ratios["steps_ratio"], ratios["steps_resolved"]) == "no"
 
 
 def test_no_target_where_a_side_did_not_learn():

@@ -14,6 +14,14 @@ on both sides at once; a resample where the contender never holds the target cou
 ratio of 0, one where the reference never does as infinity, so the interval says "never"
 where the data do, and `never` gives the share of resamples where either side never got
 there. Training seconds are also given with each side's compile seconds added.
+
+**The evaluation grid** limits what a crossing says: a side first holding the target at an
+evaluation got there somewhere after the evaluation before it. Two sides on grids a few
+steps apart (19,968 and 20,000 env steps) can have a ratio whose seed interval excludes 1
+without either being sooner. So each ratio also has a *resolved* interval, the bootstrap
+taken with the reference's earliest possible crossing over the contender's latest for its
+low end, and the other way round for its high end; `verdict` calls a side sooner only
+where that interval excludes 1.
 """
 
 from typing import NamedTuple
@@ -80,6 +88,12 @@ def first_held(curves: np.ndarray, target: float) -> np.ndarray:
     return np.where(held.any(-1), held.argmax(-1), -1)
 
 
+def _earlier(x: np.ndarray) -> np.ndarray:
+    """Per evaluation, the clock at the evaluation before it (0 before the first): the
+    earliest a crossing first seen at that evaluation can have happened."""
+    return np.concatenate([np.zeros(1), x[:-1]])
+
+
 def _reference_over_contender(
     ref_at: np.ndarray, other_at: np.ndarray, ref_x, other_x
 ) -> np.ndarray:
@@ -103,8 +117,9 @@ def crossing_ratios(
     **Returns:** `{"ref_steps", "steps", "ref_seconds", "seconds"}` (None: never) and, for
     `"steps"`, `"seconds"` and `"seconds_compiled"` (compile seconds added to both sides),
     `"<what>_ratio": [value, low, high]` (0: the contender never got there; inf: the
-    reference never did), with `"never"`: the share of resamples where either side never
-    held the target.
+    reference never did) and `"<what>_resolved": [low, high]`, the interval widened by
+    the evaluation grid (module docstring), with `"never"`: the share of resamples where
+    either side never held the target.
 
     **Example:**
 
@@ -133,14 +148,23 @@ def crossing_ratios(
     }
     for name, (x_ref, x_other) in clocks.items():
         value = float(_reference_over_contender(at[0], at[1], x_ref, x_other))
-        boot = _reference_over_contender(resampled[0], resampled[1], x_ref, x_other)
-        boot = boot[~np.isnan(boot)]
-        low, high = (
-            np.quantile(boot, [0.025, 0.975], method="inverted_cdf") if boot.size else (np.nan,) * 2
-        )
-        out[f"{name}_ratio"] = [value, float(low), float(high)]
+        low, high = _interval(resampled, x_ref, x_other, x_ref, x_other)
+        out[f"{name}_ratio"] = [value, low, high]
+        resolved = _interval(resampled, _earlier(x_ref), x_other, x_ref, _earlier(x_other))
+        out[f"{name}_resolved"] = list(resolved)
     out["never"] = float(np.mean((resampled[0] < 0) | (resampled[1] < 0)))
     return out
+
+
+def _interval(resampled, ref_low, other_low, ref_high, other_high) -> tuple[float, float]:
+    """The 2.5% quantile of the resampled ratios on the `_low` clocks and the 97.5% one on
+    the `_high` clocks (NaN: neither side ever got there)."""
+    bounds = []
+    for q, x_ref, x_other in ((0.025, ref_low, other_low), (0.975, ref_high, other_high)):
+        boot = _reference_over_contender(resampled[0], resampled[1], x_ref, x_other)
+        boot = boot[~np.isnan(boot)]
+        bounds.append(float(np.quantile(boot, q, method="inverted_cdf")) if boot.size else np.nan)
+    return bounds[0], bounds[1]
 
 
 def format_ratio(value: float) -> str:
@@ -156,11 +180,20 @@ def format_ratio_ci(ratio: list[float]) -> str:
     )
 
 
-def sooner(ratio: list[float]) -> str:
-    """`"yes"` where a ratio's CI `[value, low, high]` lies above 1, `"no"` where it lies
-    below, else `"CI spans 1"`: what a table may call faster.
+def verdict(ratio: list[float], resolved: list[float] | None = None) -> str:
+    """What a table may call sooner (or faster) from a ratio's CI `[value, low, high]` and
+    its `resolved` interval `[low, high]` (widened by the evaluation grid): `"yes"` where
+    both lie above 1, `"no"` where both lie below, `"grid"` where the CI excludes 1 but the
+    resolved interval does not (the evaluations are too far apart to tell), else
+    `"CI spans 1"`.
 
-    **Example:** `sooner([9.8, 4.9, 19.6]) == "yes"`.
+    **Example:** `verdict([9.8, 4.9, 19.6], [2.4, 21.0]) == "yes"`;
+    `verdict([1.0016, 1.0016, 2.0], [0.5, 2.0]) == "grid"`.
     """
     _, low, high = ratio
-    return "yes" if low > 1 else "no" if high < 1 else "CI spans 1"
+    resolved_low, resolved_high = resolved if resolved is not None else (low, high)
+    if low > 1:
+        return "yes" if resolved_low > 1 else "grid"
+    if high < 1:
+        return "no" if resolved_high < 1 else "grid"
+    return "CI spans 1"

@@ -126,10 +126,12 @@ def _crossings_table(table: dict) -> str:
         f" for {_ratios.HOLD} evaluations; ratio: the reference's / the strategy's, with its"
         " 95% bootstrap CI over seeds on both sides (never: the strategy never held it);"
         " +compile: seconds with each side's compile; never%: resamples where a side never"
-        " held it; sooner: whether the steps ratio's CI excludes 1",
+        " held it; sooner, faster: whether the steps and time ratios' CIs exclude 1 (grid:"
+        " the CI does, but not once widened by the evaluation grid, a crossing lying"
+        " anywhere after the evaluation before it)",
         f"{'env':<19}{'reference':<10}{'strategy':<11}{'target':>9}{'ref steps':>11}"
         f"{'steps':>10}{'steps ratio [CI]':>26}{'time ratio [CI]':>26}{'+compile':>10}"
-        f"{'never%':>8}  sooner",
+        f"{'never%':>8}  {'sooner':<11} faster",
     ]
     for r in table["crossings"]:
         start = f"{r['env']:<19}{r['reference']:<10}{r['strategy']:<11}"
@@ -140,7 +142,8 @@ def _crossings_table(table: dict) -> str:
             f"{start}{r['target']:>9.1f}{_count(r['ref_steps']):>11}{_count(r['steps']):>10}"
             f"{_ratios.format_ratio_ci(r['steps_ratio']):>26}{_ratios.format_ratio_ci(r['seconds_ratio']):>26}"
             f"{_ratios.format_ratio(r['seconds_compiled_ratio'][0]):>10}{r['never']:>8.0%}  "
-            f"{_ratios.sooner(r['steps_ratio'])}"
+            f"{_ratios.verdict(r['steps_ratio'], r.get('steps_resolved')):<11} "
+            f"{_ratios.verdict(r['seconds_ratio'], r.get('seconds_resolved'))}"
         )
     return "\n".join(lines)
 
