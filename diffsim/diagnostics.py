@@ -6,7 +6,8 @@ horizons, but their variance can grow exponentially with the horizon on chaotic 
 stiff (Suh et al. 2022). `gradient_stats` measures both estimators of the same gradient,
 as a function of the horizon, so a study can show where each one wins. `window_step_norms`
 measures, per step of one window, the norm of the cotangent flowing backward through the
-env state: where a gradient grows or explodes along the window.
+env state: where a gradient grows or explodes along the window. `gait_stats` says how a
+trained policy moves, so that no return hides an exploit.
 """
 
 from collections.abc import Sequence
@@ -19,9 +20,15 @@ from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._episodes import ended_before
+from ._gait import (
+    GAIT_FIELDS as GAIT_FIELDS,
+    GAIT_LAYOUT as GAIT_LAYOUT,
+    GAIT_SPANS as GAIT_SPANS,
+    gait_stats as gait_stats,
+)
 from ._types import Env
 from .policies import trainable
-from .rollout import from_resets, reset, rollout
+from .rollout import reset, rollout
 from .strategies._window.gradient import window_step_norms as window_step_norms
 
 
@@ -175,101 +182,3 @@ def gradient_stats(
         return _stats(jnp.asarray(horizons), fo, zo)
 
     return run(key)
-
-
-# Where each Brax body's observation keeps what a gait is judged by (brax 0.14, checked
-# against each env's `_get_obs`): `height` is the torso's z (halfcheetah: its root slide
-# joint, 0 at the start pose), `velocity` the torso's forward (x) velocity, `pitch` the
-# planar bodies' torso angle, `quaternion` ant's torso orientation (w, x, y, z), and
-# reacher's `tip_to_target` the vector from fingertip to target.
-GAIT_LAYOUT: dict[str, dict[str, int]] = {
-    "ant": {"height": 0, "quaternion": 1, "velocity": 13},
-    "halfcheetah": {"height": 0, "pitch": 1, "velocity": 8},
-    "hopper": {"height": 0, "pitch": 1, "velocity": 5},
-    "walker2d": {"height": 0, "pitch": 1, "velocity": 8},
-    "reacher": {"tip_to_target": 8},
-}
-GAIT_FIELDS = (
-    "return",
-    "episode_length",
-    "forward_velocity",
-    "torso_height",
-    "upright_fraction",
-    "final_distance",
-)
-
-
-def gait_stats(
-    env: Env, policy: eqx.Module, *, key: PRNGKeyArray, num_envs: int = 16
-) -> dict[str, Float[Array, ""]]:
-    """How a policy moves, so that no return hides an exploit (flipping over, bouncing,
-    ending episodes early): one deterministic episode in each of `num_envs` fresh envs.
-
-    Every statistic is a mean over the envs of that env's first episode (steps after its
-    first end are dropped):
-
-    - `return`: the summed reward; `episode_length`: steps until the episode ended
-      (termination or the time limit);
-    - `forward_velocity`: the torso's mean x velocity (m/s);
-    - `torso_height`: the torso's mean z (m; halfcheetah: its root joint, 0 at the start);
-    - `upright_fraction`: the fraction of steps with the torso's up axis pointing up (ant:
-      from its quaternion; planar bodies: |pitch| < pi/2);
-    - `final_distance`: reacher's fingertip-to-target distance at the episode's last step.
-
-    Statistics that do not apply to the env are NaN. Bodies and their observation layout:
-    `GAIT_LAYOUT` (`ant`, `halfcheetah`, `hopper`, `walker2d`, `reacher`).
-
-    **Arguments:** `env` from `diffsim.make_env` (one of the bodies above); `policy` acting
-    on one observation (`policy(obs)`; vmap this function for a leading seed axis); `key`
-    (keyword-only); `num_envs`: the episodes averaged.
-
-    **Returns:** `{name: Float[Array, ""]}` with the keys of `GAIT_FIELDS`.
-
-    **Example:**
-
-    ```python
-    env = diffsim.make_env("hopper")
-    policy = diffsim.DeterministicPolicy(env.observation_size, env.action_size, key=k1)
-    gait = diffsim.diagnostics.gait_stats(env, policy, key=k2)
-    float(gait["upright_fraction"])   # 1.0 while the hopper stands
-    ```
-    """
-    name = getattr(env, "name", None)
-    if name not in GAIT_LAYOUT:
-        raise ValueError(f"gait_stats knows the bodies {sorted(GAIT_LAYOUT)}, got env {name!r}")
-    if not isinstance(num_envs, int) or num_envs < 1:
-        raise ValueError(f"num_envs must be a positive int, got {num_envs!r}")
-    return _gait_stats(env, policy, key, num_envs, GAIT_LAYOUT[name])
-
-
-@eqx.filter_jit  # one compiled program when called eagerly (not one per Brax operation)
-def _gait_stats(env: Env, policy, key, num_envs: int, layout: dict) -> dict[str, Array]:
-    env_state, act_key = from_resets(env, key, num_envs)
-    length = env.episode_length  # pyright: ignore[reportAttributeAccessIssue]
-    _, traj = rollout(env, policy, env_state, key=act_key, length=length, deterministic=True)
-    obs, done = traj.obs, traj.done  # [T, B, obs], [T, B]
-    alive = ended_before(done) == 0  # each env's first episode, up to and including its end
-    steps = jnp.sum(alive, 0)  # [B]
-
-    def mean(x: Float[Array, "T B"]) -> Float[Array, ""]:
-        return jnp.mean(jnp.sum(jnp.where(alive, x, 0.0), 0) / steps)
-
-    nan = jnp.full((), jnp.nan)
-    stats = {
-        "return": jnp.mean(jnp.sum(jnp.where(alive, traj.reward, 0.0), 0)),
-        "episode_length": jnp.mean(steps.astype(jnp.float32)),
-        "forward_velocity": mean(obs[..., layout["velocity"]]) if "velocity" in layout else nan,
-        "torso_height": mean(obs[..., layout["height"]]) if "height" in layout else nan,
-        "upright_fraction": nan,
-        "final_distance": nan,
-    }
-    if "quaternion" in layout:
-        qx, qy = obs[..., layout["quaternion"] + 1], obs[..., layout["quaternion"] + 2]
-        stats["upright_fraction"] = mean((1 - 2 * (qx**2 + qy**2) > 0).astype(obs.dtype))
-    if "pitch" in layout:
-        stats["upright_fraction"] = mean((jnp.cos(obs[..., layout["pitch"]]) > 0).astype(obs.dtype))
-    if "tip_to_target" in layout:
-        last = jnp.take_along_axis(obs, (steps - 1)[None, :, None], axis=0)[0]  # [B, obs]
-        i = layout["tip_to_target"]
-        stats["final_distance"] = jnp.mean(jnp.linalg.norm(last[:, i : i + 3], axis=-1))
-    return stats

@@ -17,7 +17,7 @@ ankle bends by `ankle_amplitude` about 0.87 rad (inside its 30-70 degree range),
 `frequency` cycles per second. It is an imitation task, not a locomotion reward: the table
 it enters (`studies/contact.py --envs ant_trot`) says so.
 
-A study script registers the env (and its gait layout, the ant's) by importing this module; a saved run of it rebuilds its
+A study script registers the env by importing this module (its gait layout: `GAIT`, the ant's); a saved run of it rebuilds its
 env (`Run.make_env()`) in a process that has imported it too.
 """
 
@@ -93,4 +93,4 @@ class AntTrot(Ant):
 
 
 brax.envs.register_environment(NAME, AntTrot)
-GAIT_LAYOUT[NAME] = GAIT_LAYOUT["ant"]  # its observation starts with the ant's: same gait
+GAIT = GAIT_LAYOUT["ant"]  # its observation starts with the ant's: `gait_stats`'s layout

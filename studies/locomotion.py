@@ -137,15 +137,17 @@ def cells(names, labels, configs: int):
 
 
 @eqx.filter_jit
-def _gaits(env, policies, num_envs: int):
+def _gaits(env, policies, num_envs: int, layout):
     """`gait_stats` of every seed's policy (leading axis), one compile per env and policy kind."""
-    return eqx.filter_vmap(lambda p: gait_stats(env, p, key=jr.key(7), num_envs=num_envs))(policies)
+    gait = lambda p: gait_stats(env, p, key=jr.key(7), num_envs=num_envs, layout=layout)  # noqa: E731
+    return eqx.filter_vmap(gait)(policies)
 
 
-def gaits(runs, root: Path, *, num_envs: int = 8) -> list[dict]:
+def gaits(runs, root: Path, *, num_envs: int = 8, layouts=None) -> list[dict]:
     """`gait_stats` of each cell's final policies, one row per cell: means over seeds of
     `num_envs` deterministic episodes each, and the per-seed values. Each row is saved as
-    `<root>/<env>/<label>/gait.json` and reused when the cell has not changed since."""
+    `<root>/<env>/<label>/gait.json` and reused when the cell has not changed since.
+    `layouts`: `{env: layout}` for envs `GAIT_LAYOUT` does not know."""
     rows, envs = [], {}
     for (name, label), run in runs.items():
         path = root / name / label / "gait.json"
@@ -154,7 +156,8 @@ def gaits(runs, root: Path, *, num_envs: int = 8) -> list[dict]:
             rows.append(json.loads(path.read_text()))
             continue
         env = envs.setdefault(name, diffsim.make_env(name))
-        stats = {k: np.asarray(v) for k, v in _gaits(env, run.policy, num_envs).items()}
+        layout = (layouts or {}).get(name)
+        stats = {k: np.asarray(v) for k, v in _gaits(env, run.policy, num_envs, layout).items()}
         row = {"env": name, "strategy": label}
         for k in GAIT_FIELDS:
             row[k] = float(np.mean(stats[k]))

@@ -68,6 +68,6 @@ def test_ant_trot_rewards_tracking_and_its_window_has_a_finite_gradient(key):
 def test_gait_stats_reads_ant_trot_as_the_ant(key):
     env = diffsim.make_env("ant_trot", episode_length=5)
     policy = diffsim.DeterministicPolicy(29, 8, key=jr.key(1))
-    gait = diffsim.diagnostics.gait_stats(env, policy, key=key, num_envs=2)
+    gait = diffsim.diagnostics.gait_stats(env, policy, key=key, num_envs=2, layout=ant_trot.GAIT)
     assert float(gait["episode_length"]) == 5 and 0.2 < float(gait["torso_height"]) < 1.0
     assert 0 < float(gait["return"]) <= 5 and float(gait["upright_fraction"]) == 1.0

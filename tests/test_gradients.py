@@ -14,6 +14,7 @@ from conftest import deterministic, gaussian
 import diffsim
 from diffsim import LearningCurve, Run
 from diffsim.envs import AutoResetEnv, Reach
+from diffsim.rollout import from_resets, rollout
 from diffsim.strategies._window import env as window_env
 from diffsim.strategies.guided_es import APGWindow
 
@@ -355,7 +356,29 @@ def test_gait_stats_on_reacher(key):
 def test_gait_stats_rejects_an_env_it_cannot_read(key, envs):
     with pytest.raises(ValueError, match="gait_stats knows the bodies .* got env 'pendulum'"):
         diffsim.diagnostics.gait_stats(envs("pendulum"), deterministic(envs("pendulum")), key=key)
+    reacher, policy = envs("reacher"), deterministic(envs("reacher"))
     with pytest.raises(ValueError, match="num_envs must be a positive int, got 0"):
-        diffsim.diagnostics.gait_stats(
-            envs("reacher"), deterministic(envs("reacher")), key=key, num_envs=0
-        )
+        diffsim.diagnostics.gait_stats(reacher, policy, key=key, num_envs=0)
+    with pytest.raises(ValueError, match="layout field 'speed' is not one of"):
+        diffsim.diagnostics.gait_stats(reacher, policy, key=key, layout={"speed": 0})
+    with pytest.raises(
+        ValueError, match=r"layout\['quaternion'\] must be .* 4 number.* of 11, got 8"
+    ):
+        diffsim.diagnostics.gait_stats(reacher, policy, key=key, layout={"quaternion": 8})
+
+
+def test_gait_stats_reads_a_users_env_from_its_layout(key, envs):
+    """pendulum's observation is (cos, sin, angular velocity): read cos as a 'height' and
+    the angular velocity as a 'velocity', the statistics are those numbers' means."""
+    env, policy = envs("pendulum"), deterministic(envs("pendulum"))
+    stats = diffsim.diagnostics.gait_stats(
+        env, policy, key=key, num_envs=2, layout={"height": 0, "velocity": 2}
+    )
+    env_state, act_key = from_resets(env, key, 2)
+    _, traj = rollout(
+        env, policy, env_state, key=act_key, length=env.episode_length, deterministic=True
+    )
+    assert not traj.done[:-1].any()  # one whole episode per env
+    np.testing.assert_allclose(stats["torso_height"], traj.obs[..., 0].mean(), rtol=1e-5)
+    np.testing.assert_allclose(stats["forward_velocity"], traj.obs[..., 2].mean(), rtol=1e-5)
+    assert jnp.isnan(stats["upright_fraction"]) and jnp.isnan(stats["final_distance"])
