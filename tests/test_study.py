@@ -257,6 +257,13 @@ def test_a_ratio_is_sooner_only_where_the_evaluation_grid_resolves_it():
     ratios = _ratios.crossing_ratios(ref, later, 0.5)
     assert ratios["steps_resolved"] == [0.0, 20_000 / 39_936]
     assert study.verdict(ratios["steps_ratio"], ratios["steps_resolved"]) == "no"
+    # ES: one update of 64,000 env steps between evaluations 1 and 2 (0, 0, 64k, 64k, 64k):
+    # its crossing at 64k is exact; APG's (updates of 2,000) lies in (2k, 20k]
+    es = _ratios.Side(held_from(2), np.array([0, 0, 64e3, 64e3, 64e3]), np.arange(5.0), 0, 64e3)
+    apg = ref._replace(iteration=2_000.0)
+    ratios = _ratios.crossing_ratios(es, apg, 0.5)
+    assert ratios["steps_resolved"] == [64_000 / 20_000, 64_000 / 2_000]
+    assert study.verdict(ratios["steps_ratio"], ratios["steps_resolved"]) == "yes"
 
 
 def test_no_target_where_a_side_did_not_learn():

@@ -16,7 +16,7 @@ where the data do, and `never` gives the share of resamples where either side ne
 there. Training seconds are also given with each side's compile seconds added.
 
 **The evaluation grid** limits what a crossing says: a side first holding the target at an
-evaluation got there somewhere after the evaluation before it. Two sides on grids a few
+evaluation got there somewhere after the first update past the evaluation before it. Two sides on grids a few
 steps apart (19,968 and 20,000 env steps) can have a ratio whose seed interval excludes 1
 without either being sooner. So each ratio also has a *resolved* interval, the bootstrap
 taken with the reference's earliest possible crossing over the contender's latest for its
@@ -37,12 +37,14 @@ HOLD = 2
 
 class Side(NamedTuple):
     """One cell's curves: `scores` `(seeds, E)` (mean return over the episodes of each
-    evaluation), `steps` and `seconds` `(E,)` (medians over seeds), `compile` seconds."""
+    evaluation), `steps` and `seconds` `(E,)` (medians over seeds), `compile` seconds and
+    `iteration`, the env steps of one update (0: unknown)."""
 
     scores: np.ndarray
     steps: np.ndarray
     seconds: np.ndarray
     compile: float
+    iteration: float = 0.0
 
 
 def side(run: Run) -> Side:
@@ -50,7 +52,8 @@ def side(run: Run) -> Side:
     scores = np.asarray(run.curve.eval_return, np.float64).mean(-1)
     steps = np.median(np.asarray(run.curve.env_steps), 0)
     seconds = np.median(np.asarray(run.curve.wall_time), 0)
-    return Side(scores, steps, seconds, compile_seconds(run))
+    iteration = float(run.config.get("steps_per_iteration") or 0.0)
+    return Side(scores, steps, seconds, compile_seconds(run), iteration)
 
 
 def compile_seconds(run: Run) -> float:
@@ -88,10 +91,15 @@ def first_held(curves: np.ndarray, target: float) -> np.ndarray:
     return np.where(held.any(-1), held.argmax(-1), -1)
 
 
-def _earlier(x: np.ndarray) -> np.ndarray:
-    """Per evaluation, the clock at the evaluation before it (0 before the first): the
-    earliest a crossing first seen at that evaluation can have happened."""
-    return np.concatenate([np.zeros(1), x[:-1]])
+def _earliest(clock: np.ndarray, s: Side) -> np.ndarray:
+    """Per evaluation, the earliest `clock` at which a crossing first seen there can have
+    happened: one update after the evaluation before it (at it where no update lies
+    between; at the evaluation itself for the first), the clock interpolated by env steps."""
+    steps_between = np.diff(s.steps)
+    after_one = np.where(
+        steps_between > 0, np.minimum(1.0, s.iteration / np.maximum(steps_between, 1)), 0.0
+    )
+    return np.concatenate([clock[:1], clock[:-1] + after_one * np.diff(clock)])
 
 
 def _reference_over_contender(
@@ -150,7 +158,8 @@ def crossing_ratios(
         value = float(_reference_over_contender(at[0], at[1], x_ref, x_other))
         low, high = _interval(resampled, x_ref, x_other, x_ref, x_other)
         out[f"{name}_ratio"] = [value, low, high]
-        resolved = _interval(resampled, _earlier(x_ref), x_other, x_ref, _earlier(x_other))
+        early_ref, early_other = _earliest(x_ref, ref), _earliest(x_other, other)
+        resolved = _interval(resampled, early_ref, x_other, x_ref, early_other)
         out[f"{name}_resolved"] = list(resolved)
     out["never"] = float(np.mean((resampled[0] < 0) | (resampled[1] < 0)))
     return out
