@@ -17,8 +17,9 @@ ankle bends by `ankle_amplitude` about 0.87 rad (inside its 30-70 degree range),
 `frequency` cycles per second. It is an imitation task, not a locomotion reward: the table
 it enters (`studies/contact.py --envs ant_trot`) says so.
 
-A study script registers the env by importing this module (its gait layout: `GAIT`, the ant's); a saved run of it rebuilds its
-env (`Run.make_env()`) in a process that has imported it too.
+A study script registers the env by importing this module (its gait layout: `GAIT`, the
+ant's); a saved run of it rebuilds its env (`Run.make_env()`) in a process that has
+imported it too.
 """
 
 import brax.envs

@@ -110,13 +110,8 @@ def main():
     compare.write_text(root / "gradients.txt", text, provenance, command)
     print(text)
     brax = {k: r for k, r in runs.items() if k[0] != "WalkerWalk"}
-    gait = (
-        locomotion.format_gaits(
-            locomotion.gaits(brax, root, layouts={ant_trot.NAME: ant_trot.GAIT})
-        )
-        if brax
-        else ""
-    )
+    layouts = {ant_trot.NAME: ant_trot.GAIT}
+    gait = locomotion.format_gaits(locomotion.gaits(brax, root, layouts=layouts)) if brax else ""
     compare.write_text(root / "gait.txt", gait, provenance, command)
     print(gait)
     compare.save_figures(runs, "contact", args.figures)
