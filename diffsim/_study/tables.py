@@ -128,7 +128,7 @@ def _crossings_table(table: dict) -> str:
         " +compile: seconds with each side's compile; never%: resamples where a side never"
         " held it; sooner, faster: whether the steps and time ratios' CIs exclude 1 (grid:"
         " the CI does, but not once widened by the evaluation grid, a crossing lying"
-        " anywhere after the evaluation before it)",
+        " anywhere from one update past the evaluation before it)",
         f"{'env':<19}{'reference':<10}{'strategy':<11}{'target':>9}{'ref steps':>11}"
         f"{'steps':>10}{'steps ratio [CI]':>26}{'time ratio [CI]':>26}{'+compile':>10}"
         f"{'never%':>8}  {'sooner':<11} faster",
