@@ -17,11 +17,11 @@ there. Training seconds are also given with each side's compile seconds added.
 
 **The evaluation grid** limits what a crossing says: a side first holding the target at an
 evaluation got there somewhere after the first update past the evaluation before it. Two
-sides on grids a few steps apart (19,968 and 20,000 env steps) can have a ratio whose seed interval excludes 1
-without either being sooner. So each ratio also has a *resolved* interval, the bootstrap
-taken with the reference's earliest possible crossing over the contender's latest for its
-low end, and the other way round for its high end; `verdict` calls a side sooner only
-where that interval excludes 1.
+sides on grids a few steps apart (19,968 and 20,000 env steps) can have a ratio whose seed
+interval excludes 1 without either being sooner. So each ratio also has a *resolved*
+interval, the bootstrap taken with the reference's earliest possible crossing over the
+contender's latest for its low end, and the other way round for its high end; `verdict`
+calls a side sooner only where that interval excludes 1.
 """
 
 from typing import NamedTuple
