@@ -1,3 +1,4 @@
+import os
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -11,6 +12,7 @@ import pytest
 from conftest import gaussian
 
 import diffsim
+from diffsim._train import program
 
 TINY = diffsim.PPO(num_envs=8, unroll_length=16, num_epochs=2, num_minibatches=4)
 BUDGET = dict(
@@ -173,3 +175,18 @@ def test_unwritable_log_dir_fails_before_compiling(reach, tmp_path):
         diffsim.train(
             TINY, reach, gaussian(reach), key=jr.key(3), log_dir=blocker / "logs", **BUDGET
         )
+
+
+def test_programs_are_released_near_the_memory_map_limit(seeded):
+    """Kept programs and JAX's compiled functions stay below the share of Linux's map limit
+    and are dropped above it (last in the module: it empties the caches)."""
+    if not os.path.exists("/proc/self/maps"):
+        pytest.skip("no /proc: the release is a no-op there")
+    f = jax.jit(lambda x: jnp.sin(x) * 3.0)
+    f(jnp.ones(3)).block_until_ready()
+    kept = len(program.PROGRAMS)
+    assert kept >= 1  # `seeded`'s run
+    assert not program.release_programs(share=1.0)
+    assert len(program.PROGRAMS) == kept and f._cache_size() == 1
+    assert program.release_programs(share=0.0)
+    assert len(program.PROGRAMS) == 0 and f._cache_size() == 0

@@ -71,9 +71,32 @@ class Program(eqx.Module):
 
 # Compiled runs kept for reuse by a later identical call, newest last. Bounded: each XLA CPU
 # executable holds hundreds of memory maps, and a process past the kernel's
-# vm.max_map_count (65,530 by default) aborts in its next compile.
+# vm.max_map_count (65,530 by default) aborts in its next compile (`release_programs`).
 PROGRAMS: OrderedDict[Any, Program] = OrderedDict()
 MAX_PROGRAMS = 8
+MAX_MAP_COUNT = "/proc/sys/vm/max_map_count"
+
+
+def release_programs(share: float = 0.5) -> bool:
+    """Drop every kept program and JAX's caches of compiled functions once this process
+    holds more than `share` of the memory maps Linux allows a process; returns whether it
+    did.
+
+    XLA's CPU backend keeps each compiled kernel's code, constants and data mapped (three
+    maps a kernel, thousands for a program that trains on a Brax body) while the program is
+    cached, so a few programs of that size reach the limit (`vm.max_map_count`, 65,530 by
+    default) whatever `MAX_PROGRAMS` says, and LLVM then fails to compile with "Cannot
+    allocate memory" (a study process training a grid of cells crashed so). Below the
+    share nothing is dropped. No-op where `/proc` is absent."""
+    try:
+        with open(MAX_MAP_COUNT) as limit, open("/proc/self/maps", "rb") as maps:
+            over = sum(1 for _ in maps) > share * int(limit.read())
+    except (OSError, ValueError):
+        return False
+    if over:
+        PROGRAMS.clear()
+        jax.clear_caches()
+    return over
 
 
 def compile_run(job: Job, keys, hyper) -> tuple[Program, Any]:
@@ -91,6 +114,7 @@ def compile_run(job: Job, keys, hyper) -> tuple[Program, Any]:
     except TypeError:  # something unhashable in a user's policy: compile every time
         memo = program = None
     if program is None:
+        release_programs()
         program = _build(job, params, keys, hyper)
         if memo is not None:
             PROGRAMS[memo] = program
