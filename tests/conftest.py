@@ -25,7 +25,6 @@ import importlib  # noqa: E402
 import typing  # noqa: E402
 from collections import Counter  # noqa: E402
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import jax.random as jr  # noqa: E402
 import numpy as np  # noqa: E402
@@ -91,18 +90,13 @@ def _release_compiled_programs():
     every XLA executable of the suite alive holds tens of thousands of memory maps, and
     past the kernel's `vm.max_map_count` (65,530 here) XLA aborts in the middle of a compile."""
     yield
-    importlib.import_module("diffsim._train.program").PROGRAMS.clear()
-    jax.clear_caches()
-
-
-def _maps() -> int:
-    with open("/proc/self/maps") as f:
-        return sum(1 for _ in f)
+    importlib.import_module("diffsim._train.program").drop_programs()
 
 
 def pytest_sessionfinish(session, exitstatus):
     if os.path.exists("/proc/self/maps"):
-        print(f"\nmemory maps at the end of the session: {_maps()}")
+        maps = importlib.import_module("diffsim._train.program").memory_maps()
+        print(f"\nmemory maps at the end of the session: {maps}")
 
 
 # The longest test files, longest first: `make test` hands whole files to two workers

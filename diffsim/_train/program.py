@@ -89,14 +89,25 @@ def release_programs(share: float = 0.5) -> bool:
     allocate memory" (a study process training a grid of cells crashed so). Below the
     share nothing is dropped. No-op where `/proc` is absent."""
     try:
-        with open(MAX_MAP_COUNT) as limit, open("/proc/self/maps", "rb") as maps:
-            over = sum(1 for _ in maps) > share * int(limit.read())
+        with open(MAX_MAP_COUNT) as limit:
+            over = memory_maps() > share * int(limit.read())
     except (OSError, ValueError):
         return False
     if over:
-        PROGRAMS.clear()
-        jax.clear_caches()
+        drop_programs()
     return over
+
+
+def drop_programs() -> None:
+    """Drop every kept program and JAX's caches of compiled functions."""
+    PROGRAMS.clear()
+    jax.clear_caches()
+
+
+def memory_maps() -> int:
+    """The memory maps this process holds (Linux's /proc; OSError elsewhere)."""
+    with open("/proc/self/maps", "rb") as maps:
+        return sum(1 for _ in maps)
 
 
 def compile_run(job: Job, keys, hyper) -> tuple[Program, Any]:
